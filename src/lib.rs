@@ -2,10 +2,19 @@
 //! private keys in memory only and dropping them the moment their grant is retired.
 //!
 //! Data flows one way: export -> [`custody::snapshot`] -> [`keyring`] -> [`tls`] certificate table -> handshake
-//! -> connection ([`server`]) -> route ([`proxy`]) -> upstream. Retirement flows back only as events.
+//! -> connection ([`server`]) -> route ([`proxy`]) -> upstream. Retirement flows back only as events: the
+//! keyring drops a grant's keys and fires its signal, which the table and the connections made with its
+//! certificates obey. [`holder`] drives the first half of that flow.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod custody;
+pub mod holder;
+pub mod keyring;
+pub mod metrics;
 pub mod names;
+pub mod proxy;
 pub mod secret;
+pub mod server;
+pub mod tls;

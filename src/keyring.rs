@@ -1,0 +1,367 @@
+//! The keys sealgate holds, grant by grant: what is served, what was kept from an earlier read, and what ended.
+//!
+//! The keyring turns a stream of [`Snapshot`]s into the set of certificates to serve. It is the one place that
+//! remembers across reads, because FORMAT.md makes memory matter:
+//!
+//! - a refused new state of an association that is already being served keeps the last good state, because a
+//!   reader can catch the custody system midway through a renewal;
+//! - only the grant ends service: when a held grant is retired, lapses, disappears or stops naming us, every
+//!   key decrypted under it is dropped at once and the grant's [`CancellationToken`] fires, which closes the
+//!   connections made with its certificates;
+//! - a retired grant never comes back for the life of the process, whatever a later file says.
+//!
+//! Keys live only inside [`CertifiedKey`]s parsed by aws-lc (whose `OPENSSL_free` cleanses memory). The
+//! decrypted PKCS#8 DER that came with a [`VerifiedCertificate`] is dropped (and wiped) as soon as it is taken.
+//! Grant keys and data keys are never held here at all: they live only while a snapshot is being verified.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::custody::snapshot::{Check, GrantStatus, Refusal, Snapshot, VerifiedCertificate};
+
+/// What identifies one *generation* of one association: a renewal (new certificate or key) or a change of
+/// server names makes a new generation; an unchanged re-read keeps the old one. Connections keep this (and not
+/// the [`LoadedCertificate`]) so that an open connection never keeps a replaced key alive.
+#[derive(Debug)]
+pub struct CertificateIdentity {
+    /// The certificate id.
+    pub certificate_id: String,
+    /// The grant its key was decrypted under.
+    pub grant_id: String,
+    /// Unique for the life of the process.
+    pub generation: u64,
+    /// Names it is served for, normalised.
+    pub server_names: Vec<String>,
+    /// The leaf's validity start: among certificates for one name, the latest wins.
+    pub not_before: OffsetDateTime,
+    /// The leaf's validity end.
+    pub not_after: OffsetDateTime,
+    /// SHA-256 of the leaf.
+    pub leaf_sha256: [u8; 32],
+}
+
+/// A certificate loaded for serving: its identity, its chain and key, and its grant's end signal.
+pub struct LoadedCertificate {
+    /// Which certificate and generation this is.
+    pub identity: Arc<CertificateIdentity>,
+    /// The chain and key; emptied when the grant ends, so that a handshake already holding this generation
+    /// cannot sign with a retired key.
+    key: ArcSwapOption<CertifiedKey>,
+    /// Fires when the grant ends. Shared by every certificate of the grant and watched by every connection
+    /// made with one of them.
+    grant_ended: CancellationToken,
+}
+
+impl std::ops::Deref for LoadedCertificate {
+    type Target = CertificateIdentity;
+
+    fn deref(&self) -> &CertificateIdentity {
+        &self.identity
+    }
+}
+
+impl LoadedCertificate {
+    /// The chain and key to sign with, or `None` once the grant has ended.
+    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        if self.grant_ended.is_cancelled() {
+            return None;
+        }
+        self.key.load_full()
+    }
+
+    /// Fires when the grant this certificate depends on ends.
+    pub fn grant_ended(&self) -> &CancellationToken {
+        &self.grant_ended
+    }
+
+    /// Whether the grant has ended.
+    pub fn is_retired(&self) -> bool {
+        self.grant_ended.is_cancelled()
+    }
+
+    /// Drops this generation's key now rather than when the last reference goes.
+    fn drop_key(&self) {
+        self.key.store(None);
+    }
+}
+
+impl fmt::Debug for LoadedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedCertificate").field("identity", &self.identity).finish_non_exhaustive()
+    }
+}
+
+/// Why a held grant ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantEnd {
+    /// Its file is gone.
+    Gone,
+    /// Its file says `state = "retired"`.
+    Retired,
+    /// Its `not_after` has passed.
+    Lapsed,
+    /// Its file no longer names us as grantee, or no longer allows `Decrypt`.
+    Revoked,
+}
+
+impl fmt::Display for GrantEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Gone => "its file is gone",
+            Self::Retired => "it is retired",
+            Self::Lapsed => "its not_after has passed",
+            Self::Revoked => "it no longer allows this holder to decrypt",
+        })
+    }
+}
+
+/// A grant that ended during an [`Keyring::apply`], with the certificates that stopped with it.
+#[derive(Debug)]
+pub struct EndedGrant {
+    /// The grant.
+    pub grant_id: String,
+    /// Why.
+    pub reason: GrantEnd,
+    /// Certificates whose keys were dropped.
+    pub certificates: Vec<Arc<LoadedCertificate>>,
+}
+
+/// What one [`Keyring::apply`] changed. Every refusal is reported, so that the caller can log it.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// New generations: new associations, renewals, changed names.
+    pub loaded: Vec<Arc<LoadedCertificate>>,
+    /// Generations no longer served because a newer one replaced them or their association was removed
+    /// (their grant still holds; connections made with them go on).
+    pub replaced: Vec<Arc<LoadedCertificate>>,
+    /// Grants that ended, with the certificates they took down.
+    pub ended: Vec<EndedGrant>,
+    /// Associations whose new state was refused while the last good one goes on being served.
+    pub kept: Vec<(Arc<LoadedCertificate>, Refusal)>,
+    /// Associations not served: (certificate id, grant id, why).
+    pub refused: Vec<(String, String, Refusal)>,
+}
+
+impl ApplyReport {
+    /// Whether the set of served certificates changed (the certificate table must be rebuilt).
+    pub fn changed(&self) -> bool {
+        !(self.loaded.is_empty() && self.replaced.is_empty() && self.ended.is_empty())
+    }
+}
+
+struct HeldGrant {
+    ended: CancellationToken,
+}
+
+/// The certificates being served and the grants they were decrypted under.
+#[derive(Default)]
+pub struct Keyring {
+    /// Served certificates by certificate id.
+    served: BTreeMap<String, Arc<LoadedCertificate>>,
+    /// Grants with at least one served certificate.
+    grants: HashMap<String, HeldGrant>,
+    /// Grants seen retired, lapsed or ended: never served again.
+    retired: HashSet<String>,
+    next_generation: u64,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyring")
+            .field("served", &self.served.keys().collect::<Vec<_>>())
+            .field("grants", &self.grants.keys().collect::<Vec<_>>())
+            .field("retired", &self.retired)
+            .finish()
+    }
+}
+
+impl Keyring {
+    /// An empty keyring.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The certificates currently served, by certificate id.
+    pub fn served(&self) -> impl Iterator<Item = &Arc<LoadedCertificate>> {
+        self.served.values()
+    }
+
+    /// Number of certificates served.
+    pub fn len(&self) -> usize {
+        self.served.len()
+    }
+
+    /// Whether nothing is served.
+    pub fn is_empty(&self) -> bool {
+        self.served.is_empty()
+    }
+
+    /// Whether `grant_id` was retired during the life of this keyring.
+    pub fn is_retired(&self, grant_id: &str) -> bool {
+        self.retired.contains(grant_id)
+    }
+
+    /// Number of grants currently held.
+    pub fn grants_held(&self) -> usize {
+        self.grants.len()
+    }
+
+    /// Number of grants retired so far.
+    pub fn grants_retired(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Applies a new read of the export.
+    pub fn apply(&mut self, snapshot: Snapshot) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        self.end_grants(&snapshot, &mut report);
+
+        let mut served: BTreeMap<String, Arc<LoadedCertificate>> = BTreeMap::new();
+        for outcome in snapshot.associations {
+            if self.retired.contains(&outcome.grant_id) {
+                report.refused.push((outcome.certificate_id, outcome.grant_id, retired_earlier()));
+                continue;
+            }
+            if served.contains_key(&outcome.certificate_id) {
+                // A duplicate entry: the snapshot refuses it too, but it must never replace the first.
+                continue;
+            }
+            let held = self.served.get(&outcome.certificate_id).filter(|c| c.grant_id == outcome.grant_id).cloned();
+            match outcome.result {
+                Ok(verified) => {
+                    let certificate = match held {
+                        Some(old) if old.is_same(&verified) => old,
+                        _ => self.load(verified),
+                    };
+                    served.insert(outcome.certificate_id, certificate);
+                }
+                Err(refusal) => {
+                    // Grants that ended were handled above, so the grant still holds: a refusal of the new state
+                    // keeps the last good one, unless the grant itself refuses us.
+                    let grant_unreadable =
+                        matches!(snapshot.grants.get(&outcome.grant_id), Some(GrantStatus::Unreadable(_)));
+                    match held {
+                        Some(old) if refusal.check != Check::Grant || grant_unreadable => {
+                            report.kept.push((Arc::clone(&old), refusal));
+                            served.insert(outcome.certificate_id, old);
+                        }
+                        _ => report.refused.push((outcome.certificate_id, outcome.grant_id, refusal)),
+                    }
+                }
+            }
+        }
+
+        let previous = std::mem::replace(&mut self.served, served);
+        report.replaced = previous
+            .iter()
+            .filter(|(id, old)| !self.served.get(*id).is_some_and(|new| Arc::ptr_eq(new, old)))
+            .map(|(_, old)| Arc::clone(old))
+            .collect();
+        report.loaded =
+            self.served.values().filter(|new| !previous.values().any(|old| Arc::ptr_eq(old, new))).cloned().collect();
+        let served = &self.served;
+        self.grants.retain(|id, _| served.values().any(|c| &c.grant_id == id));
+        report
+    }
+
+    /// Ends every held grant the snapshot says is over, and remembers every grant seen retired or lapsed.
+    fn end_grants(&mut self, snapshot: &Snapshot, report: &mut ApplyReport) {
+        for (id, status) in &snapshot.grants {
+            if matches!(status, GrantStatus::Retired | GrantStatus::Lapsed) {
+                self.retired.insert(id.clone());
+            }
+        }
+        let now = snapshot.read_at;
+        let ending: Vec<(String, GrantEnd)> = self
+            .grants
+            .keys()
+            .filter_map(|id| {
+                let reason = match snapshot.grants.get(id) {
+                    None => Some(GrantEnd::Gone),
+                    Some(GrantStatus::Retired) => Some(GrantEnd::Retired),
+                    Some(GrantStatus::Lapsed) => Some(GrantEnd::Lapsed),
+                    Some(GrantStatus::Active { not_after: Some(t), .. }) if *t <= now => Some(GrantEnd::Lapsed),
+                    Some(GrantStatus::Active { .. }) => revoked_by_refusal(snapshot, id),
+                    Some(GrantStatus::Unreadable(_)) => None,
+                };
+                reason.map(|r| (id.clone(), r))
+            })
+            .collect();
+        for (id, reason) in ending {
+            report.ended.push(self.end_grant(&id, reason));
+        }
+    }
+
+    /// Ends a held grant now: drops its keys, fires its token, forgets its certificates, never serves it again.
+    /// Also used when `not_after` passes with no file event at all.
+    pub fn end_grant(&mut self, grant_id: &str, reason: GrantEnd) -> EndedGrant {
+        self.retired.insert(grant_id.to_owned());
+        let certificates: Vec<_> = self.served.values().filter(|c| c.grant_id == grant_id).cloned().collect();
+        self.served.retain(|_, c| c.grant_id != grant_id);
+        for certificate in &certificates {
+            certificate.drop_key();
+        }
+        if let Some(grant) = self.grants.remove(grant_id) {
+            grant.ended.cancel();
+        }
+        EndedGrant { grant_id: grant_id.to_owned(), reason, certificates }
+    }
+
+    fn load(&mut self, verified: VerifiedCertificate) -> Arc<LoadedCertificate> {
+        self.next_generation += 1;
+        let grant = self
+            .grants
+            .entry(verified.grant_id.clone())
+            .or_insert_with(|| HeldGrant { ended: CancellationToken::new() });
+        // `verified.private_key` (the DER) is dropped, and wiped, when `verified` goes out of scope below.
+        let key = CertifiedKey::new(verified.chain, verified.signing_key);
+        let identity = CertificateIdentity {
+            certificate_id: verified.certificate_id,
+            grant_id: verified.grant_id,
+            generation: self.next_generation,
+            server_names: verified.server_names,
+            not_before: verified.not_before,
+            not_after: verified.not_after,
+            leaf_sha256: verified.leaf_sha256,
+        };
+        Arc::new(LoadedCertificate {
+            identity: Arc::new(identity),
+            key: ArcSwapOption::from_pointee(key),
+            grant_ended: grant.ended.clone(),
+        })
+    }
+}
+
+impl LoadedCertificate {
+    fn is_same(&self, verified: &VerifiedCertificate) -> bool {
+        self.leaf_sha256 == verified.leaf_sha256
+            && self.server_names == verified.server_names
+            && self.grant_id == verified.grant_id
+            && self.key.load().as_ref().is_some_and(|k| k.key.public_key() == verified.signing_key.public_key())
+    }
+}
+
+/// A held grant whose file is readable and active but refuses us (another grantee, no `Decrypt`, no key) has
+/// ended for us as surely as a retired one.
+fn revoked_by_refusal(snapshot: &Snapshot, grant_id: &str) -> Option<GrantEnd> {
+    snapshot
+        .associations
+        .iter()
+        .filter(|a| a.grant_id == grant_id)
+        .any(|a| matches!(&a.result, Err(r) if r.check == Check::Grant))
+        .then_some(GrantEnd::Revoked)
+}
+
+fn retired_earlier() -> Refusal {
+    Refusal {
+        check: Check::Grant,
+        reason: "the grant was retired earlier",
+        detail: "a retired grant never comes back; re-association needs a new grant id".to_owned(),
+    }
+}

@@ -1,0 +1,197 @@
+//! Prometheus metrics, served by the admin endpoint at `/metrics`.
+//!
+//! One [`Metrics`] per server, shared by reference; every update is a relaxed atomic operation, so recording on
+//! the handshake and request paths costs next to nothing.
+
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Why a TLS handshake failed.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum HandshakeFailure {
+    /// No certificate for the SNI (or no SNI and no default certificate).
+    UnknownName,
+    /// The handshake did not finish in time.
+    Timeout,
+    /// The certificate's grant ended during the handshake.
+    Retired,
+    /// A TLS protocol error (bad ClientHello, no common version or cipher suite, client alert, ...).
+    Protocol,
+    /// The connection closed or failed before the handshake finished.
+    Io,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    reason: HandshakeFailure,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    check: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Every metric sealgate exports.
+pub struct Metrics {
+    registry: Registry,
+    handshakes: Counter,
+    handshake_failures: Family<FailureLabels, Counter>,
+    connections_open: Gauge,
+    requests: Family<StatusLabels, Counter>,
+    certificates_served: Gauge,
+    certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
+    reloads: Family<ResultLabels, Counter>,
+    refused: Family<CheckLabels, Gauge>,
+    grants: Family<StateLabels, Gauge>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sealgate");
+        let metrics = Self {
+            handshakes: Counter::default(),
+            handshake_failures: Family::default(),
+            connections_open: Gauge::default(),
+            requests: Family::default(),
+            certificates_served: Gauge::default(),
+            certificate_expiry: Family::default(),
+            reloads: Family::default(),
+            refused: Family::default(),
+            grants: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason",
+            metrics.handshake_failures.clone(),
+        );
+        registry.register("connections_open", "Open client connections", metrics.connections_open.clone());
+        registry.register("http_requests", "HTTP requests answered, by status code", metrics.requests.clone());
+        registry.register("certificates_served", "Certificates being served", metrics.certificates_served.clone());
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until each served certificate's not_after",
+            metrics.certificate_expiry.clone(),
+        );
+        registry.register("custody_reloads", "Reads of the custody export, by result", metrics.reloads.clone());
+        registry.register(
+            "associations_refused",
+            "Associations refused in the latest read, by failed check",
+            metrics.refused.clone(),
+        );
+        registry.register("grants", "Grants held (active) and retired", metrics.grants.clone());
+        Self { registry, ..metrics }
+    }
+
+    /// Renders the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// A handshake completed.
+    pub fn handshake_ok(&self) {
+        self.handshakes.inc();
+    }
+
+    /// A handshake failed.
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures.get_or_create(&FailureLabels { reason }).inc();
+    }
+
+    /// A connection opened; the returned guard closes it in the count when dropped.
+    pub fn connection_opened(&self) -> ConnectionCount {
+        self.connections_open.inc();
+        ConnectionCount(self.connections_open.clone())
+    }
+
+    /// Number of open connections.
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.get()
+    }
+
+    /// A response was sent.
+    pub fn request_answered(&self, status: http::StatusCode) {
+        self.requests.get_or_create(&StatusLabels { code: status.as_u16() }).inc();
+    }
+
+    /// A read of the export succeeded or failed.
+    pub fn reload(&self, ok: bool) {
+        self.reloads.get_or_create(&ResultLabels { result: if ok { "ok" } else { "failed" } }).inc();
+    }
+
+    /// Publishes the served certificates' expiry and the latest refusals.
+    pub fn custody_state<'a>(
+        &self,
+        served: impl Iterator<Item = (&'a str, f64)>,
+        refused_by_check: &[(&'static str, i64)],
+        grants_active: i64,
+        grants_retired: i64,
+    ) {
+        self.certificate_expiry.clear();
+        let mut count = 0;
+        for (id, seconds) in served {
+            self.certificate_expiry.get_or_create(&CertificateLabels { certificate_id: id.to_owned() }).set(seconds);
+            count += 1;
+        }
+        self.certificates_served.set(count);
+        self.refused.clear();
+        for (check, n) in refused_by_check {
+            self.refused.get_or_create(&CheckLabels { check }).set(*n);
+        }
+        self.grants.get_or_create(&StateLabels { state: "active" }).set(grants_active);
+        self.grants.get_or_create(&StateLabels { state: "retired" }).set(grants_retired);
+    }
+}
+
+/// Decrements the open-connection gauge when dropped.
+#[derive(Debug)]
+pub struct ConnectionCount(Gauge);
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,273 @@
+//! Forwarding to an upstream: rewriting the request for HTTP/1.1, the upstream connection pool, and mapping
+//! upstream failures to 502 and 504.
+//!
+//! Bodies are streamed both ways: the client's body is handed to the upstream request as it arrives and the
+//! upstream's body to the client response, so memory stays bounded whatever their size.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{ProxyConfig, UpstreamUrl};
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive`, `Proxy-Connection` and the proxy
+/// authentication pair, which belong to this hop only).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// What the proxy knows of the client side of a request, for the `X-Forwarded-*` and `Forwarded` headers.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientSide<'a> {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The request's `Host` / `:authority`, as the client sent it.
+    pub authority: &'a str,
+}
+
+/// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded`, replacing whatever the client sent: sealgate is
+/// the edge, so nothing a client claims about earlier hops can be trusted.
+pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>) {
+    let ip = client.peer.ip();
+    let for_value = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let host_value = if client.authority.bytes().all(is_token_char) {
+        client.authority.to_owned()
+    } else {
+        format!("\"{}\"", client.authority.replace(['\\', '"'], ""))
+    };
+    headers.remove(&FORWARDED);
+    headers.remove(&X_FORWARDED_FOR);
+    headers.remove(&X_FORWARDED_HOST);
+    headers.remove(&X_FORWARDED_PROTO);
+    // The values are built from an IP address and an authority hyper already accepted as a header or URI.
+    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    if let Ok(v) = HeaderValue::from_str(client.authority) {
+        headers.insert(X_FORWARDED_HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("for={for_value};host={host_value};proto=https")) {
+        headers.insert(FORWARDED, v);
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// HTTP/2 may split `Cookie` into several fields; HTTP/1.1 needs one (RFC 9113 section 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> =
+        headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect::<Vec<_>>().join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The upstream could not be reached (connection refused, reset, closed before answering).
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable {
+        /// The upstream.
+        upstream: String,
+        /// What failed.
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The upstream did not connect or answer in time.
+    #[error("upstream {upstream} did not answer within {timeout:?}")]
+    Timeout {
+        /// The upstream.
+        upstream: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The request could not be turned into an upstream request.
+    #[error("cannot build the upstream request: {0}")]
+    Request(#[from] http::Error),
+    /// The request's host cannot be sent as a `Host` header.
+    #[error("the request's host is not a valid header value")]
+    InvalidHost,
+}
+
+impl ForwardError {
+    /// The status to answer the client with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Request(_) | Self::InvalidHost => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The pooled HTTP/1.1 client that talks to upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, Incoming>,
+    connect_timeout: Duration,
+    preserve_host: bool,
+}
+
+impl UpstreamClient {
+    /// A client with the `[proxy]` settings.
+    pub fn new(config: &ProxyConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(connector);
+        Self { client, connect_timeout: config.connect_timeout, preserve_host: config.preserve_host }
+    }
+
+    /// Sends `request` to `upstream` and waits up to `timeout` for the response headers.
+    pub async fn forward(
+        &self,
+        request: Request<Incoming>,
+        upstream: &UpstreamUrl,
+        client: ClientSide<'_>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let request = self.upstream_request(request, upstream, client)?;
+        let name = || upstream.to_string();
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Err(_) => return Err(ForwardError::Timeout { upstream: name(), timeout }),
+            Ok(Err(e)) if is_timeout(&e) => {
+                return Err(ForwardError::Timeout { upstream: name(), timeout: self.connect_timeout })
+            }
+            Ok(Err(source)) => return Err(ForwardError::Unreachable { upstream: name(), source }),
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Rewrites a client request (HTTP/1.1 or HTTP/2) as an HTTP/1.1 request to `upstream`.
+    fn upstream_request(
+        &self,
+        request: Request<Incoming>,
+        upstream: &UpstreamUrl,
+        client: ClientSide<'_>,
+    ) -> Result<Request<Incoming>, ForwardError> {
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::builder().scheme("http").authority(upstream.authority.clone()).path_and_query(path).build()?;
+        let from_http2 = parts.version == Version::HTTP_2;
+        parts.version = Version::HTTP_11;
+        remove_hop_by_hop(&mut parts.headers);
+        if from_http2 {
+            join_cookies(&mut parts.headers);
+        }
+        let host = if self.preserve_host { client.authority } else { upstream.authority.as_str() };
+        let host = HeaderValue::from_str(host).map_err(|_| ForwardError::InvalidHost)?;
+        parts.headers.insert(header::HOST, host);
+        set_forwarded(&mut parts.headers, client);
+        Ok(Request::from_parts(parts, body))
+    }
+}
+
+/// Whether a client error is a connect timeout (a connect error whose cause is `TimedOut`).
+fn is_timeout(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_listed_ones_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop , Upgrade"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_headers_replace_what_the_client_sent() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        let peer: SocketAddr = "[2001:db8::1]:5555".parse().unwrap();
+        set_forwarded(&mut headers, ClientSide { peer, authority: "app.example.com:8443" });
+        assert_eq!(headers[&X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[&X_FORWARDED_HOST], "app.example.com:8443");
+        assert_eq!(headers[&FORWARDED], "for=\"[2001:db8::1]\";host=\"app.example.com:8443\";proto=https");
+        assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+    }
+
+    #[test]
+    fn cookies_are_joined() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+    }
+}

@@ -1,0 +1,35 @@
+//! Responses sealgate writes itself: `respond` routes and errors. Error bodies are short, fixed texts: they
+//! never echo request data or internal details (those go to the log).
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use super::routes::FixedResponse;
+use super::ProxyBody;
+
+/// The answer of a `respond` route.
+pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Right(Full::new(response.body.clone())));
+    *r.status_mut() = response.status;
+    r.headers_mut().insert(header::CONTENT_TYPE, response.content_type.clone());
+    r
+}
+
+/// An error answer with a one-line plain-text body.
+pub fn error(status: StatusCode) -> Response<ProxyBody> {
+    let text: &'static str = match status {
+        StatusCode::BAD_REQUEST => "bad request\n",
+        StatusCode::NOT_FOUND => "no route for this host and path\n",
+        StatusCode::MISDIRECTED_REQUEST => {
+            "misdirected request: this connection's certificate does not serve this host\n"
+        }
+        StatusCode::BAD_GATEWAY => "bad gateway: the upstream is unreachable\n",
+        StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the upstream did not answer in time\n",
+        _ => status.canonical_reason().unwrap_or("error"),
+    };
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(text.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}

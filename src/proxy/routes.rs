@@ -1,0 +1,193 @@
+//! Route selection: which `[[route]]` answers a request.
+//!
+//! A route matches when its host matches (exact, `*.example.com` for one label, or any host when absent) and
+//! its path is a prefix of the request's path. Among matching routes, the most specific host wins (exact, then
+//! wildcard, then any), then the longest path prefix, then the first in the file: the order nginx users know
+//! from `server_name` and `location`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+use crate::config::{RouteAction, RouteConfig, UpstreamUrl};
+use crate::names;
+
+/// A route ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    /// Index in the configuration, for logs.
+    pub index: usize,
+    host: Option<String>,
+    path: String,
+    /// What the route does.
+    pub action: Action,
+    /// Time allowed for the upstream to answer with headers.
+    pub response_timeout: Duration,
+}
+
+/// What a route does.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward to one of these upstreams, round robin.
+    Upstream(Upstreams),
+    /// Answer directly.
+    Respond(FixedResponse),
+}
+
+/// A `respond` route's answer, prepared once so that serving it copies nothing.
+#[derive(Debug, Clone)]
+pub struct FixedResponse {
+    /// Status code.
+    pub status: StatusCode,
+    /// Body.
+    pub body: Bytes,
+    /// `Content-Type`.
+    pub content_type: HeaderValue,
+}
+
+/// A route's upstreams with their round-robin position.
+#[derive(Debug)]
+pub struct Upstreams {
+    urls: Vec<UpstreamUrl>,
+    next: AtomicUsize,
+}
+
+impl Upstreams {
+    /// The next upstream in round-robin order.
+    pub fn pick(&self) -> &UpstreamUrl {
+        // `urls` is never empty: the configuration refuses a route with no upstream.
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len();
+        &self.urls[i]
+    }
+}
+
+impl Route {
+    /// How specifically the route's host matches `host`: 2 exact, 1 wildcard, 0 any host; `None` no match.
+    fn host_rank(&self, host: &str) -> Option<u8> {
+        match &self.host {
+            None => Some(0),
+            Some(pattern) if pattern == host => Some(2),
+            Some(pattern) if names::is_wildcard(pattern) && names::covers(pattern, host) => Some(1),
+            Some(_) => None,
+        }
+    }
+}
+
+/// Every route of the configuration.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// Builds the table; `default_timeout` applies to routes that set none.
+    pub fn new(routes: &[RouteConfig], default_timeout: Duration) -> Self {
+        let routes = routes
+            .iter()
+            .enumerate()
+            .map(|(index, r)| Route {
+                index,
+                host: r.host.clone(),
+                path: r.path.clone(),
+                action: match &r.action {
+                    RouteAction::Upstream(urls) => {
+                        Action::Upstream(Upstreams { urls: urls.clone(), next: AtomicUsize::new(0) })
+                    }
+                    RouteAction::Respond(response) => Action::Respond(FixedResponse {
+                        status: response.status,
+                        body: Bytes::from(response.body.clone()),
+                        // The configuration checked that the content type is a valid header value.
+                        content_type: HeaderValue::from_str(&response.content_type)
+                            .unwrap_or(HeaderValue::from_static("text/plain")),
+                    }),
+                },
+                response_timeout: r.response_timeout.unwrap_or(default_timeout),
+            })
+            .collect();
+        Self { routes }
+    }
+
+    /// The route for a normalised `host` and a request `path`.
+    pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+        let mut best: Option<(&Route, (u8, usize))> = None;
+        for route in &self.routes {
+            let Some(host_rank) = route.host_rank(host) else { continue };
+            if !path.starts_with(&route.path) {
+                continue;
+            }
+            let rank = (host_rank, route.path.len());
+            if best.is_none_or(|(_, best_rank)| rank > best_rank) {
+                best = Some((route, rank));
+            }
+        }
+        best.map(|(route, _)| route)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn table(routes: &str) -> RouteTable {
+        let text =
+            format!("[custody]\nexport = \"e\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n{routes}");
+        let config = Config::parse(&text, Path::new("proxy.toml")).unwrap();
+        RouteTable::new(&config.routes, Duration::from_secs(1))
+    }
+
+    fn index(table: &RouteTable, host: &str, path: &str) -> Option<usize> {
+        table.find(host, path).map(|r| r.index)
+    }
+
+    #[test]
+    fn host_specificity_then_longest_prefix_then_file_order() {
+        let t = table(
+            r#"
+[[route]]
+respond = { status = 200 }
+[[route]]
+path = "/api"
+respond = { status = 200 }
+[[route]]
+host = "*.example.com"
+respond = { status = 200 }
+[[route]]
+host = "app.example.com"
+respond = { status = 200 }
+[[route]]
+host = "app.example.com"
+path = "/api/v2"
+respond = { status = 200 }
+[[route]]
+path = "/api"
+respond = { status = 200 }
+"#,
+        );
+        assert_eq!(index(&t, "other.test", "/"), Some(0));
+        assert_eq!(index(&t, "other.test", "/api/x"), Some(1), "longest prefix, first in file on a tie");
+        assert_eq!(index(&t, "www.example.com", "/api"), Some(2), "a wildcard host beats any host");
+        assert_eq!(index(&t, "app.example.com", "/api"), Some(3), "an exact host beats a wildcard");
+        assert_eq!(index(&t, "app.example.com", "/api/v2/users"), Some(4));
+        assert_eq!(index(&t, "a.b.example.com", "/"), Some(0), "a wildcard covers one label only");
+    }
+
+    #[test]
+    fn no_route_without_a_catch_all() {
+        let t = table("[[route]]\nhost = \"a.test\"\npath = \"/x\"\nrespond = { status = 200 }\n");
+        assert_eq!(index(&t, "a.test", "/y"), None);
+        assert_eq!(index(&t, "b.test", "/x"), None);
+        assert_eq!(index(&t, "a.test", "/x"), Some(0));
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let t = table("[[route]]\nupstream = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n");
+        let Action::Upstream(upstreams) = &t.find("h", "/").unwrap().action else { panic!() };
+        let picks: Vec<_> = (0..4).map(|_| upstreams.pick().authority.port_u16().unwrap()).collect();
+        assert_eq!(picks, [1, 2, 1, 2]);
+    }
+}

@@ -1,0 +1,305 @@
+//! The certificate table: which certificate answers which server name, and the TLS configuration of each.
+//!
+//! Every certificate generation gets its own [`ServerConfig`], and with it its own session storage. That is what
+//! scopes resumption: a session made with one generation can only be resumed by that generation's config, so
+//! no session made before a renewal or a retirement resumes after it (rustls does not tie a resumed session to
+//! the key, and `ServerConfig` clones share their storage). The server reads the ClientHello first
+//! (`LazyConfigAcceptor`), selects the generation by SNI here, then completes the handshake with its config.
+//!
+//! The table is immutable and published whole through [`ArcSwap`]: a handshake sees either the old table or the
+//! new one, never a mix.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::{aws_lc_rs, SupportedKxGroup};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+
+use crate::config::{KeyExchange, TlsConfig, TlsVersion};
+use crate::keyring::{Keyring, LoadedCertificate};
+use crate::names;
+
+/// ALPN protocol ids offered, in preference order.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id of HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Errors building the TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the combination of provider and protocol versions.
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = TlsError> = std::result::Result<T, E>;
+
+/// Resolves every handshake of one generation to that generation's key, until the grant ends.
+struct GenerationResolver {
+    certificate: Arc<LoadedCertificate>,
+}
+
+impl fmt::Debug for GenerationResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenerationResolver").field("certificate", &self.certificate.certificate_id).finish()
+    }
+}
+
+impl ResolvesServerCert for GenerationResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls calls this on resumed handshakes too, so a retired key refuses those as well.
+        self.certificate.certified_key()
+    }
+}
+
+/// Resolves nothing: the handshake ends with an alert. Used for a ClientHello with no SNI or an unknown name.
+#[derive(Debug)]
+struct RefuseAll;
+
+impl ResolvesServerCert for RefuseAll {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+}
+
+/// The TLS policy shared by every generation: provider, versions, ALPN, resumption.
+pub struct TlsPolicy {
+    /// A config with everything but the certificate resolver and session storage.
+    template: ServerConfig,
+    session_resumption: bool,
+    session_cache_size: usize,
+    default_certificate: Option<String>,
+}
+
+impl fmt::Debug for TlsPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsPolicy")
+            .field("session_resumption", &self.session_resumption)
+            .field("default_certificate", &self.default_certificate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsPolicy {
+    /// Builds the policy from `[tls]`.
+    pub fn new(config: &TlsConfig) -> Result<Self> {
+        let mut provider = aws_lc_rs::default_provider();
+        if !config.key_exchange.is_empty() {
+            provider.kx_groups = config.key_exchange.iter().map(|k| kx_group(*k)).collect();
+        }
+        let versions: &[&'static rustls::SupportedProtocolVersion] = match config.min_version {
+            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        };
+        let mut template = ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(RefuseAll));
+        template.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+        template.max_early_data_size = 0;
+        template.send_half_rtt_data = false;
+        template.session_storage = Arc::new(NoServerSessionStorage {});
+        if !config.session_resumption {
+            template.send_tls13_tickets = 0;
+        }
+        Ok(Self {
+            template,
+            session_resumption: config.session_resumption,
+            session_cache_size: config.session_cache_size,
+            default_certificate: config.default_certificate.clone(),
+        })
+    }
+
+    /// A config for one generation, with storage of its own.
+    fn generation_config(&self, certificate: &Arc<LoadedCertificate>) -> Arc<ServerConfig> {
+        let mut config = self.template.clone();
+        config.cert_resolver = Arc::new(GenerationResolver { certificate: Arc::clone(certificate) });
+        // Fresh storage per generation: never the template's (clones share storage).
+        config.session_storage = if self.session_resumption && self.session_cache_size > 0 {
+            ServerSessionMemoryCache::new(self.session_cache_size)
+        } else {
+            Arc::new(NoServerSessionStorage {})
+        };
+        Arc::new(config)
+    }
+
+    /// The config that refuses every handshake with an alert.
+    fn refusing_config(&self) -> Arc<ServerConfig> {
+        Arc::new(self.template.clone())
+    }
+}
+
+fn kx_group(group: KeyExchange) -> &'static dyn SupportedKxGroup {
+    use aws_lc_rs::kx_group;
+    match group {
+        KeyExchange::X25519MlKem768 => kx_group::X25519MLKEM768,
+        KeyExchange::X25519 => kx_group::X25519,
+        KeyExchange::Secp256r1 => kx_group::SECP256R1,
+        KeyExchange::Secp384r1 => kx_group::SECP384R1,
+    }
+}
+
+/// One generation ready to serve: the certificate and its TLS configuration.
+pub struct ServingCertificate {
+    /// The certificate, its key and its grant's end signal.
+    pub certificate: Arc<LoadedCertificate>,
+    /// Its own TLS configuration (and session storage).
+    pub config: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCertificate").field("certificate", &self.certificate).finish_non_exhaustive()
+    }
+}
+
+/// An immutable map from server name to the certificate that answers it.
+#[derive(Debug, Default)]
+pub struct CertificateTable {
+    /// Best certificate for each exact name.
+    exact: HashMap<String, Arc<ServingCertificate>>,
+    /// Best wildcard certificate by the parent it covers: `*.example.com` is filed under `example.com`.
+    wildcard: HashMap<String, Arc<ServingCertificate>>,
+    /// The certificate for a ClientHello without SNI or with an unknown name, if configured and served.
+    default: Option<Arc<ServingCertificate>>,
+    /// Every certificate in the table.
+    all: Vec<Arc<ServingCertificate>>,
+}
+
+impl CertificateTable {
+    /// Builds a table. Where several certificates claim a name: an exact name beats a wildcard (by lookup
+    /// order); then the certificate whose validity began latest; then the smaller certificate id (FORMAT.md).
+    fn build(certificates: Vec<Arc<ServingCertificate>>, default_certificate: Option<&str>) -> Self {
+        let mut table = Self::default();
+        for serving in &certificates {
+            for name in &serving.certificate.server_names {
+                let (map, key) = match name.strip_prefix("*.") {
+                    Some(parent) => (&mut table.wildcard, parent),
+                    None => (&mut table.exact, name.as_str()),
+                };
+                match map.get_mut(key) {
+                    Some(current) if !preferred(serving, current) => {}
+                    Some(current) => *current = Arc::clone(serving),
+                    None => {
+                        map.insert(key.to_owned(), Arc::clone(serving));
+                    }
+                }
+            }
+        }
+        table.default = default_certificate
+            .and_then(|id| certificates.iter().find(|c| c.certificate.certificate_id == id))
+            .cloned();
+        table.all = certificates;
+        table
+    }
+
+    /// The certificate for a ClientHello's SNI (already lower-cased by rustls), or the default.
+    pub fn select(&self, sni: Option<&str>) -> Option<&Arc<ServingCertificate>> {
+        let Some(sni) = sni else {
+            return self.default.as_ref();
+        };
+        let normalized;
+        let name = if sni.ends_with('.') || sni.bytes().any(|b| b.is_ascii_uppercase()) {
+            normalized = names::normalize(sni);
+            normalized.as_str()
+        } else {
+            sni
+        };
+        self.exact
+            .get(name)
+            .or_else(|| names::wildcard_parent(name).and_then(|parent| self.wildcard.get(parent)))
+            .or(self.default.as_ref())
+    }
+
+    /// Whether some certificate is served for `name` (normalised), not counting the default certificate.
+    pub fn serves(&self, name: &str) -> bool {
+        self.exact.contains_key(name)
+            || names::wildcard_parent(name).is_some_and(|parent| self.wildcard.contains_key(parent))
+    }
+
+    /// Every certificate in the table.
+    pub fn certificates(&self) -> &[Arc<ServingCertificate>] {
+        &self.all
+    }
+
+    /// Whether the table serves nothing.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty()
+    }
+}
+
+/// Whether `candidate` beats `current` for a name both claim with the same kind of match.
+fn preferred(candidate: &ServingCertificate, current: &ServingCertificate) -> bool {
+    let (a, b) = (&candidate.certificate, &current.certificate);
+    (a.not_before, std::cmp::Reverse(&a.certificate_id)) > (b.not_before, std::cmp::Reverse(&b.certificate_id))
+}
+
+/// The published certificate table and the policy that builds each generation's configuration.
+pub struct CertificateStore {
+    policy: TlsPolicy,
+    table: ArcSwap<CertificateTable>,
+    refusing: Arc<ServerConfig>,
+}
+
+impl fmt::Debug for CertificateStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateStore").field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+impl CertificateStore {
+    /// An empty store.
+    pub fn new(policy: TlsPolicy) -> Self {
+        let refusing = policy.refusing_config();
+        Self { policy, table: ArcSwap::from_pointee(CertificateTable::default()), refusing }
+    }
+
+    /// Builds a new table from the keyring's served certificates and publishes it in one step. Generations
+    /// already in the current table keep their configuration (and their resumable sessions).
+    pub fn publish(&self, keyring: &Keyring) {
+        let current = self.table.load_full();
+        let by_generation: HashMap<u64, &Arc<ServingCertificate>> =
+            current.all.iter().map(|s| (s.certificate.generation, s)).collect();
+        let certificates = keyring
+            .served()
+            .map(|certificate| match by_generation.get(&certificate.generation) {
+                Some(existing) => Arc::clone(existing),
+                None => Arc::new(ServingCertificate {
+                    certificate: Arc::clone(certificate),
+                    config: self.policy.generation_config(certificate),
+                }),
+            })
+            .collect();
+        let table = CertificateTable::build(certificates, self.policy.default_certificate.as_deref());
+        drop(by_generation);
+        self.table.store(Arc::new(table));
+        // `current` goes last: the replaced generations' configs (and keys) are freed once no handshake holds
+        // them.
+        drop(current);
+    }
+
+    /// The certificate for a ClientHello's SNI.
+    pub fn select(&self, sni: Option<&str>) -> Option<Arc<ServingCertificate>> {
+        self.table.load().select(sni).cloned()
+    }
+
+    /// Whether some certificate is served for `name` (normalised).
+    pub fn serves(&self, name: &str) -> bool {
+        self.table.load().serves(name)
+    }
+
+    /// The current table.
+    pub fn table(&self) -> Arc<CertificateTable> {
+        self.table.load_full()
+    }
+
+    /// The config that ends a handshake with an alert.
+    pub fn refusing_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.refusing)
+    }
+}

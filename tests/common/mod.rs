@@ -1,0 +1,223 @@
+//! Test harness shared by the integration tests: a real sealgate on loopback, real TLS clients (rustls),
+//! HTTP/1.1 and HTTP/2 clients (hyper), and a real upstream (a hyper server) that records what it receives.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::ClientConfig;
+use sealgate::config::Config;
+use sealgate::server::RunningServer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// Logs to the test's captured output once per test binary (`RUST_LOG` to choose the level).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sealgate=debug"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
+/// Writes `config` as `proxy.toml` in `dir` and starts a server from it.
+pub async fn start_server(dir: &Path, config: &str) -> RunningServer {
+    init_logging();
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let config = Config::load(&path).unwrap();
+    sealgate::server::start(config).await.unwrap()
+}
+
+/// A proxy.toml for `export` and `grantee` with one listener on an ephemeral port, an admin endpoint, and
+/// `routes` appended verbatim.
+pub fn config_text(export: &Path, grantee: &str, routes: &str) -> String {
+    format!(
+        "[custody]\nexport = {export:?}\ngrantee = {grantee:?}\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+         [admin]\nbind = \"127.0.0.1:0\"\n\n{routes}\n",
+        export = export.display().to_string(),
+    )
+}
+
+/// A TLS client config trusting `ca_pem`, offering `alpn`.
+pub fn client_config(ca_pem: &[u8], alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Opens a TLS connection to `addr` with SNI `sni`.
+pub async fn connect(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).map_err(std::io::Error::other)?;
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// The leaf certificate the server presented.
+pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+/// An HTTP/1.1 client connection over `stream`.
+pub async fn http1(
+    stream: TlsStream<TcpStream>,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// An HTTP/2 client connection over `stream`.
+pub async fn http2(
+    stream: TlsStream<TcpStream>,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// A GET request for `host` and `path` (HTTP/1.1 form: `Host` header, origin-form target).
+pub fn get(host: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).unwrap()
+}
+
+/// A GET request in HTTP/2 form (`:authority` from an absolute URI).
+pub fn get_h2(host: &str, path: &str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .uri(format!("https://{host}{path}"))
+        .version(http::Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Reads a whole response body as text.
+pub async fn text(response: Response<Incoming>) -> (StatusCode, String) {
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: http::Method,
+    /// Request target.
+    pub uri: http::Uri,
+    /// Version.
+    pub version: http::Version,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Number of body bytes.
+    pub body_len: u64,
+}
+
+/// A real upstream: a hyper HTTP/1.1 server on loopback that records every request and answers
+/// `200 upstream: <path>`.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Every request received, in order.
+    pub recorded: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Upstream {
+    /// Starts an upstream that answers `200 upstream: <path>` after reading the whole body.
+    pub async fn start() -> Self {
+        Self::start_with(|_request: &Recorded| Response::new(Full::new(Bytes::new()))).await
+    }
+
+    /// Starts an upstream whose response is built by `respond` (the body defaults to `upstream: <path>` when
+    /// `respond` leaves it empty).
+    pub async fn start_with<F>(respond: F) -> Self
+    where
+        F: Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let respond = Arc::new(respond);
+        let log = Arc::clone(&recorded);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let log = Arc::clone(&log);
+                let respond = Arc::clone(&respond);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let log = Arc::clone(&log);
+                        let respond = Arc::clone(&respond);
+                        async move {
+                            let (parts, mut body) = request.into_parts();
+                            let mut body_len = 0u64;
+                            while let Some(frame) = body.frame().await {
+                                if let Ok(data) = frame?.into_data() {
+                                    body_len += data.len() as u64;
+                                }
+                            }
+                            let record = Recorded {
+                                method: parts.method,
+                                uri: parts.uri,
+                                version: parts.version,
+                                headers: parts.headers,
+                                body_len,
+                            };
+                            let mut response = respond(&record);
+                            if response.body().clone().collect().await.unwrap().to_bytes().is_empty() {
+                                *response.body_mut() = Full::new(Bytes::from(format!("upstream: {}", record.uri)));
+                            }
+                            log.lock().unwrap().push(record);
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, recorded }
+    }
+
+    /// The last request received.
+    pub fn last(&self) -> Recorded {
+        self.recorded.lock().unwrap().last().cloned().expect("the upstream received no request")
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut condition: F) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
