@@ -365,3 +365,148 @@ fn retired_earlier() -> Refusal {
         detail: "a retired grant never comes back; re-association needs a new grant id".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::custody::snapshot::AssociationOutcome;
+
+    use crate::test_util::{active, served, snapshot, verified};
+
+    fn refused(certificate_id: &str, grant_id: &str, check: Check) -> AssociationOutcome {
+        AssociationOutcome {
+            certificate_id: certificate_id.to_owned(),
+            grant_id: grant_id.to_owned(),
+            result: Err(Refusal { check, reason: "test", detail: String::new() }),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_read_keeps_the_generation() {
+        let mut keyring = Keyring::new();
+        let v = verified("c-1", "g-1", &["a.test"]);
+        let again = VerifiedCertificate {
+            certificate_id: v.certificate_id.clone(),
+            grant_id: v.grant_id.clone(),
+            grant_not_after: None,
+            server_names: v.server_names.clone(),
+            chain: v.chain.clone(),
+            leaf_sha256: v.leaf_sha256,
+            not_before: v.not_before,
+            not_after: v.not_after,
+            signing_key: Arc::clone(&v.signing_key),
+            private_key: v.private_key.clone(),
+        };
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(v)]));
+        assert_eq!(report.loaded.len(), 1);
+        let generation = report.loaded[0].generation;
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(again)]));
+        assert!(!report.changed(), "{report:?}");
+        assert_eq!(keyring.served().next().unwrap().generation, generation);
+    }
+
+    #[test]
+    fn a_renewal_makes_a_new_generation_and_keeps_the_grant() {
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        let old = Arc::clone(keyring.served().next().unwrap());
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        assert_eq!(report.loaded.len(), 1);
+        assert_eq!(report.replaced.len(), 1);
+        assert!(report.loaded[0].generation > old.generation);
+        assert!(!old.is_retired(), "a renewal does not end the grant");
+        assert!(old.certified_key().is_some(), "connections and handshakes on the old generation go on");
+    }
+
+    #[test]
+    fn a_refused_new_state_keeps_the_last_good_one() {
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        for check in [Check::Files, Check::KeyId, Check::Seal, Check::KeyMatch, Check::ServerNames] {
+            let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", check)]));
+            assert_eq!(report.kept.len(), 1, "{check:?}");
+            assert!(!report.changed());
+            assert_eq!(keyring.len(), 1);
+        }
+        // An unreadable grant file (half-written) keeps it too.
+        let unreadable = GrantStatus::Unreadable("line 1".to_owned());
+        let report = keyring.apply(snapshot(&[("g-1", unreadable)], vec![refused("c-1", "g-1", Check::Grant)]));
+        assert_eq!(report.kept.len(), 1);
+        assert_eq!(keyring.len(), 1);
+    }
+
+    #[test]
+    fn a_new_association_refused_is_not_served() {
+        let mut keyring = Keyring::new();
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", Check::Seal)]));
+        assert_eq!(report.refused.len(), 1);
+        assert!(keyring.is_empty());
+    }
+
+    #[test]
+    fn the_grant_ends_service_however_it_ends() {
+        for (status, reason) in [
+            (None, GrantEnd::Gone),
+            (Some(GrantStatus::Retired), GrantEnd::Retired),
+            (Some(GrantStatus::Lapsed), GrantEnd::Lapsed),
+            (
+                Some(GrantStatus::Active {
+                    grantee: "me".to_owned(),
+                    not_after: Some(OffsetDateTime::now_utc() - time::Duration::seconds(1)),
+                }),
+                GrantEnd::Lapsed,
+            ),
+        ] {
+            let mut keyring = Keyring::new();
+            keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+            let certificate = Arc::clone(keyring.served().next().unwrap());
+            let token = certificate.grant_ended().clone();
+            let grants: Vec<(&str, GrantStatus)> = status.clone().map(|s| ("g-1", s)).into_iter().collect();
+            let report = keyring.apply(snapshot(&grants, vec![served(verified("c-1", "g-1", &["a.test"]))]));
+            assert_eq!(report.ended.len(), 1, "{status:?}");
+            assert_eq!(report.ended[0].reason, reason);
+            assert!(token.is_cancelled());
+            assert!(certificate.certified_key().is_none(), "the key is dropped at once");
+            assert!(keyring.is_empty(), "{status:?}: a fresh verified state must not bring it back");
+            assert!(keyring.is_retired("g-1"));
+        }
+    }
+
+    #[test]
+    fn a_grant_that_stops_naming_us_ends_service() {
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", Check::Grant)]));
+        assert_eq!(report.ended.len(), 1);
+        assert_eq!(report.ended[0].reason, GrantEnd::Revoked);
+        assert!(keyring.is_empty());
+    }
+
+    #[test]
+    fn a_retired_grant_never_comes_back() {
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", GrantStatus::Retired)], vec![refused("c-1", "g-1", Check::Grant)]));
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        assert!(keyring.is_empty());
+        assert_eq!(report.refused[0].2.reason, "the grant was retired earlier");
+        // A new grant id serves again.
+        keyring.apply(snapshot(&[("g-2", active())], vec![served(verified("c-1", "g-2", &["a.test"]))]));
+        assert_eq!(keyring.len(), 1);
+    }
+
+    #[test]
+    fn ending_one_grant_leaves_the_others() {
+        let mut keyring = Keyring::new();
+        let both = |a, b| vec![served(a), served(b)];
+        keyring.apply(snapshot(
+            &[("g-1", active()), ("g-2", active())],
+            both(verified("c-1", "g-1", &["a.test"]), verified("c-2", "g-2", &["b.test"])),
+        ));
+        let report = keyring.apply(snapshot(
+            &[("g-1", GrantStatus::Retired), ("g-2", active())],
+            vec![refused("c-1", "g-1", Check::Grant), served(verified("c-2", "g-2", &["b.test"]))],
+        ));
+        assert_eq!(report.ended.len(), 1);
+        assert_eq!(keyring.served().map(|c| c.certificate_id.as_str()).collect::<Vec<_>>(), ["c-2"]);
+    }
+}

@@ -18,3 +18,6 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod tls;
+
+#[cfg(test)]
+mod test_util;

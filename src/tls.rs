@@ -303,3 +303,80 @@ impl CertificateStore {
         Arc::clone(&self.refusing)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::test_util::{active, served, snapshot, verified_from};
+    use time::{Duration, OffsetDateTime};
+
+    fn store(extra: &str) -> CertificateStore {
+        let text = format!("[custody]\nexport = \"e\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n{extra}");
+        let config = Config::parse(&text, std::path::Path::new("proxy.toml")).unwrap();
+        CertificateStore::new(TlsPolicy::new(&config.tls).unwrap())
+    }
+
+    fn selected(store: &CertificateStore, sni: Option<&str>) -> Option<String> {
+        store.select(sni).map(|s| s.certificate.certificate_id.clone())
+    }
+
+    #[test]
+    fn selection_follows_the_format_rules() {
+        let now = OffsetDateTime::now_utc();
+        let older = now - Duration::days(10);
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(
+            &[("g-1", active())],
+            vec![
+                served(verified_from("c-wild-new", "g-1", &["*.example.test"], now)),
+                served(verified_from("c-exact-old", "g-1", &["www.example.test"], older)),
+                served(verified_from("c-b", "g-1", &["same.example.test"], now)),
+                served(verified_from("c-a", "g-1", &["same.example.test"], now)),
+                served(verified_from("c-old", "g-1", &["newest.example.test"], older)),
+                served(verified_from("c-z-new", "g-1", &["newest.example.test"], now)),
+            ],
+        ));
+        let store = store("");
+        store.publish(&keyring);
+        assert_eq!(selected(&store, Some("www.example.test")).as_deref(), Some("c-exact-old"), "exact beats wildcard");
+        assert_eq!(selected(&store, Some("other.example.test")).as_deref(), Some("c-wild-new"));
+        assert_eq!(selected(&store, Some("a.b.example.test")), None, "a wildcard covers one label");
+        assert_eq!(selected(&store, Some("example.test")), None);
+        assert_eq!(selected(&store, Some("newest.example.test")).as_deref(), Some("c-z-new"), "newest validity");
+        assert_eq!(selected(&store, Some("same.example.test")).as_deref(), Some("c-a"), "smaller id on a tie");
+        assert_eq!(selected(&store, Some("WWW.Example.Test.")).as_deref(), Some("c-exact-old"));
+        assert_eq!(selected(&store, None), None, "no default certificate unless configured");
+        assert!(store.serves("x.example.test") && !store.serves("nothing.test"));
+    }
+
+    #[test]
+    fn the_default_certificate_answers_unknown_names_when_configured() {
+        let mut keyring = Keyring::new();
+        let now = OffsetDateTime::now_utc();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified_from("c-1", "g-1", &["a.test"], now))]));
+        let store = store("[tls]\ndefault_certificate = \"c-1\"\n");
+        store.publish(&keyring);
+        assert_eq!(selected(&store, None).as_deref(), Some("c-1"));
+        assert_eq!(selected(&store, Some("unknown.test")).as_deref(), Some("c-1"));
+        assert!(!store.serves("unknown.test"), "the default does not make a name served");
+    }
+
+    #[test]
+    fn unchanged_generations_keep_their_config_and_renewals_get_a_new_one() {
+        let now = OffsetDateTime::now_utc();
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified_from("c-1", "g-1", &["a.test"], now))]));
+        let store = store("");
+        store.publish(&keyring);
+        let first = store.select(Some("a.test")).unwrap();
+        store.publish(&keyring);
+        let republished = store.select(Some("a.test")).unwrap();
+        assert!(Arc::ptr_eq(&first.config, &republished.config), "same generation, same config and sessions");
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified_from("c-1", "g-1", &["a.test"], now))]));
+        store.publish(&keyring);
+        let renewed = store.select(Some("a.test")).unwrap();
+        assert!(!Arc::ptr_eq(&first.config, &renewed.config), "a renewal gets a config (and sessions) of its own");
+        assert!(!Arc::ptr_eq(&first.config.session_storage, &renewed.config.session_storage));
+    }
+}
