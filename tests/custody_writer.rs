@@ -670,3 +670,18 @@ fn the_command_line_imports_and_renews_imported_certificates() {
     assert!(ok && out.contains("generation 2"), "{err}");
     open(&dir.path().join("e"), "c-imp");
 }
+
+#[test]
+fn the_committed_demo_export_is_consistent() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = sealgate::config::Config::load(&root.join("proxy.toml")).unwrap();
+    assert_eq!(config.custody.export, root.join("certs-example/export"));
+    let opened = open(&config.custody.export, "c-localhost");
+    assert_eq!(opened.grant.grantee, config.custody.grantee);
+    assert_eq!(opened.grant.grantee, "sealgate-demo");
+    let ca = fs::read_to_string(root.join("certs-example/ca.pem")).unwrap();
+    assert_verifies(&ca, &opened.chain, "localhost");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&opened.chain[0]).unwrap();
+    let not_after = leaf.validity().not_after.to_datetime();
+    assert!(not_after > OffsetDateTime::now_utc() + Duration::days(5 * 365), "regenerate certs-example: {not_after}");
+}
