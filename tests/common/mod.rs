@@ -221,3 +221,73 @@ pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut condition: F)
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A custody system in a temp dir writing one export, with helpers to issue and associate certificates.
+pub struct Fixture {
+    /// Holds the state and export.
+    pub dir: tempfile::TempDir,
+    /// The custody side.
+    pub custody: sealgate::custody::writer::Custody,
+    /// The export directory.
+    pub export: std::path::PathBuf,
+    /// The local CA, PEM.
+    pub ca_pem: String,
+}
+
+/// The grantee every fixture associates with.
+pub const GRANTEE: &str = "sealgate-test";
+
+impl Fixture {
+    /// A fresh custody state and an empty export directory.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("sealgate-test-").tempdir().unwrap();
+        let custody = sealgate::custody::writer::Custody::open(&dir.path().join("state")).unwrap();
+        let export = dir.path().join("export");
+        std::fs::create_dir_all(&export).unwrap();
+        let ca_pem = custody.ca_certificate_pem().unwrap();
+        Self { dir, custody, export, ca_pem }
+    }
+
+    /// Issues a certificate `id` for `names` from the local CA (no association).
+    pub fn issue(&self, id: &str, names: &[&str]) -> sealgate::custody::writer::CertificateRecord {
+        let mut request = sealgate::custody::writer::IssueRequest::new(names.iter().copied());
+        request.certificate_id = Some(id.to_owned());
+        self.custody.issue(&request).unwrap()
+    }
+
+    /// Associates certificate `id` with [`GRANTEE`] in the export; returns the grant id.
+    pub fn associate(&self, id: &str) -> String {
+        let request = sealgate::custody::writer::AssociateRequest::new(id, &self.export, GRANTEE);
+        self.custody.associate(&request).unwrap().grant_id
+    }
+
+    /// Issues and associates; returns the grant id.
+    pub fn serve(&self, id: &str, names: &[&str]) -> String {
+        self.issue(id, names);
+        self.associate(id)
+    }
+
+    /// A proxy.toml for this export with `routes`.
+    pub fn config(&self, routes: &str) -> String {
+        config_text(&self.export, GRANTEE, routes)
+    }
+
+    /// A TLS client config trusting the local CA, offering `alpn`.
+    pub fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+        client_config(self.ca_pem.as_bytes(), alpn)
+    }
+
+    /// The certificate `id`'s current leaf, DER.
+    pub fn leaf(&self, id: &str) -> CertificateDer<'static> {
+        let pem = self.custody.certificate(id).unwrap().certificate_pem;
+        CertificateDer::pem_slice_iter(pem.as_bytes()).next().unwrap().unwrap().into_owned()
+    }
+
+    /// Starts a server on this export with `routes`.
+    pub async fn start(&self, routes: &str) -> RunningServer {
+        start_server(self.dir.path(), &self.config(routes)).await
+    }
+}
+
+/// A `respond` route answering 200 `hello` for any host.
+pub const HELLO: &str = "[[route]]\nrespond = { status = 200, body = \"hello\\n\" }\n";
