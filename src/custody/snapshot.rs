@@ -22,6 +22,8 @@ use crate::secret::SecretBytes;
 mod certificate;
 mod checks;
 mod grants;
+#[cfg(test)]
+mod tests;
 
 use certificate::{CertificateFiles, Leaf};
 use grants::Grants;
