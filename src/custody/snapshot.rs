@@ -6,7 +6,7 @@
 //! association that is already being served (keep the last good state, or end service because the grant is gone)
 //! is the keyring's job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +15,18 @@ use rustls::sign::SigningKey;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use super::format::FormatError;
+use super::format::{layout, AssociationEntry, Associations, FormatError};
+use crate::names;
 use crate::secret::SecretBytes;
+
+mod certificate;
+mod checks;
+mod grants;
+#[cfg(test)]
+mod tests;
+
+use certificate::{CertificateFiles, Leaf};
+use grants::Grants;
 
 /// The whole export could not be read; nothing in it can be judged.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +90,29 @@ pub struct AssociationOutcome {
     pub certificate_id: String,
     /// The association's grant id, as written.
     pub grant_id: String,
+    /// The names the association is for, as far as they were known when the outcome was decided: the served
+    /// names; else the entry's `server_names` (normalised); else the leaf's DNS names once its file was read;
+    /// else empty. For reports only: a refused association serves no name.
+    pub server_names: Vec<String>,
+    /// The leaf certificate's `not_after`, once its file was read. For reports only.
+    pub certificate_not_after: Option<OffsetDateTime>,
     /// Served with this certificate, or refused.
     pub result: std::result::Result<VerifiedCertificate, Refusal>,
+}
+
+impl AssociationOutcome {
+    /// Whether the association passed all five checks.
+    pub fn is_served(&self) -> bool {
+        self.result.is_ok()
+    }
+
+    /// `served`, or the refusal's [`Refusal::outcome`]: the wording of `sealgate check` and `expected.toml`.
+    pub fn outcome(&self) -> String {
+        match &self.result {
+            Ok(_) => "served".to_owned(),
+            Err(refusal) => refusal.outcome(),
+        }
+    }
 }
 
 /// A certificate whose association passed all five checks, with its key ready to sign.
@@ -164,7 +195,58 @@ pub struct Refusal {
     pub detail: String,
 }
 
+/// The fixed `reason` phrases of refusals, grouped by check, so that callers and tests match them without
+/// retyping them. Four of them are fixed by the shared vectors (`expected.toml`).
+pub mod reason {
+    /// Files: the entry's `certificate_id` or `grant_id` is not `[A-Za-z0-9_-]{1,128}`.
+    pub const INVALID_ID: &str = "the association names an invalid id";
+    /// Files: an earlier entry associates the same certificate; only the first is judged.
+    pub const DUPLICATE: &str = "the certificate is associated more than once";
+    /// Files: `certificate.pem` is missing, unreadable, or not PEM X.509 certificates.
+    pub const CERTIFICATE_FILE: &str = "the certificate file is unusable";
+    /// Files: `private-key.sealed` is missing, unreadable or malformed.
+    pub const SEALED_KEY_FILE: &str = "the sealed key file is unusable";
+
+    /// Check 1: no `grants/<grant_id>.toml`.
+    pub const GRANT_MISSING: &str = "the grant does not exist";
+    /// Check 1: the grant file exists but does not parse (perhaps half-written): retry.
+    pub const GRANT_UNREADABLE: &str = "the grant file does not parse";
+    /// Check 1: `state = "retired"`.
+    pub const GRANT_RETIRED: &str = "the grant is retired";
+    /// Check 1: `not_after` has passed.
+    pub const GRANT_LAPSED: &str = "the grant has lapsed";
+    /// Check 1: `grantee` is not this holder.
+    pub const OTHER_GRANTEE: &str = "the grant names another grantee";
+    /// Check 1: `operations` lacks `Decrypt`.
+    pub const NO_DECRYPT: &str = "the grant does not allow Decrypt";
+    /// Check 1: an active grant without `grant_key`.
+    pub const NO_GRANT_KEY: &str = "the grant holds no grant_key";
+
+    /// Check 2.
+    pub const KEY_ID_MISMATCH: &str = "the grant's key_id differs from the sealed key's";
+
+    /// Check 3: `wrapped_data_key` is malformed or its tag does not verify under the grant key.
+    pub const DATA_KEY_SEAL: &str = "the wrapped data key does not open";
+    /// Check 3: the sealed private key's tag does not verify under the data key.
+    pub const PRIVATE_KEY_SEAL: &str = "the sealed key does not open";
+
+    /// Check 4: the key is not one aws-lc can sign with, or its public key is not the leaf's.
+    pub const KEY_MISMATCH: &str = "the private key does not match the certificate";
+
+    /// Check 5: a requested name is not covered by the leaf's DNS names.
+    pub const NAME_NOT_COVERED: &str = "server name not covered by the certificate";
+    /// Check 5: a requested name is not a valid DNS name or wildcard.
+    pub const INVALID_NAME: &str = "invalid server name";
+    /// Check 5: there is no name to serve (an empty `server_names`, or a leaf without valid DNS names).
+    pub const NO_NAMES: &str = "no server name to serve";
+}
+
 impl Refusal {
+    /// A refusal by `check` with one of the [`reason`] phrases.
+    pub fn new(check: Check, reason: &'static str, detail: impl Into<String>) -> Self {
+        Self { check, reason, detail: detail.into() }
+    }
+
     /// The outcome as `sealgate check` prints it and `expected.toml` states it:
     /// `refused: the grant is retired (check 1)`.
     pub fn outcome(&self) -> String {
@@ -183,7 +265,129 @@ impl fmt::Display for Refusal {
 }
 
 /// Reads the export at `export` as the holder `grantee`, judging lapses at `now`.
+///
+/// Fails only when the export as a whole cannot be judged: `associations.toml` is missing, unreadable or does
+/// not parse, or `grants/` exists but cannot be listed (judging then would take every grant for gone). Anything
+/// wrong with one association refuses that association alone.
+///
+/// Every grant file is read and parsed once, whatever number of associations name it; grant keys and data keys
+/// are dropped (and wiped) before this returns.
 pub fn read_export(export: &Path, grantee: &str, now: OffsetDateTime) -> Result<Snapshot> {
-    let _ = (export, grantee, now);
-    todo!("implemented in the custody reader change")
+    let associations_path = export.join(layout::ASSOCIATIONS);
+    let associations = read_associations(&associations_path)?;
+    let grants = Grants::read(&export.join(layout::GRANTS_DIR))?;
+    let reader = Reader {
+        grantee,
+        now,
+        grants: &grants,
+        associations_path: &associations_path,
+        certificates_dir: export.join(layout::CERTIFICATES_DIR),
+    };
+    let mut claimed = HashSet::with_capacity(associations.entries.len());
+    let outcomes = associations.entries.iter().map(|entry| reader.judge(entry, &mut claimed)).collect();
+    Ok(Snapshot { export: export.to_owned(), read_at: now, grants: grants.statuses(now), associations: outcomes })
+}
+
+/// Reads and parses `associations.toml`; either failure makes the whole export unjudgeable.
+fn read_associations(path: &Path) -> Result<Associations> {
+    let bytes = std::fs::read(path).map_err(|source| ExportError::Io { path: path.to_owned(), source })?;
+    Associations::parse(&bytes).map_err(|source| ExportError::Format { path: path.to_owned(), source })
+}
+
+/// What one read needs to judge associations: the holder, the instant, and the grants read once.
+struct Reader<'a> {
+    grantee: &'a str,
+    now: OffsetDateTime,
+    grants: &'a Grants,
+    associations_path: &'a Path,
+    certificates_dir: PathBuf,
+}
+
+/// What became known about an association before its outcome was decided, for reports of refusals.
+#[derive(Default)]
+struct Known {
+    server_names: Vec<String>,
+    not_after: Option<OffsetDateTime>,
+}
+
+impl Known {
+    /// The entry's own `server_names`, normalised, before any file is read.
+    fn from_entry(entry: &AssociationEntry) -> Self {
+        let server_names = entry.server_names.as_deref().map(normalized_names).unwrap_or_default();
+        Self { server_names, not_after: None }
+    }
+
+    /// Adds what the leaf says: its validity, and its DNS names when the entry named none.
+    fn learn(&mut self, entry: &AssociationEntry, leaf: &Leaf) {
+        self.not_after = Some(leaf.not_after);
+        if entry.server_names.is_none() {
+            self.server_names = leaf.dns_names.clone();
+        }
+    }
+}
+
+impl Reader<'_> {
+    /// Judges one entry. `claimed` holds the certificate ids of earlier entries, so that a second association of
+    /// one certificate is refused rather than allowed to compete with the first.
+    fn judge<'e>(&self, entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> AssociationOutcome {
+        let mut known = Known::from_entry(entry);
+        let result = claim(entry, claimed).and_then(|()| self.verify(entry, &mut known));
+        let (server_names, certificate_not_after) = match &result {
+            Ok(verified) => (verified.server_names.clone(), Some(verified.not_after)),
+            Err(_) => (known.server_names, known.not_after),
+        };
+        AssociationOutcome {
+            certificate_id: entry.certificate_id.clone(),
+            grant_id: entry.grant_id.clone(),
+            server_names,
+            certificate_not_after,
+            result,
+        }
+    }
+
+    /// FORMAT.md's five checks, in order, for an entry whose ids are valid.
+    fn verify(&self, entry: &AssociationEntry, known: &mut Known) -> Result<VerifiedCertificate, Refusal> {
+        let grant = self.grants.authorize(&entry.grant_id, self.grantee, self.now)?;
+        let files = CertificateFiles::read(&self.certificates_dir, &entry.certificate_id)?;
+        known.learn(entry, &files.leaf);
+        checks::key_ids(&grant, &files)?;
+        let private_key = checks::open_seals(&grant, entry, self.associations_path, &files)?;
+        let signing_key = checks::key_matches(&private_key, &files)?;
+        let server_names = checks::server_names(entry.server_names.as_deref(), &files.leaf)?;
+        Ok(VerifiedCertificate {
+            certificate_id: entry.certificate_id.clone(),
+            grant_id: entry.grant_id.clone(),
+            grant_not_after: grant.grant.not_after,
+            server_names,
+            leaf_sha256: files.leaf.sha256,
+            not_before: files.leaf.not_before,
+            not_after: files.leaf.not_after,
+            chain: files.chain,
+            signing_key,
+            private_key,
+        })
+    }
+}
+
+/// Refuses an entry whose ids are invalid (they must never become paths) or whose certificate an earlier entry
+/// already associates; otherwise records its certificate id as taken.
+fn claim<'e>(entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> Result<(), Refusal> {
+    for (field, id) in [("certificate_id", &entry.certificate_id), ("grant_id", &entry.grant_id)] {
+        if !super::format::is_valid_id(id) {
+            let detail = format!("`{field}` {id:?} does not match [A-Za-z0-9_-]{{1,128}}");
+            return Err(Refusal::new(Check::Files, reason::INVALID_ID, detail));
+        }
+    }
+    if !claimed.insert(&entry.certificate_id) {
+        let detail =
+            format!("an earlier [[association]] entry names {}; only the first is judged", entry.certificate_id);
+        return Err(Refusal::new(Check::Files, reason::DUPLICATE, detail));
+    }
+    Ok(())
+}
+
+/// Normalises names and drops repeats, keeping the first occurrence's place.
+fn normalized_names<S: AsRef<str>>(names: &[S]) -> Vec<String> {
+    let mut seen = HashSet::with_capacity(names.len());
+    names.iter().map(|name| names::normalize(name.as_ref())).filter(|name| seen.insert(name.clone())).collect()
 }

@@ -1,0 +1,95 @@
+//! `sealgate check` as a user runs it: the built binary, a `proxy.toml`, the shared vectors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tempfile::TempDir;
+
+fn vectors() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/custody-vectors")
+}
+
+/// Writes a `proxy.toml` for the vectors' export as `grantee` and runs `sealgate check` on it.
+fn check(dir: &TempDir, grantee: &str) -> Output {
+    let export = toml::Value::String(vectors().join("export").display().to_string());
+    let grantee = toml::Value::String(grantee.to_owned());
+    let config = format!("[custody]\nexport = {export}\ngrantee = {grantee}\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    run(&path)
+}
+
+fn run(config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sealgate")).arg("check").arg("--config").arg(config).output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn the_vectors_report_every_expected_outcome_on_its_row() {
+    let dir = TempDir::new().unwrap();
+    let output = check(&dir, "sealgate-vectors");
+    let report = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{report}{}", String::from_utf8_lossy(&output.stderr));
+
+    let expected: toml::Table = std::fs::read_to_string(vectors().join("expected.toml")).unwrap().parse().unwrap();
+    let associations = expected["association"].as_array().unwrap();
+    for association in associations {
+        let id = association["certificate_id"].as_str().unwrap();
+        let outcome = association["outcome"].as_str().unwrap();
+        let row = report
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("no row for {id}:\n{report}"));
+        assert!(row.trim_end().ends_with(outcome), "{id}: expected {outcome:?} in\n{row}");
+        if let Some(names) = association.get("server_names").and_then(|v| v.as_array()) {
+            let names: Vec<&str> = names.iter().map(|n| n.as_str().unwrap()).collect();
+            assert!(row.split_whitespace().any(|cell| cell == names.join(",")), "{id}: {row}");
+        }
+    }
+    let served = associations.iter().filter(|a| a["outcome"].as_str() == Some("served")).count();
+    let summary = format!("{served} served, {} refused", associations.len() - served);
+    assert_eq!(report.lines().last(), Some(summary.as_str()), "{report}");
+}
+
+#[test]
+fn a_grantee_that_holds_nothing_exits_1() {
+    let dir = TempDir::new().unwrap();
+    let output = check(&dir, "nobody");
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stdout(&output).contains("0 served, 6 refused"), "{}", stdout(&output));
+}
+
+#[test]
+fn an_invalid_configuration_exits_2_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("broken-proxy.toml");
+    std::fs::write(&path, "[custody]\nexport = \"export\"\n").unwrap();
+    let output = run(&path);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(output.stdout.is_empty());
+
+    let missing = dir.path().join("absent.toml");
+    let output = run(&missing);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("absent.toml"));
+}
+
+#[test]
+fn an_unreadable_export_exits_2_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "[custody]\nexport = \"no-export\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let output = run(&config);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-export/associations.toml"), "{stderr}");
+}
