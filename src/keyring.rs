@@ -377,6 +377,8 @@ mod tests {
         AssociationOutcome {
             certificate_id: certificate_id.to_owned(),
             grant_id: grant_id.to_owned(),
+            server_names: Vec::new(),
+            certificate_not_after: None,
             result: Err(Refusal { check, reason: "test", detail: String::new() }),
         }
     }

@@ -62,5 +62,11 @@ pub fn snapshot(grants: &[(&str, GrantStatus)], associations: Vec<AssociationOut
 
 /// A served outcome.
 pub fn served(v: VerifiedCertificate) -> AssociationOutcome {
-    AssociationOutcome { certificate_id: v.certificate_id.clone(), grant_id: v.grant_id.clone(), result: Ok(v) }
+    AssociationOutcome {
+        certificate_id: v.certificate_id.clone(),
+        grant_id: v.grant_id.clone(),
+        server_names: v.server_names.clone(),
+        certificate_not_after: Some(v.not_after),
+        result: Ok(v),
+    }
 }

@@ -8,7 +8,12 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-async fn h1_get(f: &Fixture, addr: std::net::SocketAddr, sni: &str, request: Request<Full<Bytes>>) -> (StatusCode, String) {
+async fn h1_get(
+    f: &Fixture,
+    addr: std::net::SocketAddr,
+    sni: &str,
+    request: Request<Full<Bytes>>,
+) -> (StatusCode, String) {
     let tls = connect(addr, sni, f.client(&[b"http/1.1"])).await.unwrap();
     let mut sender = http1(tls).await;
     text(sender.send_request(request).await.unwrap()).await
@@ -131,7 +136,10 @@ async fn routes_choose_by_host_and_longest_prefix_and_round_robin_upstreams() {
     );
     let server = f.start(&routes).await;
     let addr = server.tls_addrs[0];
-    assert_eq!(h1_get(&f, addr, "www.example.test", get("www.example.test", "/")).await, (StatusCode::CREATED, "www".into()));
+    assert_eq!(
+        h1_get(&f, addr, "www.example.test", get("www.example.test", "/")).await,
+        (StatusCode::CREATED, "www".into())
+    );
     assert_eq!(h1_get(&f, addr, "api.example.test", get("api.example.test", "/v2")).await.1, "catch-all");
     for _ in 0..4 {
         let (status, _) = h1_get(&f, addr, "api.example.test", get("api.example.test", "/v1/x")).await;

@@ -75,18 +75,14 @@ pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
 }
 
 /// An HTTP/1.1 client connection over `stream`.
-pub async fn http1(
-    stream: TlsStream<TcpStream>,
-) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+pub async fn http1(stream: TlsStream<TcpStream>) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
     sender
 }
 
 /// An HTTP/2 client connection over `stream`.
-pub async fn http2(
-    stream: TlsStream<TcpStream>,
-) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+pub async fn http2(stream: TlsStream<TcpStream>) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
     tokio::spawn(connection);
@@ -188,9 +184,8 @@ impl Upstream {
                             Ok::<_, hyper::Error>(response)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
                 });
             }
         });

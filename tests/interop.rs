@@ -1,0 +1,85 @@
+//! Real clients other than our own: curl (HTTP/1.1 and HTTP/2) and openssl s_client (versions, SNI), against
+//! a running sealgate. `.ci/run` installs both when missing.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+async fn run(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.stdin(Stdio::null()).output().expect("the tool must be installed"))
+        .await
+        .unwrap()
+}
+
+fn curl(f: &Fixture, port: u16, name: &str, extra: &[&str]) -> Command {
+    let ca = f.dir.path().join("ca.pem");
+    std::fs::write(&ca, &f.ca_pem).unwrap();
+    let mut command = Command::new("curl");
+    command
+        .args(["--silent", "--show-error", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+        .args(["--write-out", "\n%{http_code} %{http_version}"])
+        .args(extra)
+        .arg(format!("https://{name}:{port}/"));
+    command
+}
+
+fn s_client(port: u16, extra: &[&str]) -> Command {
+    let mut command = Command::new("openssl");
+    command.args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-brief"]).args(extra);
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_http1_and_http2() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let server = f.start(HELLO).await;
+    let port = server.tls_addrs[0].port();
+
+    let out = run(curl(&f, port, "a.example.test", &["--http1.1"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n\n200 1.1");
+
+    let out = run(curl(&f, port, "a.example.test", &["--http2"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n\n200 2");
+
+    // A name sealgate has no certificate for: the handshake fails.
+    let out = run(curl(&f, port, "unknown.example.test", &[])).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(stderr.contains("alert") || stderr.contains("ssl"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_versions_and_sni() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let server = f.start(HELLO).await;
+    let port = server.tls_addrs[0].port();
+
+    for (version, expected) in [("-tls1_3", "TLSv1.3"), ("-tls1_2", "TLSv1.2")] {
+        let out = run(s_client(port, &["-servername", "a.example.test", version])).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("Protocol version: {expected}")), "{version}: {stderr}");
+    }
+    // TLS 1.1 and 1.0 are refused by custody policy: the server answers a willing client's hello with an alert
+    // (SECLEVEL=0 lets OpenSSL 3 offer them at all, so the refusal is the server's).
+    for version in ["-tls1_1", "-tls1"] {
+        let out =
+            run(s_client(port, &["-servername", "a.example.test", version, "-cipher", "DEFAULT@SECLEVEL=0"])).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("alert") && !stderr.contains("Protocol version"),
+            "{version}: {stderr}"
+        );
+    }
+    // No SNI: an alert, no certificate.
+    let out = run(s_client(port, &["-noservername"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("alert"), "{stderr}");
+}
