@@ -670,3 +670,20 @@ bind = "127.0.0.1:8443"
         assert!(err.contains("listener[0].bind"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::*;
+
+    /// The configuration reference in the README is a valid configuration.
+    #[test]
+    fn the_readme_reference_parses() {
+        let readme = include_str!("../README.md");
+        let section = readme.split("## Configuration reference").nth(1).expect("the README has a reference");
+        let block = section.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
+        let config = Config::parse(block, Path::new("/srv/proxy.toml")).unwrap();
+        assert_eq!(config.routes.len(), 1);
+        assert_eq!(config.tls.key_exchange.len(), 3);
+        assert!(config.admin.is_some());
+    }
+}
