@@ -22,6 +22,7 @@ use crate::secret::SecretBytes;
 mod certificate;
 mod checks;
 mod grants;
+mod parallel;
 #[cfg(test)]
 mod tests;
 
@@ -31,7 +32,7 @@ use grants::Grants;
 /// The whole export could not be read; nothing in it can be judged.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The export directory or `associations.toml` cannot be read.
+    /// `associations.toml` cannot be read, or the `grants/` directory exists but cannot be listed.
     #[error("{path}: {source}")]
     Io {
         /// The file or directory.
@@ -271,7 +272,9 @@ impl fmt::Display for Refusal {
 /// wrong with one association refuses that association alone.
 ///
 /// Every grant file is read and parsed once, whatever number of associations name it; grant keys and data keys
-/// are dropped (and wiped) before this returns.
+/// are dropped (and wiped) before this returns. Associations are judged on up to one thread per core (the
+/// calling thread among them): parsing and validating private keys dominates a cold start. This blocks; call it
+/// from a blocking context.
 pub fn read_export(export: &Path, grantee: &str, now: OffsetDateTime) -> Result<Snapshot> {
     let associations_path = export.join(layout::ASSOCIATIONS);
     let associations = read_associations(&associations_path)?;
@@ -283,8 +286,10 @@ pub fn read_export(export: &Path, grantee: &str, now: OffsetDateTime) -> Result<
         associations_path: &associations_path,
         certificates_dir: export.join(layout::CERTIFICATES_DIR),
     };
+    // Ids and duplicates depend on file order; the checks proper are independent and run in parallel.
     let mut claimed = HashSet::with_capacity(associations.entries.len());
-    let outcomes = associations.entries.iter().map(|entry| reader.judge(entry, &mut claimed)).collect();
+    let claims: Vec<_> = associations.entries.iter().map(|entry| (entry, claim(entry, &mut claimed))).collect();
+    let outcomes = parallel::map(&claims, |(entry, claim)| reader.judge(entry, claim));
     Ok(Snapshot { export: export.to_owned(), read_at: now, grants: grants.statuses(now), associations: outcomes })
 }
 
@@ -304,7 +309,6 @@ struct Reader<'a> {
 }
 
 /// What became known about an association before its outcome was decided, for reports of refusals.
-#[derive(Default)]
 struct Known {
     server_names: Vec<String>,
     not_after: Option<OffsetDateTime>,
@@ -327,11 +331,10 @@ impl Known {
 }
 
 impl Reader<'_> {
-    /// Judges one entry. `claimed` holds the certificate ids of earlier entries, so that a second association of
-    /// one certificate is refused rather than allowed to compete with the first.
-    fn judge<'e>(&self, entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> AssociationOutcome {
+    /// Judges one entry, whose [`claim`] has been decided.
+    fn judge(&self, entry: &AssociationEntry, claim: &Result<(), Refusal>) -> AssociationOutcome {
         let mut known = Known::from_entry(entry);
-        let result = claim(entry, claimed).and_then(|()| self.verify(entry, &mut known));
+        let result = claim.clone().and_then(|()| self.verify(entry, &mut known));
         let (server_names, certificate_not_after) = match &result {
             Ok(verified) => (verified.server_names.clone(), Some(verified.not_after)),
             Err(_) => (known.server_names, known.not_after),
@@ -370,7 +373,8 @@ impl Reader<'_> {
 }
 
 /// Refuses an entry whose ids are invalid (they must never become paths) or whose certificate an earlier entry
-/// already associates; otherwise records its certificate id as taken.
+/// already associates (a second association must not compete with the first); otherwise records its
+/// certificate id in `claimed`.
 fn claim<'e>(entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> Result<(), Refusal> {
     for (field, id) in [("certificate_id", &entry.certificate_id), ("grant_id", &entry.grant_id)] {
         if !super::format::is_valid_id(id) {

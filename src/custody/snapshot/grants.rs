@@ -140,7 +140,7 @@ fn status(file: &GrantFile, now: OffsetDateTime) -> GrantStatus {
 }
 
 /// An instant as RFC 3339 in UTC, for messages.
-pub(super) fn rfc3339(instant: OffsetDateTime) -> String {
+fn rfc3339(instant: OffsetDateTime) -> String {
     instant.to_offset(time::UtcOffset::UTC).format(&Rfc3339).unwrap_or_else(|_| instant.to_string())
 }
 

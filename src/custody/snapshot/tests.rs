@@ -495,6 +495,19 @@ fn a_certificate_without_dns_names_needs_explicit_names_it_cannot_cover() {
     assert_refused(&fixture.read(), 0, Check::ServerNames, reason::NO_NAMES);
 }
 
+#[test]
+fn by_default_only_the_leafs_valid_dns_names_are_served() {
+    let mut fixture = Fixture::new();
+    fixture.add_grant("g-1");
+    fixture.add_certificate("c-1", &["_srv.example.test", "Ok.Example.Test"]);
+    fixture.associate("c-1", "g-1", None);
+    fixture.add_certificate("c-2", &["_srv.example.test"]);
+    fixture.associate("c-2", "g-1", None);
+    let snapshot = fixture.read();
+    assert_eq!(served(&snapshot, 0).server_names, ["ok.example.test"]);
+    assert_refused(&snapshot, 1, Check::ServerNames, reason::NO_NAMES);
+}
+
 // -----------------------------------------------------------------------------------------------------------------
 // Files
 
