@@ -83,3 +83,46 @@ async fn openssl_versions_and_sni() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("alert"), "{stderr}");
 }
+
+/// Sessions resume within one certificate generation, and 0-RTT is off: the tickets sealgate issues allow no
+/// early data, so a client that has early data to send does not send it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_resumes_but_never_sends_early_data() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let server = f.start(HELLO).await;
+    let port = server.tls_addrs[0].port();
+    let dir = f.dir.path();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &f.ca_pem).unwrap();
+    let request = dir.join("request.txt");
+    std::fs::write(&request, "GET / HTTP/1.1\r\nHost: a.example.test\r\nConnection: close\r\n\r\n").unwrap();
+    let early = dir.join("early.txt");
+    std::fs::write(&early, "GET / HTTP/1.1\r\nHost: a.example.test\r\n\r\n").unwrap();
+    let session = dir.join("session.pem");
+    let with_request = |mut command: Command| {
+        command.stdin(std::fs::File::open(&request).unwrap());
+        command
+    };
+    let first = s_client(port, &["-servername", "a.example.test", "-CAfile", ca.to_str().unwrap()]);
+    let mut first = with_request(first);
+    // -ign_eof: keep reading after the request is sent, until the server closes.
+    first.arg("-ign_eof").arg("-sess_out").arg(&session);
+    let out = tokio::task::spawn_blocking(move || first.output().unwrap()).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut second = with_request(Command::new("openssl"));
+    second
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "a.example.test", "-CAfile"])
+        .arg(&ca)
+        .arg("-sess_in")
+        .arg(&session)
+        .arg("-early_data")
+        .arg(&early)
+        .arg("-ign_eof");
+    let out = tokio::task::spawn_blocking(move || second.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Reused, TLSv1.3"), "the session resumes within its generation: {stdout}");
+    assert!(stdout.contains("Max Early Data: 0"), "{stdout}");
+    assert!(stdout.contains("Early data was not sent"), "{stdout}");
+}

@@ -149,3 +149,18 @@ async fn alpn_chooses_the_http_version() {
     let response = h1.send_request(get("a.example.test", "/")).await.unwrap();
     assert_eq!(text(response).await.0, http::StatusCode::OK);
 }
+
+/// The demo export, as shipped: a rustls client trusting `certs-example/ca.pem` gets the `localhost`
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_export_serves_localhost_to_a_client_trusting_the_example_ca() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_text(&root.join("certs-example/export"), "sealgate-demo", HELLO);
+    let server = start_server(dir.path(), &config).await;
+    let ca = std::fs::read(root.join("certs-example/ca.pem")).unwrap();
+    let tls = connect(server.tls_addrs[0], "localhost", client_config(&ca, &[b"h2"])).await.unwrap();
+    let mut h2 = http2(tls).await;
+    let (status, body) = text(h2.send_request(get_h2("localhost", "/")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (http::StatusCode::OK, "hello\n"));
+}

@@ -158,13 +158,17 @@ pub fn offset_datetime(field: &'static str, value: &Datetime) -> Result<OffsetDa
         .map_err(|e| FormatError::field(field, format!("is not a valid date-time: {e}")))
 }
 
-/// Converts an instant into a TOML offset date-time (UTC, whole seconds unless it has a fraction).
+/// Converts an instant into a TOML offset date-time (UTC, whole seconds unless it has a fraction). RFC 3339
+/// (and TOML) only spell years 0000 to 9999: instants outside are clamped to that range.
 pub fn toml_datetime(instant: OffsetDateTime) -> Datetime {
-    let text = instant
-        .to_offset(time::UtcOffset::UTC)
-        .format(&Rfc3339)
-        .expect("every OffsetDateTime between years 0 and 9999 formats as RFC 3339");
-    Datetime::from_str(&text).expect("an RFC 3339 timestamp is a valid TOML offset date-time")
+    let utc = instant.to_offset(time::UtcOffset::UTC);
+    let clamped = utc.clamp(
+        time::macros::datetime!(0000-01-01 00:00:00 UTC),
+        time::macros::datetime!(9999-12-31 23:59:59.999_999_999 UTC),
+    );
+    let value = clamped.format(&Rfc3339).ok().and_then(|text| Datetime::from_str(&text).ok());
+    // Every instant in 0000..=9999 formats as RFC 3339, which TOML accepts; the fallback is unreachable.
+    value.unwrap_or(Datetime { date: None, time: None, offset: None })
 }
 
 fn parse_toml<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, FormatError> {
@@ -595,6 +599,14 @@ mod tests {
                     algorithm = \"AES-256-GCM-SIV\"\nnonce = \"AAAA\"\nciphertext = \"AAAAAAAAAAAAAAAAAAAAAA==\"\n";
         let err = SealedKey::parse(text.as_bytes(), "c").unwrap_err();
         assert!(err.to_string().contains("nonce"), "{err}");
+    }
+
+    #[test]
+    fn datetimes_outside_rfc3339_are_clamped() {
+        let before_year_zero = time::macros::datetime!(-0001-06-01 00:00:00 UTC);
+        assert_eq!(toml_datetime(before_year_zero).to_string(), "0000-01-01T00:00:00Z");
+        let instant = time::macros::datetime!(2030-01-02 03:04:05 UTC);
+        assert_eq!(toml_datetime(instant).to_string(), "2030-01-02T03:04:05Z");
     }
 
     #[test]
