@@ -1,18 +1,36 @@
-//! The holder: reads the custody export, applies it to the keyring and publishes the certificate table.
+//! The holder: reads the custody export, applies it to the keyring and publishes the certificate table, for as
+//! long as the process runs.
 //!
 //! This is the one path from the export to the handshake: export -> [`snapshot`] -> [`Keyring`] ->
-//! [`CertificateStore`]. Each read is applied as a whole and the table swapped in one step. Every outcome is
-//! logged here, naming the certificate, the grant and the check, and never a byte of key material.
+//! [`CertificateStore`]. Each read is applied as a whole and the table swapped in one step. [`Holder::follow`]
+//! re-reads on every file event (coalesced over a few milliseconds), retries soon after a read that met a
+//! half-written file, rescans periodically as a backstop, and ends each grant at its `not_after` by timer, with no
+//! file event at all. Every outcome is logged here, naming the certificate, the grant and the check, and never a
+//! byte of key material.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::custody::snapshot::{self, Check, ExportError};
-use crate::keyring::{ApplyReport, Keyring};
+use crate::custody::watch::ExportWatcher;
+use crate::keyring::{ApplyReport, EndedGrant, Keyring};
 use crate::metrics::Metrics;
+use crate::registry::ConnectionRegistry;
 use crate::tls::CertificateStore;
+
+/// After the first event of a burst, wait this long for the burst to go quiet before reading.
+const QUIET: Duration = Duration::from_millis(5);
+/// Never wait longer than this after the first event of a burst: changes apply within a bounded time however
+/// busy the writer is.
+const MAX_COALESCE: Duration = Duration::from_millis(20);
+/// First delay before re-reading after a read that met a half-written or unreadable file.
+const FIRST_RETRY: Duration = Duration::from_millis(25);
 
 /// Reads the export and keeps the certificate table in step with it.
 #[derive(Debug)]
@@ -22,16 +40,35 @@ pub struct Holder {
     keyring: Mutex<Keyring>,
     store: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
+    registry: Arc<ConnectionRegistry>,
+    serving: watch::Sender<bool>,
 }
 
 impl Holder {
     /// A holder of `grantee`'s associations in `export`, publishing into `store`.
-    pub fn new(export: PathBuf, grantee: String, store: Arc<CertificateStore>, metrics: Arc<Metrics>) -> Self {
-        Self { export, grantee, keyring: Mutex::new(Keyring::new()), store, metrics }
+    pub fn new(
+        export: PathBuf,
+        grantee: String,
+        store: Arc<CertificateStore>,
+        metrics: Arc<Metrics>,
+        registry: Arc<ConnectionRegistry>,
+    ) -> Self {
+        let (serving, _) = watch::channel(false);
+        Self { export, grantee, keyring: Mutex::new(Keyring::new()), store, metrics, registry, serving }
+    }
+
+    /// Whether at least one certificate is served, now and as it changes: listeners accept only while it is.
+    pub fn serving(&self) -> watch::Receiver<bool> {
+        self.serving.subscribe()
     }
 
     /// Reads the export now and applies it. On an unreadable export, nothing changes and the error is returned.
     pub fn reload(&self) -> Result<ApplyReport, ExportError> {
+        self.reload_after(None)
+    }
+
+    /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it).
+    fn reload_after(&self, changed_at: Option<Instant>) -> Result<ApplyReport, ExportError> {
         let now = OffsetDateTime::now_utc();
         let snapshot = match snapshot::read_export(&self.export, &self.grantee, now) {
             Ok(snapshot) => snapshot,
@@ -44,18 +81,112 @@ impl Holder {
         let mut keyring = self.keyring();
         let report = keyring.apply(snapshot);
         if report.changed() {
-            self.store.publish(&keyring);
+            self.publish(&keyring);
         }
         self.metrics.reload(true);
         self.publish_metrics(&keyring, &report, now);
         drop(keyring);
+        for ended in &report.ended {
+            self.grant_ended(ended, changed_at.map(|t| t.elapsed()));
+        }
         log_report(&report);
         Ok(report)
+    }
+
+    /// Ends every held grant whose `not_after` has passed. Returns the grants ended.
+    pub fn expire(&self) -> Vec<EndedGrant> {
+        let now = OffsetDateTime::now_utc();
+        let mut keyring = self.keyring();
+        let ended = keyring.end_lapsed(now);
+        if ended.is_empty() {
+            return ended;
+        }
+        self.publish(&keyring);
+        drop(keyring);
+        for grant in &ended {
+            // Measured from the instant the grant lapsed.
+            let late = grant.not_after.and_then(|t| Duration::try_from(OffsetDateTime::now_utc() - t).ok());
+            self.grant_ended(grant, late);
+        }
+        ended
+    }
+
+    /// When the next held grant lapses.
+    pub fn next_lapse(&self) -> Option<OffsetDateTime> {
+        self.keyring().next_lapse()
     }
 
     /// Whether at least one certificate is served.
     pub fn is_serving(&self) -> bool {
         !self.keyring().is_empty()
+    }
+
+    /// Follows the export until `shutdown`: re-reads on file events, after unsettled reads, on every
+    /// `rescan_interval`, and ends grants at their `not_after`. Reads run on the blocking pool: they touch files
+    /// and decrypt keys.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut watcher: Option<ExportWatcher>,
+        rescan_interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut next_rescan = Instant::now() + rescan_interval;
+        let mut retry: Option<(Instant, Duration)> = None;
+        loop {
+            let lapse = self.next_lapse().map(instant_of);
+            let woke = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = changed(watcher.as_ref()) => Wake::Event,
+                _ = tokio::time::sleep_until(next_rescan) => Wake::Rescan,
+                _ = sleep_until_some(retry.map(|(at, _)| at)) => Wake::Retry,
+                _ = sleep_until_some(lapse) => Wake::Lapse,
+            };
+            if woke == Wake::Lapse {
+                let holder = Arc::clone(&self);
+                let _ = tokio::task::spawn_blocking(move || holder.expire()).await;
+                continue;
+            }
+            if let (Wake::Event, Some(watcher)) = (woke, &watcher) {
+                coalesce(watcher, &shutdown).await;
+            }
+            let changed_at = watcher.as_ref().and_then(ExportWatcher::take_first_event);
+            let holder = Arc::clone(&self);
+            let result = tokio::task::spawn_blocking(move || holder.reload_after(changed_at)).await;
+            if let Some(watcher) = &mut watcher {
+                watcher.ensure_watching();
+            }
+            next_rescan = Instant::now() + rescan_interval;
+            let settled = matches!(&result, Ok(Ok(report)) if report.is_settled());
+            retry = if settled {
+                None
+            } else {
+                let delay = retry.map_or(FIRST_RETRY, |(_, d)| (d * 2).min(rescan_interval));
+                Some((Instant::now() + delay, delay))
+            };
+        }
+    }
+
+    fn publish(&self, keyring: &Keyring) {
+        self.store.publish(keyring);
+        self.serving.send_if_modified(|serving| {
+            let now = !keyring.is_empty();
+            std::mem::replace(serving, now) != now
+        });
+    }
+
+    fn grant_ended(&self, ended: &EndedGrant, latency: Option<Duration>) {
+        let connections = self.registry.open_for(&ended.grant_id);
+        if let Some(latency) = latency {
+            self.metrics.grant_retired(latency);
+        }
+        tracing::warn!(
+            grant = %ended.grant_id,
+            reason = %ended.reason,
+            certificates = ?ended.certificates.iter().map(|c| c.certificate_id.as_str()).collect::<Vec<_>>(),
+            connections_closed = connections,
+            latency_us = latency.map(|l| l.as_micros()),
+            "grant ended: keys dropped, handshakes refused, connections closed"
+        );
     }
 
     fn keyring(&self) -> MutexGuard<'_, Keyring> {
@@ -81,6 +212,50 @@ impl Holder {
             i64::try_from(keyring.grants_retired()).unwrap_or(i64::MAX),
         );
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Event,
+    Rescan,
+    Retry,
+    Lapse,
+}
+
+/// Waits for a burst of events to go quiet, or [`MAX_COALESCE`] after it began.
+async fn coalesce(watcher: &ExportWatcher, shutdown: &CancellationToken) {
+    let deadline = Instant::now() + MAX_COALESCE;
+    loop {
+        let quiet = (Instant::now() + QUIET).min(deadline);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = watcher.changed() => {}
+            _ = tokio::time::sleep_until(quiet) => return,
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+async fn changed(watcher: Option<&ExportWatcher>) {
+    match watcher {
+        Some(watcher) => watcher.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The monotonic instant of a wall-clock time (now, if it has passed).
+fn instant_of(at: OffsetDateTime) -> Instant {
+    let ahead = at - OffsetDateTime::now_utc();
+    Instant::now() + Duration::try_from(ahead).unwrap_or(Duration::ZERO)
 }
 
 fn check_label(check: Check) -> &'static str {
@@ -110,14 +285,6 @@ fn log_report(report: &ApplyReport) {
             certificate = %certificate.certificate_id,
             generation = certificate.generation,
             "certificate generation no longer served"
-        );
-    }
-    for ended in &report.ended {
-        tracing::warn!(
-            grant = %ended.grant_id,
-            reason = %ended.reason,
-            certificates = ?ended.certificates.iter().map(|c| c.certificate_id.as_str()).collect::<Vec<_>>(),
-            "grant ended: keys dropped, handshakes refused, connections closed"
         );
     }
     for (certificate, refusal) in &report.kept {

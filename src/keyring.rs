@@ -126,6 +126,8 @@ impl fmt::Display for GrantEnd {
 pub struct EndedGrant {
     /// The grant.
     pub grant_id: String,
+    /// The instant the grant lapses (or lapsed), if it has one.
+    pub not_after: Option<OffsetDateTime>,
     /// Why.
     pub reason: GrantEnd,
     /// Certificates whose keys were dropped.
@@ -146,6 +148,8 @@ pub struct ApplyReport {
     pub kept: Vec<(Arc<LoadedCertificate>, Refusal)>,
     /// Associations not served: (certificate id, grant id, why).
     pub refused: Vec<(String, String, Refusal)>,
+    /// Grant files that exist but do not parse (perhaps half-written).
+    pub unreadable_grants: Vec<String>,
 }
 
 impl ApplyReport {
@@ -153,10 +157,20 @@ impl ApplyReport {
     pub fn changed(&self) -> bool {
         !(self.loaded.is_empty() && self.replaced.is_empty() && self.ended.is_empty())
     }
+
+    /// Whether the read met nothing that may be a write in progress: no kept (refused) new state, no unparseable
+    /// certificate file, no unparseable grant file. An unsettled read is retried soon.
+    pub fn is_settled(&self) -> bool {
+        self.kept.is_empty()
+            && self.unreadable_grants.is_empty()
+            && !self.refused.iter().any(|(_, _, refusal)| refusal.check == Check::Files)
+    }
 }
 
 struct HeldGrant {
     ended: CancellationToken,
+    /// When the grant lapses, with or without a further write: the holder ends it then by timer.
+    not_after: Option<OffsetDateTime>,
 }
 
 /// The certificates being served and the grants they were decrypted under.
@@ -221,6 +235,12 @@ impl Keyring {
     pub fn apply(&mut self, snapshot: Snapshot) -> ApplyReport {
         let mut report = ApplyReport::default();
         self.end_grants(&snapshot, &mut report);
+        report.unreadable_grants = snapshot
+            .grants
+            .iter()
+            .filter(|(_, status)| matches!(status, GrantStatus::Unreadable(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
 
         let mut served: BTreeMap<String, Arc<LoadedCertificate>> = BTreeMap::new();
         for outcome in snapshot.associations {
@@ -267,7 +287,29 @@ impl Keyring {
             self.served.values().filter(|new| !previous.values().any(|old| Arc::ptr_eq(old, new))).cloned().collect();
         let served = &self.served;
         self.grants.retain(|id, _| served.values().any(|c| &c.grant_id == id));
+        for (id, grant) in &mut self.grants {
+            if let Some(GrantStatus::Active { not_after, .. }) = snapshot.grants.get(id) {
+                grant.not_after = *not_after;
+            }
+        }
         report
+    }
+
+    /// The earliest instant at which a held grant lapses, if any does.
+    pub fn next_lapse(&self) -> Option<OffsetDateTime> {
+        self.grants.values().filter_map(|g| g.not_after).min()
+    }
+
+    /// Ends every held grant whose `not_after` is at or before `now`: a grant lapses at that instant, whether or
+    /// not any file changes.
+    pub fn end_lapsed(&mut self, now: OffsetDateTime) -> Vec<EndedGrant> {
+        let lapsed: Vec<String> = self
+            .grants
+            .iter()
+            .filter(|(_, g)| g.not_after.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        lapsed.into_iter().map(|id| self.end_grant(&id, GrantEnd::Lapsed)).collect()
     }
 
     /// Ends every held grant the snapshot says is over, and remembers every grant seen retired or lapsed.
@@ -307,10 +349,12 @@ impl Keyring {
         for certificate in &certificates {
             certificate.drop_key();
         }
+        let mut not_after = None;
         if let Some(grant) = self.grants.remove(grant_id) {
             grant.ended.cancel();
+            not_after = grant.not_after;
         }
-        EndedGrant { grant_id: grant_id.to_owned(), reason, certificates }
+        EndedGrant { grant_id: grant_id.to_owned(), not_after, reason, certificates }
     }
 
     fn load(&mut self, verified: VerifiedCertificate) -> Arc<LoadedCertificate> {
@@ -318,7 +362,7 @@ impl Keyring {
         let grant = self
             .grants
             .entry(verified.grant_id.clone())
-            .or_insert_with(|| HeldGrant { ended: CancellationToken::new() });
+            .or_insert_with(|| HeldGrant { ended: CancellationToken::new(), not_after: verified.grant_not_after });
         // `verified.private_key` (the DER) is dropped, and wiped, when `verified` goes out of scope below.
         let key = CertifiedKey::new(verified.chain, verified.signing_key);
         let identity = CertificateIdentity {

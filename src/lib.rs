@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod names;
 pub mod proxy;
+pub mod registry;
 pub mod secret;
 pub mod server;
 pub mod tls;

@@ -10,6 +10,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Why a TLS handshake failed.
@@ -69,6 +70,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     refused: Family<CheckLabels, Gauge>,
     grants: Family<StateLabels, Gauge>,
+    retirement_latency: Histogram,
 }
 
 impl fmt::Debug for Metrics {
@@ -97,6 +99,9 @@ impl Metrics {
             reloads: Family::default(),
             refused: Family::default(),
             grants: Family::default(),
+            retirement_latency: Histogram::new(
+                [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5].into_iter(),
+            ),
             registry: Registry::default(),
         };
         registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
@@ -120,6 +125,11 @@ impl Metrics {
             metrics.refused.clone(),
         );
         registry.register("grants", "Grants held (active) and retired", metrics.grants.clone());
+        registry.register(
+            "grant_retirement_seconds",
+            "Time from a grant's end becoming visible (file event, or its not_after) to its keys dropped and table swapped",
+            metrics.retirement_latency.clone(),
+        );
         Self { registry, ..metrics }
     }
 
@@ -155,6 +165,11 @@ impl Metrics {
     /// A response was sent.
     pub fn request_answered(&self, status: http::StatusCode) {
         self.requests.get_or_create(&StatusLabels { code: status.as_u16() }).inc();
+    }
+
+    /// A grant was retired this long after its end became visible.
+    pub fn grant_retired(&self, latency: std::time::Duration) {
+        self.retirement_latency.observe(latency.as_secs_f64());
     }
 
     /// A read of the export succeeded or failed.

@@ -17,6 +17,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -25,9 +26,11 @@ use tokio_util::task::TaskTracker;
 use crate::admin;
 use crate::config::Config;
 use crate::custody::snapshot::ExportError;
+use crate::custody::watch::ExportWatcher;
 use crate::holder::Holder;
 use crate::metrics::{HandshakeFailure, Metrics};
 use crate::proxy::{ConnectionInfo, Proxy};
+use crate::registry::ConnectionRegistry;
 use crate::tls::{CertificateStore, TlsError, TlsPolicy, ALPN_H2};
 
 /// Why the server could not start.
@@ -84,6 +87,7 @@ impl RunningServer {
 /// Everything a connection task needs.
 struct Shared {
     store: Arc<CertificateStore>,
+    registry: Arc<ConnectionRegistry>,
     proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
     handshake_timeout: Duration,
@@ -97,15 +101,25 @@ struct Shared {
 pub async fn start(config: Config) -> Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(CertificateStore::new(TlsPolicy::new(&config.tls)?));
+    let registry = Arc::new(ConnectionRegistry::default());
     let holder = Arc::new(Holder::new(
         config.custody.export.clone(),
         config.custody.grantee.clone(),
         Arc::clone(&store),
         Arc::clone(&metrics),
+        Arc::clone(&registry),
     ));
+    // Watch before the first read, so that no change between the two goes unseen.
+    let watcher = match ExportWatcher::new(&config.custody.export) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::error!(%error, rescan = ?config.custody.rescan_interval, "no file events; following the export by rescans only");
+            None
+        }
+    };
     holder.reload()?;
     if !holder.is_serving() {
-        tracing::warn!(export = %config.custody.export.display(), "no association can be served yet");
+        tracing::warn!(export = %config.custody.export.display(), "no association can be served yet; not accepting connections");
     }
 
     let mut http1 = http1::Builder::new();
@@ -116,6 +130,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
+        registry,
         proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics))),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
@@ -127,13 +142,15 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     });
 
     let tracker = TaskTracker::new();
+    tracker.spawn(Arc::clone(&holder).follow(watcher, config.custody.rescan_interval, shutdown.clone()));
     let mut tls_addrs = Vec::new();
     for listener in &config.listeners {
         let socket = bind(listener.bind).await?;
         let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: listener.bind, source })?;
         tracing::info!(%addr, "listening for TLS");
         tls_addrs.push(addr);
-        tracker.spawn(accept_loop(socket, Arc::clone(&shared), tracker.clone()));
+        let listening = Listening { addr, socket: Some(socket), serving: holder.serving() };
+        tracker.spawn(accept_loop(listening, Arc::clone(&shared), tracker.clone()));
     }
     let admin_addr = match &config.admin {
         None => None,
@@ -153,15 +170,64 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// A TLS listener that exists only while something is served.
+struct Listening {
+    addr: SocketAddr,
+    socket: Option<TcpListener>,
+    serving: watch::Receiver<bool>,
+}
+
+impl Listening {
+    /// Closes the socket while nothing is served (clients get "connection refused", and a load balancer's TCP
+    /// check sees the instance down), and binds it again, on the same address, as soon as something is. Returns
+    /// `false` at shutdown.
+    async fn ready(&mut self, shutdown: &CancellationToken) -> bool {
+        loop {
+            if !*self.serving.borrow_and_update() {
+                if self.socket.take().is_some() {
+                    tracing::warn!(addr = %self.addr, "nothing to serve: listener closed");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    changed = self.serving.changed() => if changed.is_err() { return false },
+                }
+                continue;
+            }
+            if self.socket.is_none() {
+                match TcpListener::bind(self.addr).await {
+                    Ok(socket) => {
+                        tracing::info!(addr = %self.addr, "serving again: listener open");
+                        self.socket = Some(socket);
+                    }
+                    Err(error) => {
+                        tracing::error!(addr = %self.addr, %error, "cannot listen again; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return false,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            return true;
+        }
+    }
+}
+
 /// Accepts connections until shutdown. Accept errors (out of file descriptors, above all) back off instead of
 /// spinning; connections already open are unaffected.
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: TaskTracker) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
     loop {
+        if !listening.ready(&shared.shutdown).await {
+            return;
+        }
+        let Listening { socket: Some(socket), serving, .. } = &mut listening else { continue };
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            _ = serving.changed() => continue,
+            accepted = socket.accept() => accepted,
         };
         match accepted {
             Ok((tcp, peer)) => {
@@ -217,6 +283,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         }
     };
     shared.metrics.handshake_ok();
+    let _registration = shared.registry.register(&certificate);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let info = Arc::new(ConnectionInfo { peer, sni, certificate });
     let proxy = Arc::clone(&shared.proxy);

@@ -151,7 +151,11 @@ async fn sixty_four_mebibytes_each_way_with_bounded_memory() {
         let baseline = current_rss();
         let download = request("GET", "/download", Generated { remaining: 0 });
         let response = match (&mut h1_sender, &mut h2_sender) {
-            (Some(s), _) => s.send_request(download).await.unwrap(),
+            (Some(s), _) => {
+                // The connection may still be finishing the previous exchange.
+                s.ready().await.unwrap();
+                s.send_request(download).await.unwrap()
+            }
             (_, Some(s)) => s.send_request(download).await.unwrap(),
             _ => unreachable!(),
         };
