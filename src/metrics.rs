@@ -99,9 +99,9 @@ impl Metrics {
             reloads: Family::default(),
             refused: Family::default(),
             grants: Family::default(),
-            retirement_latency: Histogram::new(
-                [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5].into_iter(),
-            ),
+            retirement_latency: Histogram::new([
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             registry: Registry::default(),
         };
         registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
