@@ -8,6 +8,7 @@
 //! file event at all. Every outcome is logged here, naming the certificate, the grant and the check, and never a
 //! byte of key material.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::custody::snapshot::{self, Check, ExportError};
+use crate::custody::snapshot::{self, Check, ExportError, Refusal};
 use crate::custody::watch::ExportWatcher;
 use crate::keyring::{ApplyReport, EndedGrant, Keyring};
 use crate::metrics::Metrics;
@@ -42,6 +43,9 @@ pub struct Holder {
     metrics: Arc<Metrics>,
     registry: Arc<ConnectionRegistry>,
     serving: watch::Sender<bool>,
+    /// The refusal last logged for each certificate, so that a refusal that persists across reads is logged at
+    /// `warn` once, not on every read.
+    reported: Mutex<HashMap<String, String>>,
 }
 
 impl Holder {
@@ -54,7 +58,16 @@ impl Holder {
         registry: Arc<ConnectionRegistry>,
     ) -> Self {
         let (serving, _) = watch::channel(false);
-        Self { export, grantee, keyring: Mutex::new(Keyring::new()), store, metrics, registry, serving }
+        Self {
+            export,
+            grantee,
+            keyring: Mutex::new(Keyring::new()),
+            store,
+            metrics,
+            registry,
+            serving,
+            reported: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Whether at least one certificate is served, now and as it changes: listeners accept only while it is.
@@ -89,7 +102,7 @@ impl Holder {
         for ended in &report.ended {
             self.grant_ended(ended, changed_at.map(|t| t.elapsed()));
         }
-        log_report(&report);
+        self.log_report(&report);
         Ok(report)
     }
 
@@ -189,6 +202,37 @@ impl Holder {
         );
     }
 
+    fn log_report(&self, report: &ApplyReport) {
+        for certificate in &report.loaded {
+            tracing::info!(
+                certificate = %certificate.certificate_id,
+                grant = %certificate.grant_id,
+                generation = certificate.generation,
+                names = ?certificate.server_names,
+                not_after = %certificate.not_after,
+                "serving certificate"
+            );
+        }
+        for certificate in &report.replaced {
+            tracing::info!(
+                certificate = %certificate.certificate_id,
+                generation = certificate.generation,
+                "certificate generation no longer served"
+            );
+        }
+        let mut reported = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut now_refused = HashMap::new();
+        let kept = report.kept.iter().map(|(c, r)| (c.certificate_id.as_str(), c.grant_id.as_str(), r, true));
+        let refused = report.refused.iter().map(|(c, g, r)| (c.as_str(), g.as_str(), r, false));
+        for (certificate, grant, refusal, kept) in kept.chain(refused) {
+            let text = refusal.to_string();
+            let first_time = reported.get(certificate) != Some(&text);
+            log_refusal(first_time, certificate, grant, refusal, kept);
+            now_refused.insert(certificate.to_owned(), text);
+        }
+        *reported = now_refused;
+    }
+
     fn keyring(&self) -> MutexGuard<'_, Keyring> {
         // A panic while holding the lock cannot leave the keyring half-updated in a way that matters more than
         // stopping service would, so a poisoned lock is used as is.
@@ -269,34 +313,14 @@ fn check_label(check: Check) -> &'static str {
     }
 }
 
-fn log_report(report: &ApplyReport) {
-    for certificate in &report.loaded {
-        tracing::info!(
-            certificate = %certificate.certificate_id,
-            grant = %certificate.grant_id,
-            generation = certificate.generation,
-            names = ?certificate.server_names,
-            not_after = %certificate.not_after,
-            "serving certificate"
-        );
-    }
-    for certificate in &report.replaced {
-        tracing::info!(
-            certificate = %certificate.certificate_id,
-            generation = certificate.generation,
-            "certificate generation no longer served"
-        );
-    }
-    for (certificate, refusal) in &report.kept {
-        tracing::warn!(
-            certificate = %certificate.certificate_id,
-            grant = %certificate.grant_id,
-            check = refusal.check.label(),
-            refusal = %refusal,
-            "new state of the association refused; serving the last good one"
-        );
-    }
-    for (certificate, grant, refusal) in &report.refused {
-        tracing::warn!(certificate = %certificate, grant = %grant, check = refusal.check.label(), refusal = %refusal, "association refused");
+/// Logs a refusal at `warn` the first time it is seen, at `debug` while it persists.
+fn log_refusal(first_time: bool, certificate: &str, grant: &str, refusal: &Refusal, kept: bool) {
+    let message =
+        if kept { "new state of the association refused; serving the last good one" } else { "association refused" };
+    let check = refusal.check.label();
+    if first_time {
+        tracing::warn!(certificate, grant, check, refusal = %refusal, "{message}");
+    } else {
+        tracing::debug!(certificate, grant, check, refusal = %refusal, "{message} (unchanged)");
     }
 }

@@ -48,6 +48,12 @@ impl Pending {
     }
 }
 
+/// Whether an event only reports a file being opened or read.
+fn is_read_only(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
 /// Watches an export directory and its parent.
 pub struct ExportWatcher {
     export: PathBuf,
@@ -71,8 +77,12 @@ impl ExportWatcher {
         let callback = {
             let pending = Arc::clone(&pending);
             move |event: notify::Result<notify::Event>| {
-                if let Err(error) = &event {
-                    tracing::debug!(%error, "file watcher error; re-reading the export");
+                match &event {
+                    Err(error) => tracing::debug!(%error, "file watcher error; re-reading the export"),
+                    // Opens and reads change nothing, and our own reads cause them: counting them would make
+                    // every read trigger the next. A close after writing does count.
+                    Ok(event) if is_read_only(&event.kind) && !event.need_rescan() => return,
+                    Ok(_) => {}
                 }
                 pending.record();
             }
@@ -122,5 +132,40 @@ impl ExportWatcher {
     /// Takes the arrival time of the first event since the last call, if any arrived.
     pub fn take_first_event(&self) -> Option<Instant> {
         self.pending.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+
+    #[test]
+    fn opens_and_reads_are_not_changes_but_a_close_after_writing_is() {
+        assert!(is_read_only(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(is_read_only(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(is_read_only(&EventKind::Access(AccessKind::Read)));
+        assert!(!is_read_only(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(!is_read_only(&EventKind::Create(CreateKind::File)));
+        assert!(!is_read_only(&EventKind::Modify(ModifyKind::Any)));
+        assert!(!is_read_only(&EventKind::Any));
+    }
+
+    #[tokio::test]
+    async fn reading_the_export_does_not_wake_the_watcher_but_writing_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("export");
+        std::fs::create_dir(&export).unwrap();
+        std::fs::write(export.join("associations.toml"), "x").unwrap();
+        let watcher = ExportWatcher::new(&export).unwrap();
+        // The initial watch asks for one read.
+        tokio::time::timeout(std::time::Duration::from_secs(5), watcher.changed()).await.unwrap();
+        watcher.take_first_event();
+        std::fs::read(export.join("associations.toml")).unwrap();
+        let woke = tokio::time::timeout(std::time::Duration::from_millis(300), watcher.changed()).await;
+        assert!(woke.is_err(), "a read woke the watcher");
+        std::fs::write(export.join("associations.toml"), "y").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), watcher.changed()).await.unwrap();
+        assert!(watcher.take_first_event().is_some());
     }
 }
