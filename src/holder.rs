@@ -83,7 +83,10 @@ impl Holder {
     /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it).
     fn reload_after(&self, changed_at: Option<Instant>) -> Result<ApplyReport, ExportError> {
         let now = OffsetDateTime::now_utc();
-        let snapshot = match snapshot::read_export(&self.export, &self.grantee, now) {
+        let snapshot = snapshot::read_export(&self.export, &self.grantee, now);
+        // Reading decrypted keys on this thread: wipe what the ciphers and parsers left in its stack.
+        crate::secret::scrub_stack();
+        let snapshot = match snapshot {
             Ok(snapshot) => snapshot,
             Err(error) => {
                 self.metrics.reload(false);

@@ -13,32 +13,41 @@ use zeroize::{Zeroize, Zeroizing};
 pub const KEY_LEN: usize = 32;
 
 /// A 256-bit symmetric key, wiped on drop.
+///
+/// The bytes live on the heap and never move: a key held by value on the stack would leave a copy behind in every
+/// frame it is moved out of, which no destructor wipes.
 #[derive(Clone)]
-pub struct SecretKey32(Zeroizing<[u8; KEY_LEN]>);
+pub struct SecretKey32(Box<Zeroizing<[u8; KEY_LEN]>>);
 
 impl SecretKey32 {
+    /// A zeroed key on the heap, to be filled in place.
+    fn zeroed() -> Self {
+        Self(Box::new(Zeroizing::new([0u8; KEY_LEN])))
+    }
+
     /// Takes ownership of `bytes`; the caller's copy is wiped.
     pub fn from_array(bytes: &mut [u8; KEY_LEN]) -> Self {
-        let key = Self(Zeroizing::new(*bytes));
+        let mut key = Self::zeroed();
+        key.0.copy_from_slice(bytes);
         bytes.zeroize();
         key
     }
 
     /// Copies a key out of `bytes`, which must be exactly [`KEY_LEN`] bytes long.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
         if bytes.len() != KEY_LEN {
             return None;
         }
-        key.copy_from_slice(bytes);
-        Some(Self(key))
+        let mut key = Self::zeroed();
+        key.0.copy_from_slice(bytes);
+        Some(key)
     }
 
     /// A fresh random key from the operating system's CSPRNG.
     pub fn random() -> Result<Self, getrandom::Error> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        getrandom::fill(&mut key[..])?;
-        Ok(Self(key))
+        let mut key = Self::zeroed();
+        getrandom::fill(&mut key.0[..])?;
+        Ok(key)
     }
 
     /// The key's bytes. Callers must not copy them into memory that is not wiped.
@@ -95,6 +104,22 @@ impl fmt::Debug for SecretBytes {
         write!(f, "SecretBytes(<{} bytes redacted>)", self.0.len())
     }
 }
+
+/// Overwrites the stack below the caller's frame with zeros.
+///
+/// Ciphers and key parsers keep key bytes and key schedules in stack frames (and move them between frames) that no
+/// destructor wipes. Calling this on a thread right after such work, from a shallow frame, overwrites the frames
+/// those calls used. `zeroize` writes with volatile stores, so the compiler cannot drop the writes.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = [0u8; SCRUB_BYTES];
+    area.zeroize();
+    std::hint::black_box(&area);
+}
+
+/// How much stack [`scrub_stack`] overwrites: more than the deepest crypto call chain uses (AES-GCM-SIV and aws-lc
+/// key parsing use a few KiB).
+const SCRUB_BYTES: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
