@@ -51,6 +51,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The audit log, if any.
+    pub audit: Option<AuditConfig>,
 }
 
 /// `[custody]`.
@@ -214,6 +216,13 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[audit]`: the append-only, hash-chained record of custody events (see [`crate::audit`]).
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// The log file, resolved against the config file's directory.
+    pub path: PathBuf,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The file's shape.
 
@@ -234,6 +243,7 @@ struct RawConfig {
     runtime: RawRuntime,
     #[serde(default)]
     log: RawLog,
+    audit: Option<RawAudit>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +332,12 @@ struct RawLog {
     format: Option<LogFormat>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Spanned<String>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Default period of the backstop rescan of the export.
@@ -385,7 +401,8 @@ impl Config {
             level: raw.log.level.unwrap_or_else(|| "info".to_owned()),
             format: raw.log.format.unwrap_or(LogFormat::Text),
         };
-        Ok(Self { path: path.to_owned(), custody, tls, listeners, admin, proxy, routes, runtime, log })
+        let audit = raw.audit.map(|a| cx.audit(a, &base)).transpose()?;
+        Ok(Self { path: path.to_owned(), custody, tls, listeners, admin, proxy, routes, runtime, log, audit })
     }
 }
 
@@ -423,6 +440,17 @@ impl Context<'_> {
             grantee: raw.grantee.into_inner(),
             rescan_interval,
         })
+    }
+
+    fn audit(&self, raw: RawAudit, base: &Path) -> Result<AuditConfig> {
+        let path = raw.path.get_ref();
+        if path.trim().is_empty() {
+            return Err(self.at(&raw.path, "audit.path", "must name the audit log file"));
+        }
+        if path.ends_with('/') {
+            return Err(self.at(&raw.path, "audit.path", "must name a file, not a directory"));
+        }
+        Ok(AuditConfig { path: base.join(path) })
     }
 
     fn tls(&self, raw: RawTls) -> Result<TlsConfig> {
@@ -665,6 +693,30 @@ bind = "127.0.0.1:8443"
     }
 
     #[test]
+    fn the_audit_log_is_optional_and_resolved_against_the_file() {
+        assert!(parse(MINIMAL).unwrap().audit.is_none());
+        let config = parse(&format!("{MINIMAL}\n[audit]\npath = \"log/audit.jsonl\"\n")).unwrap();
+        assert_eq!(config.audit.unwrap().path, Path::new("/etc/sealgate/log/audit.jsonl"));
+        let config = parse(&format!("{MINIMAL}\n[audit]\npath = \"/var/log/sealgate/audit.jsonl\"\n")).unwrap();
+        assert_eq!(config.audit.unwrap().path, Path::new("/var/log/sealgate/audit.jsonl"));
+    }
+
+    #[test]
+    fn audit_errors_have_a_position() {
+        for (audit, line, needle) in [
+            ("[audit]\npath = \"\"", 10, "audit.path: must name"),
+            ("[audit]\npath = \"logs/\"", 10, "not a directory"),
+            ("[audit]\npath = \"a\"\nsync = true", 11, "sync"),
+            ("[audit]\npath = 3", 10, "string"),
+            ("[audit]", 9, "path"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{audit}\n")).unwrap_err();
+            assert!(err.message.contains(needle), "{audit}: {err}");
+            assert_eq!(err.position.map(|p| p.0), Some(line), "{audit}: {err}");
+        }
+    }
+
+    #[test]
     fn bad_bind_addresses_are_named() {
         let err = parse(&MINIMAL.replace("127.0.0.1:8443", "localhost")).unwrap_err().to_string();
         assert!(err.contains("listener[0].bind"), "{err}");
@@ -685,5 +737,6 @@ mod readme {
         assert_eq!(config.routes.len(), 1);
         assert_eq!(config.tls.key_exchange.len(), 3);
         assert!(config.admin.is_some());
+        assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
     }
 }

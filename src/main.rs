@@ -33,6 +33,36 @@ enum Command {
     },
     /// The custody side: import, issue, associate, disassociate, retire grants, renew.
     Custody(sealgate::custody::tool::CustodyArgs),
+    /// Check the audit log (the hash-chained record of what sealgate did with keys), or take an anchor of it.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain of an audit log, line by line.
+    ///
+    /// Prints `ok: N records, chain intact, last seq S hash H` and exits 0; or prints the first broken line as
+    /// `FILE:LINE: ...` on stderr and exits 1; exits 2 when the file cannot be read. A bare chain cannot show
+    /// that records were cut off its end, or that its whole tail was rewritten with recomputed hashes: pass
+    /// anchors taken earlier with `sealgate audit head` and kept off this host.
+    Verify {
+        /// The audit log.
+        file: PathBuf,
+        /// A record known from elsewhere, as `sealgate audit head` printed it: the log must still hold it
+        /// unchanged. Repeatable.
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Vec<sealgate::audit::Anchor>,
+    },
+    /// Verify an audit log, then print its last record's seq and hash as SEQ:HASH.
+    ///
+    /// Keep the output somewhere this host cannot rewrite; `sealgate audit verify --anchor SEQ:HASH` later
+    /// shows whether the log still holds that record unchanged. Exits 1 when the chain is broken or the log
+    /// is empty, 2 when the file cannot be read.
+    Head {
+        /// The audit log.
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +71,8 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config } => sealgate::check::run(&config),
         Command::Custody(args) => sealgate::custody::tool::run(args),
+        Command::Audit(AuditCommand::Verify { file, anchor }) => sealgate::audit::verify_command(&file, &anchor),
+        Command::Audit(AuditCommand::Head { file }) => sealgate::audit::head_command(&file),
     }
 }
 
