@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::custody::snapshot::{self, Check, ExportError, Refusal};
+use crate::audit::{Audit, AuditEvent, PublicKeyFingerprint};
+use crate::custody::snapshot::{self, Check, ExportError, GrantStatus, Refusal};
 use crate::custody::watch::ExportWatcher;
 use crate::keyring::{ApplyReport, EndedGrant, Keyring};
 use crate::metrics::Metrics;
@@ -43,9 +44,12 @@ pub struct Holder {
     metrics: Arc<Metrics>,
     registry: Arc<ConnectionRegistry>,
     serving: watch::Sender<bool>,
-    /// The refusal last logged for each certificate, so that a refusal that persists across reads is logged at
-    /// `warn` once, not on every read.
+    /// The refusal last logged for each certificate, so that a refusal that persists across reads is logged (and
+    /// audited) once, not on every read.
     reported: Mutex<HashMap<String, String>>,
+    /// Grants of ours already recorded as seen in the audit log.
+    seen_grants: Mutex<std::collections::HashSet<String>>,
+    audit: Audit,
 }
 
 impl Holder {
@@ -56,6 +60,7 @@ impl Holder {
         store: Arc<CertificateStore>,
         metrics: Arc<Metrics>,
         registry: Arc<ConnectionRegistry>,
+        audit: Audit,
     ) -> Self {
         let (serving, _) = watch::channel(false);
         Self {
@@ -67,6 +72,8 @@ impl Holder {
             registry,
             serving,
             reported: Mutex::new(HashMap::new()),
+            seen_grants: Mutex::new(std::collections::HashSet::new()),
+            audit,
         }
     }
 
@@ -94,6 +101,8 @@ impl Holder {
                 return Err(error);
             }
         };
+        self.audit_grants_seen(&snapshot.grants);
+        let open = self.registry.counts();
         let mut keyring = self.keyring();
         let report = keyring.apply(snapshot);
         if report.changed() {
@@ -103,15 +112,17 @@ impl Holder {
         self.publish_metrics(&keyring, &report, now);
         drop(keyring);
         for ended in &report.ended {
-            self.grant_ended(ended, changed_at.map(|t| t.elapsed()));
+            self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
         }
         self.log_report(&report);
+        self.audit_changes(&report);
         Ok(report)
     }
 
     /// Ends every held grant whose `not_after` has passed. Returns the grants ended.
     pub fn expire(&self) -> Vec<EndedGrant> {
         let now = OffsetDateTime::now_utc();
+        let open = self.registry.counts();
         let mut keyring = self.keyring();
         let ended = keyring.end_lapsed(now);
         if ended.is_empty() {
@@ -122,7 +133,7 @@ impl Holder {
         for grant in &ended {
             // Measured from the instant the grant lapsed.
             let late = grant.not_after.and_then(|t| Duration::try_from(OffsetDateTime::now_utc() - t).ok());
-            self.grant_ended(grant, late);
+            self.grant_ended(grant, late, &open);
         }
         ended
     }
@@ -190,11 +201,17 @@ impl Holder {
         });
     }
 
-    fn grant_ended(&self, ended: &EndedGrant, latency: Option<Duration>) {
-        let connections = self.registry.open_for(&ended.grant_id);
+    /// Reports a grant's end. `open` counts the connections of each grant from just before it ended.
+    fn grant_ended(&self, ended: &EndedGrant, latency: Option<Duration>, open: &HashMap<String, usize>) {
+        let connections = open.get(&ended.grant_id).copied().unwrap_or(0);
         if let Some(latency) = latency {
             self.metrics.grant_retired(latency);
         }
+        for certificate in &ended.certificates {
+            self.audit.record(AuditEvent::key_zeroized(&certificate.identity));
+        }
+        self.audit.record(AuditEvent::grant_retired(ended, latency));
+        self.audit.record(AuditEvent::ConnectionsClosed { grant_id: &ended.grant_id, count: connections as u64 });
         tracing::warn!(
             grant = %ended.grant_id,
             reason = %ended.reason,
@@ -203,6 +220,46 @@ impl Holder {
             latency_us = latency.map(|l| l.as_micros()),
             "grant ended: keys dropped, handshakes refused, connections closed"
         );
+    }
+
+    /// Records each grant naming us the first time it is seen.
+    fn audit_grants_seen(&self, grants: &std::collections::BTreeMap<String, GrantStatus>) {
+        if !self.audit.is_enabled() {
+            return;
+        }
+        let mut seen = self.seen_grants.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (grant_id, status) in grants {
+            if let GrantStatus::Active { grantee, not_after } = status {
+                if grantee == &self.grantee && seen.insert(grant_id.clone()) {
+                    self.audit.record(AuditEvent::GrantSeen { grant_id, grantee, not_after: *not_after });
+                }
+            }
+        }
+    }
+
+    /// Records what a read changed: keys loaded, certificates served, swapped or removed, keys dropped. Refusals are
+    /// recorded by [`Holder::log_report`], once per change.
+    fn audit_changes(&self, report: &ApplyReport) {
+        if !self.audit.is_enabled() {
+            return;
+        }
+        for new in &report.loaded {
+            let fingerprint = new.certified_key().and_then(|k| PublicKeyFingerprint::of_signing_key(&*k.key));
+            if let Some(fingerprint) = fingerprint {
+                self.audit.record(AuditEvent::key_loaded(&new.identity, fingerprint));
+            }
+            match report.replaced.iter().find(|old| old.certificate_id == new.certificate_id) {
+                Some(old) => self.audit.record(AuditEvent::swapped(&old.identity, &new.identity)),
+                None => self.audit.record(AuditEvent::served(&new.identity)),
+            }
+        }
+        for old in &report.replaced {
+            if !report.loaded.iter().any(|new| new.certificate_id == old.certificate_id) {
+                self.audit.record(AuditEvent::removed(&old.identity));
+            }
+            // The generation's key goes when the last handshake holding it finishes (aws-lc cleanses it then).
+            self.audit.record(AuditEvent::key_zeroized(&old.identity));
+        }
     }
 
     fn log_report(&self, report: &ApplyReport) {
@@ -231,9 +288,25 @@ impl Holder {
             let text = refusal.to_string();
             let first_time = reported.get(certificate) != Some(&text);
             log_refusal(first_time, certificate, grant, refusal, kept);
+            if first_time {
+                self.audit_refusal(certificate, grant, refusal, kept, report);
+            }
             now_refused.insert(certificate.to_owned(), text);
         }
         *reported = now_refused;
+    }
+
+    fn audit_refusal(&self, certificate: &str, grant: &str, refusal: &Refusal, kept: bool, report: &ApplyReport) {
+        let held = report.kept.iter().find(|(c, _)| kept && c.certificate_id == certificate);
+        match held {
+            Some((held, _)) => self.audit.record(AuditEvent::kept(&held.identity, refusal)),
+            None => self.audit.record(AuditEvent::refused(certificate, grant, refusal)),
+        }
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     fn keyring(&self) -> MutexGuard<'_, Keyring> {

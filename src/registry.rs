@@ -33,6 +33,12 @@ impl ConnectionRegistry {
         self.lock().get(grant_id).copied().unwrap_or(0)
     }
 
+    /// Open connections of every grant, as of now. Taken before ending grants: their connections start closing the
+    /// moment a grant ends.
+    pub fn counts(&self) -> HashMap<String, usize> {
+        self.lock().clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         // Counters stay meaningful even if a holder of the lock panicked.
         self.by_grant.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

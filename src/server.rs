@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::audit::{Audit, AuditEvent};
 use crate::config::Config;
 use crate::custody::snapshot::ExportError;
 use crate::custody::watch::ExportWatcher;
@@ -42,6 +43,9 @@ pub enum ServerError {
     /// The export cannot be read at all.
     #[error("cannot read the custody export: {0}")]
     Export(#[from] ExportError),
+    /// The audit log is configured but cannot be written.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -81,6 +85,7 @@ impl RunningServer {
             self.hard_stop.cancel();
             self.tracker.wait().await;
         }
+        self.holder.audit().record(AuditEvent::Stopped);
     }
 }
 
@@ -102,12 +107,15 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(CertificateStore::new(TlsPolicy::new(&config.tls)?));
     let registry = Arc::new(ConnectionRegistry::default());
+    let audit = Audit::open(config.audit.as_ref())?;
+    audit.record(AuditEvent::started(&config.custody.export, &config.custody.grantee));
     let holder = Arc::new(Holder::new(
         config.custody.export.clone(),
         config.custody.grantee.clone(),
         Arc::clone(&store),
         Arc::clone(&metrics),
         Arc::clone(&registry),
+        audit,
     ));
     // Watch before the first read, so that no change between the two goes unseen.
     let watcher = match ExportWatcher::new(&config.custody.export) {
