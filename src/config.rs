@@ -53,6 +53,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The audit log, if any.
     pub audit: Option<AuditConfig>,
+    /// Process hygiene.
+    pub process: ProcessConfig,
 }
 
 /// `[custody]`.
@@ -197,6 +199,24 @@ pub struct RuntimeConfig {
     pub worker_threads: Option<usize>,
 }
 
+/// `[process]`: how the process protects the keys it holds (see [`crate::hygiene`]).
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Allow core dumps (default false: `RLIMIT_CORE` 0).
+    pub core_dumps: bool,
+    /// Leave the process dumpable (default false: `PR_SET_DUMPABLE` 0, which also closes `/proc/PID/mem` and
+    /// ptrace to other processes of the same user).
+    pub dumpable: bool,
+    /// Lock all memory so that keys never reach swap, where permitted (default true; warns when not permitted).
+    pub lock_memory: bool,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self { core_dumps: false, dumpable: false, lock_memory: true }
+    }
+}
+
 /// Output format of the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -244,6 +264,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     audit: Option<RawAudit>,
+    #[serde(default)]
+    process: RawProcess,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +343,14 @@ struct RawRespond {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawProcess {
+    core_dumps: Option<bool>,
+    dumpable: Option<bool>,
+    lock_memory: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawRuntime {
     worker_threads: Option<usize>,
 }
@@ -346,6 +376,11 @@ pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self> {
+        crate::hygiene::refuse_world_writable(path, "configuration file").map_err(|e| ConfigError {
+            path: path.to_owned(),
+            position: None,
+            message: e.to_string(),
+        })?;
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: path.to_owned(),
             position: None,
@@ -402,7 +437,13 @@ impl Config {
             format: raw.log.format.unwrap_or(LogFormat::Text),
         };
         let audit = raw.audit.map(|a| cx.audit(a, &base)).transpose()?;
-        Ok(Self { path: path.to_owned(), custody, tls, listeners, admin, proxy, routes, runtime, log, audit })
+        let defaults = ProcessConfig::default();
+        let process = ProcessConfig {
+            core_dumps: raw.process.core_dumps.unwrap_or(defaults.core_dumps),
+            dumpable: raw.process.dumpable.unwrap_or(defaults.dumpable),
+            lock_memory: raw.process.lock_memory.unwrap_or(defaults.lock_memory),
+        };
+        Ok(Self { path: path.to_owned(), custody, tls, listeners, admin, proxy, routes, runtime, log, audit, process })
     }
 }
 
@@ -738,5 +779,27 @@ mod readme {
         assert_eq!(config.tls.key_exchange.len(), 3);
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
+    }
+}
+
+#[cfg(test)]
+mod contrib {
+    use super::*;
+
+    /// The Kubernetes example's proxy.toml is a valid configuration.
+    #[test]
+    fn the_kubernetes_example_config_parses() {
+        let manifest = include_str!("../contrib/kubernetes/sealgate.yaml");
+        let block: String = manifest
+            .split("proxy.toml: |\n")
+            .nth(1)
+            .expect("the ConfigMap holds proxy.toml")
+            .lines()
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let config = Config::parse(&block, Path::new("/etc/sealgate/proxy.toml")).unwrap();
+        assert_eq!(config.custody.export, Path::new("/var/run/sealgate/export"));
+        assert!(config.admin.is_some());
     }
 }

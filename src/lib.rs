@@ -13,6 +13,7 @@ pub mod check;
 pub mod config;
 pub mod custody;
 pub mod holder;
+pub mod hygiene;
 pub mod keyring;
 pub mod metrics;
 pub mod names;

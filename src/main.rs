@@ -88,6 +88,9 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     init_logging(&config);
+    // Before any key is read: no core dumps, not dumpable, memory locked.
+    let hardened = sealgate::hygiene::harden(&config.process);
+    tracing::info!(?hardened, "process hygiene");
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = config.runtime.worker_threads {

@@ -3,7 +3,8 @@
 //! the PKCS#8 DER, the grant key or the data key. As a positive control, the scalar is found while the grant is
 //! live, so the scan can see what it looks for.
 //!
-//! Linux only: reads `/proc/<pid>/mem` of a child process (allowed to a parent).
+//! Linux only: reads `/proc/<pid>/mem` of a child process (allowed to a parent, once the child is left dumpable:
+//! by default sealgate makes itself non-dumpable, which closes exactly this door).
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -109,6 +110,7 @@ fn start(dir: &Path, export: &Path) -> Server {
         &config,
         format!(
             "[custody]\nexport = {:?}\ngrantee = \"holder\"\nrescan_interval = \"200ms\"\n\
+             [process]\ndumpable = true\nlock_memory = false\n\
              [[listener]]\nbind = \"127.0.0.1:0\"\n[[route]]\nrespond = {{ status = 200 }}\n",
             export.display().to_string()
         ),
