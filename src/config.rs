@@ -55,6 +55,12 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     /// Process hygiene.
     pub process: ProcessConfig,
+    /// Plain-HTTP listeners that redirect to HTTPS.
+    pub redirects: Vec<RedirectConfig>,
+    /// `Strict-Transport-Security` on every response, if configured.
+    pub hsts: Option<HstsConfig>,
+    /// The access log, if any.
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// `[custody]`.
@@ -199,6 +205,41 @@ pub struct RuntimeConfig {
     pub worker_threads: Option<usize>,
 }
 
+/// One `[[redirect]]`: a plain-HTTP listener answering every request with `308` to the same URL over https.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// Port of the https URL (omitted when 443, the default).
+    pub https_port: u16,
+}
+
+/// `[hsts]`: the `Strict-Transport-Security` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HstsConfig {
+    /// `max-age`.
+    pub max_age: Duration,
+    /// `includeSubDomains`.
+    pub include_subdomains: bool,
+    /// `preload` (only meaningful with a max-age of at least a year and includeSubDomains).
+    pub preload: bool,
+}
+
+impl HstsConfig {
+    /// The header's value.
+    pub fn header_value(&self) -> http::HeaderValue {
+        let mut value = format!("max-age={}", self.max_age.as_secs());
+        if self.include_subdomains {
+            value.push_str("; includeSubDomains");
+        }
+        if self.preload {
+            value.push_str("; preload");
+        }
+        // Digits, letters, '=', ';' and spaces only.
+        http::HeaderValue::from_str(&value).unwrap_or(http::HeaderValue::from_static("max-age=0"))
+    }
+}
+
 /// `[process]`: how the process protects the keys it holds (see [`crate::hygiene`]).
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
@@ -266,6 +307,35 @@ struct RawConfig {
     audit: Option<RawAudit>,
     #[serde(default)]
     process: RawProcess,
+    #[serde(default)]
+    redirect: Vec<RawRedirect>,
+    hsts: Option<RawHsts>,
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirect {
+    bind: Spanned<String>,
+    https_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsts {
+    #[serde(with = "humantime_serde")]
+    max_age: Duration,
+    #[serde(default)]
+    include_subdomains: bool,
+    #[serde(default)]
+    preload: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Spanned<String>,
+    format: Option<crate::access_log::AccessLogFormat>,
 }
 
 #[derive(Deserialize)]
@@ -443,7 +513,52 @@ impl Config {
             dumpable: raw.process.dumpable.unwrap_or(defaults.dumpable),
             lock_memory: raw.process.lock_memory.unwrap_or(defaults.lock_memory),
         };
-        Ok(Self { path: path.to_owned(), custody, tls, listeners, admin, proxy, routes, runtime, log, audit, process })
+        let redirects = raw
+            .redirect
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let bind = cx.socket_addr(&format!("redirect[{i}].bind"), &r.bind)?;
+                if listeners.iter().any(|l| l.bind == bind && bind.port() != 0) {
+                    return Err(cx.at(&r.bind, &format!("redirect[{i}].bind"), "is also a TLS listener"));
+                }
+                Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443) })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let hsts = raw.hsts.map(|h| HstsConfig {
+            max_age: h.max_age,
+            include_subdomains: h.include_subdomains,
+            preload: h.preload,
+        });
+        let access_log = raw
+            .access_log
+            .map(|a| {
+                if a.path.get_ref().is_empty() {
+                    return Err(cx.at(&a.path, "access_log.path", "must name a file, or \"-\" for standard output"));
+                }
+                let path = if a.path.get_ref() == "-" { PathBuf::from("-") } else { base.join(a.path.get_ref()) };
+                Ok(crate::access_log::AccessLogConfig {
+                    path,
+                    format: a.format.unwrap_or(crate::access_log::AccessLogFormat::Text),
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            path: path.to_owned(),
+            custody,
+            tls,
+            listeners,
+            admin,
+            proxy,
+            routes,
+            runtime,
+            log,
+            audit,
+            process,
+            redirects,
+            hsts,
+            access_log,
+        })
     }
 }
 

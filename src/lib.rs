@@ -7,6 +7,7 @@
 //! certificates obey. [`holder`] drives the first half of that flow. [`audit`] keeps the hash-chained record of
 //! those custody events (never of requests) that security teams verify with `sealgate audit verify`.
 
+pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod check;
@@ -18,6 +19,7 @@ pub mod keyring;
 pub mod metrics;
 pub mod names;
 pub mod proxy;
+pub mod redirect;
 pub mod registry;
 pub mod secret;
 pub mod server;

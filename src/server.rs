@@ -23,6 +23,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::AccessLog;
 use crate::admin;
 use crate::audit::{Audit, AuditEvent};
 use crate::config::Config;
@@ -43,6 +44,9 @@ pub enum ServerError {
     /// The export cannot be read at all.
     #[error("cannot read the custody export: {0}")]
     Export(#[from] ExportError),
+    /// The access log is configured but cannot be opened.
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
     /// The audit log is configured but cannot be written.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
@@ -64,6 +68,8 @@ pub type Result<T, E = ServerError> = std::result::Result<T, E>;
 pub struct RunningServer {
     /// The TLS listeners' bound addresses, in configuration order.
     pub tls_addrs: Vec<SocketAddr>,
+    /// The plain-HTTP redirect listeners' bound addresses, in configuration order.
+    pub redirect_addrs: Vec<SocketAddr>,
     /// The admin endpoint's bound address.
     pub admin_addr: Option<SocketAddr>,
     /// The holder of the custody export.
@@ -135,11 +141,12 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2.timer(TokioTimer::new()).adaptive_window(true).max_concurrent_streams(100);
 
+    let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         registry,
-        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics))),
+        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
         handshake_timeout: config.tls.handshake_timeout,
@@ -160,6 +167,14 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         let listening = Listening { addr, socket: Some(socket), serving: holder.serving() };
         tracker.spawn(accept_loop(listening, Arc::clone(&shared), tracker.clone()));
     }
+    let mut redirect_addrs = Vec::new();
+    for redirect in &config.redirects {
+        let socket = bind(redirect.bind).await?;
+        let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: redirect.bind, source })?;
+        tracing::info!(%addr, https_port = redirect.https_port, "redirecting plain HTTP to https");
+        redirect_addrs.push(addr);
+        tracker.spawn(crate::redirect::serve(socket, redirect.https_port, shutdown.clone(), tracker.clone()));
+    }
     let admin_addr = match &config.admin {
         None => None,
         Some(admin) => {
@@ -171,7 +186,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
             Some(addr)
         }
     };
-    Ok(RunningServer { tls_addrs, admin_addr, holder, metrics, shutdown, hard_stop, tracker })
+    Ok(RunningServer { tls_addrs, redirect_addrs, admin_addr, holder, metrics, shutdown, hard_stop, tracker })
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -293,7 +308,11 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-    let info = Arc::new(ConnectionInfo { peer, sni, certificate });
+    let session = tls.get_ref().1;
+    let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
+    let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
+    let sni = sni.map(Arc::<str>::from);
+    let info = Arc::new(ConnectionInfo { peer, sni, certificate, tls_version, cipher });
     let proxy = Arc::clone(&shared.proxy);
     let service = service_fn(move |request| {
         let proxy = Arc::clone(&proxy);

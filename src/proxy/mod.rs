@@ -14,13 +14,15 @@ pub mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::config::Config;
+use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
+use crate::config::{Config, HstsConfig, UpstreamUrl};
 use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
@@ -28,8 +30,11 @@ use crate::tls::CertificateStore;
 use forward::{ClientSide, UpstreamClient};
 use routes::{Action, RouteTable};
 
-/// The body of every response sealgate sends: an upstream's, streamed, or one of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+
+/// The body of every response sealgate sends (counted for the access log when it is enabled).
+pub type ProxyBody = LoggedBody<ResponseBody>;
 
 /// What the proxy knows of the connection a request came on.
 #[derive(Debug)]
@@ -37,9 +42,13 @@ pub struct ConnectionInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// The SNI the client sent, if any.
-    pub sni: Option<String>,
+    pub sni: Option<Arc<str>>,
     /// The certificate generation the connection was made with.
     pub certificate: Arc<CertificateIdentity>,
+    /// The negotiated TLS version, e.g. `TLSv1_3`.
+    pub tls_version: &'static str,
+    /// The negotiated cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
+    pub cipher: &'static str,
 }
 
 /// Routes and forwards requests.
@@ -49,32 +58,57 @@ pub struct Proxy {
     client: UpstreamClient,
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
+    hsts: Option<HeaderValue>,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Proxy {
-    /// A proxy for `config`'s routes. `certificates` tells which names are still served.
-    pub fn new(config: &Config, certificates: Arc<CertificateStore>, metrics: Arc<Metrics>) -> Self {
+    /// A proxy for `config`'s routes. `certificates` tells which names are still served; `access_log` receives
+    /// one line per request.
+    pub fn new(
+        config: &Config,
+        certificates: Arc<CertificateStore>,
+        metrics: Arc<Metrics>,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Self {
         Self {
             routes: RouteTable::new(&config.routes, config.proxy.response_timeout),
             client: UpstreamClient::new(&config.proxy),
             certificates,
             metrics,
+            hsts: config.hsts.as_ref().map(HstsConfig::header_value),
+            access_log,
         }
     }
 
     /// Answers one request.
     pub async fn handle(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
-        let response = self.answer(request, connection).await;
+        let started = (Instant::now(), SystemTime::now());
+        let pending = self.access_log.as_ref().map(|log| (Arc::clone(log), record_of(&request, connection, started.1)));
+        let (mut response, upstream) = self.answer(request, connection).await;
         self.metrics.request_answered(response.status());
-        response
+        if let Some(hsts) = &self.hsts {
+            response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        let pending = pending.map(|(log, mut record)| {
+            record.status = response.status().as_u16();
+            record.upstream = upstream.map(|u| u.authority.to_string());
+            (log, record, started.0)
+        });
+        response.map(|body| LoggedBody::new(body, pending))
     }
 
-    async fn answer(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
+    /// Answers one request; also says which upstream, if any, was asked.
+    async fn answer<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        connection: &ConnectionInfo,
+    ) -> (Response<ResponseBody>, Option<&'a UpstreamUrl>) {
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
-            return respond::error(StatusCode::BAD_REQUEST);
+            return (respond::error(StatusCode::BAD_REQUEST), None);
         };
         let Some(host) = names::host_of_authority(&authority) else {
-            return respond::error(StatusCode::BAD_REQUEST);
+            return (respond::error(StatusCode::BAD_REQUEST), None);
         };
         if !self.is_served_on(&host, connection) {
             tracing::debug!(
@@ -82,23 +116,24 @@ impl Proxy {
                 certificate = %connection.certificate.certificate_id,
                 "421: host not served by this connection's certificate"
             );
-            return respond::error(StatusCode::MISDIRECTED_REQUEST);
+            return (respond::error(StatusCode::MISDIRECTED_REQUEST), None);
         }
         let Some(route) = self.routes.find(&host, request.uri().path()) else {
-            return respond::error(StatusCode::NOT_FOUND);
+            return (respond::error(StatusCode::NOT_FOUND), None);
         };
         match &route.action {
-            Action::Respond(response) => respond::fixed(response),
+            Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
                 let upstream = upstreams.pick();
                 let client = ClientSide { peer: connection.peer, authority: &authority };
-                match self.client.forward(request, upstream, client, route.response_timeout).await {
+                let response = match self.client.forward(request, upstream, client, route.response_timeout).await {
                     Ok(response) => response.map(Either::Left),
                     Err(error) => {
                         tracing::warn!(route = route.index, %error, "upstream request failed");
                         respond::error(error.status())
                     }
-                }
+                };
+                (response, Some(upstream))
             }
         }
     }
@@ -108,6 +143,25 @@ impl Proxy {
     /// any connection).
     fn is_served_on(&self, host: &str, connection: &ConnectionInfo) -> bool {
         names::any_covers(&connection.certificate.server_names, host) && self.certificates.serves(host)
+    }
+}
+
+/// The access log record of a request, to be completed when its response ends.
+fn record_of<B>(request: &Request<B>, connection: &ConnectionInfo, time: SystemTime) -> AccessRecord {
+    AccessRecord {
+        time,
+        client: connection.peer,
+        sni: connection.sni.clone(),
+        host: request_authority(request).unwrap_or_default().to_owned(),
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        version: request.version(),
+        status: 0,
+        bytes: 0,
+        duration: Duration::ZERO,
+        upstream: None,
+        tls_version: connection.tls_version,
+        cipher: connection.cipher,
     }
 }
 

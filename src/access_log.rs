@@ -1,0 +1,356 @@
+//! The access log: one line per request, as text or JSON.
+//!
+//! A line is written when the response body has been sent (or the client went away), so that it carries the
+//! bytes sent and the whole duration. Lines go through a bounded channel to a writer thread: request handling
+//! never waits for the disk, and if the disk cannot keep up, lines are dropped and counted rather than slowing
+//! traffic. Nothing secret is logged: no query string (it often carries tokens), no header values, no key
+//! material.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Lines waiting for the writer thread before new ones are dropped.
+const QUEUE: usize = 16 * 1024;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// `time client "METHOD path VERSION" status bytes duration key=value...`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// A file (appended to, created 0640), or `-` for standard output.
+    pub path: PathBuf,
+    /// Output format.
+    pub format: AccessLogFormat,
+}
+
+/// One finished request.
+#[derive(Debug, Clone)]
+pub struct AccessRecord {
+    /// When the request arrived (wall clock).
+    pub time: SystemTime,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The SNI of the connection.
+    pub sni: Option<Arc<str>>,
+    /// The request's host (from `Host` or `:authority`), or empty if it had none.
+    pub host: String,
+    /// The method.
+    pub method: http::Method,
+    /// The path, without the query string.
+    pub path: String,
+    /// HTTP version of the request.
+    pub version: http::Version,
+    /// The response status.
+    pub status: u16,
+    /// Response body bytes sent.
+    pub bytes: u64,
+    /// From the request's arrival to the end of the response body.
+    pub duration: Duration,
+    /// The upstream that answered, if any.
+    pub upstream: Option<String>,
+    /// TLS version of the connection.
+    pub tls_version: &'static str,
+    /// TLS cipher suite of the connection.
+    pub cipher: &'static str,
+}
+
+impl AccessRecord {
+    /// The record as one text line (without the newline).
+    pub fn to_text(&self) -> String {
+        let mut line = String::with_capacity(192);
+        let _ = write!(
+            line,
+            "{} {} \"{} {} {:?}\" {} {} {:.3}s sni={} host={} upstream={} tls={} cipher={}",
+            rfc3339(self.time),
+            self.client,
+            self.method,
+            Sanitized(&self.path),
+            self.version,
+            self.status,
+            self.bytes,
+            self.duration.as_secs_f64(),
+            Sanitized(self.sni.as_deref().unwrap_or("-")),
+            Sanitized(if self.host.is_empty() { "-" } else { &self.host }),
+            Sanitized(self.upstream.as_deref().unwrap_or("-")),
+            self.tls_version,
+            self.cipher,
+        );
+        line
+    }
+
+    /// The record as one JSON object (without the newline).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "time": rfc3339(self.time),
+            "client": self.client.to_string(),
+            "sni": self.sni.as_deref(),
+            "host": self.host,
+            "method": self.method.as_str(),
+            "path": self.path,
+            "version": format!("{:?}", self.version),
+            "status": self.status,
+            "bytes": self.bytes,
+            "duration_ms": self.duration.as_secs_f64() * 1000.0,
+            "upstream": self.upstream,
+            "tls_version": self.tls_version,
+            "cipher": self.cipher,
+        })
+        .to_string()
+    }
+}
+
+/// Writes a client-supplied string with spaces, quotes, backslashes and control characters escaped, so that a
+/// request cannot forge log lines or fields.
+struct Sanitized<'a>(&'a str);
+
+impl std::fmt::Display for Sanitized<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for c in self.0.chars() {
+            match c {
+                ' ' | '"' | '\\' => write!(f, "\\x{:02x}", c as u32)?,
+                c if c.is_control() => write!(f, "\\x{:02x}", c as u32)?,
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    OffsetDateTime::from(time).format(&Rfc3339).unwrap_or_else(|_| "-".to_owned())
+}
+
+/// Why the access log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the access log {}: {source}", path.display())]
+pub struct AccessLogError {
+    /// The file.
+    pub path: PathBuf,
+    /// What the operating system said.
+    pub source: std::io::Error,
+}
+
+/// The access log: a queue to a writer thread.
+#[derive(Debug)]
+pub struct AccessLog {
+    queue: SyncSender<String>,
+    format: AccessLogFormat,
+    dropped: AtomicU64,
+}
+
+impl AccessLog {
+    /// Opens the log and starts its writer thread.
+    pub fn open(config: &AccessLogConfig) -> Result<Arc<Self>, AccessLogError> {
+        let output: Box<dyn std::io::Write + Send> = if config.path == Path::new("-") {
+            Box::new(std::io::stdout())
+        } else {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(&config.path)
+                .map_err(|source| AccessLogError { path: config.path.clone(), source })?;
+            Box::new(file)
+        };
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("sealgate-access-log".to_owned())
+            .spawn(move || write_lines(lines, std::io::BufWriter::with_capacity(64 * 1024, output)))
+            .map_err(|source| AccessLogError { path: config.path.clone(), source })?;
+        Ok(Arc::new(Self { queue, format: config.format, dropped: AtomicU64::new(0) }))
+    }
+
+    /// Queues one record; drops it (and counts it) if the writer is behind.
+    pub fn log(&self, record: &AccessRecord) {
+        let line = match self.format {
+            AccessLogFormat::Text => record.to_text(),
+            AccessLogFormat::Json => record.to_json(),
+        };
+        match self.queue.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The writer thread: writes lines as they come, flushes when the queue runs dry (or every 100 ms under
+/// constant load), exits when the log is dropped.
+fn write_lines(lines: Receiver<String>, mut out: std::io::BufWriter<Box<dyn std::io::Write + Send>>) {
+    let mut last_flush = Instant::now();
+    loop {
+        match lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.write_all(b"\n");
+                if last_flush.elapsed() >= Duration::from_millis(100) {
+                    let _ = out.flush();
+                    last_flush = Instant::now();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+                last_flush = Instant::now();
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = out.flush();
+                return;
+            }
+        }
+    }
+}
+
+/// A response body that counts the bytes sent and logs the request when the body ends (or is dropped, when the
+/// client goes away first).
+#[derive(Debug)]
+pub struct LoggedBody<B> {
+    inner: B,
+    pending: Option<(Arc<AccessLog>, AccessRecord, Instant)>,
+}
+
+impl<B> LoggedBody<B> {
+    /// Wraps `inner`; `record` is completed with the bytes and duration when the body ends. `started` is when the
+    /// request arrived.
+    pub fn new(inner: B, log: Option<(Arc<AccessLog>, AccessRecord, Instant)>) -> Self {
+        Self { inner, pending: log }
+    }
+
+    fn finish(&mut self) {
+        if let Some((log, mut record, started)) = self.pending.take() {
+            record.duration = started.elapsed();
+            log.log(&record);
+        }
+    }
+}
+
+impl<B> Drop for LoggedBody<B> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl<B: Body + Unpin> Body for LoggedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some((_, record, _))) = (frame.data_ref(), self.pending.as_mut()) {
+                    record.bytes += data.remaining() as u64;
+                }
+            }
+            Poll::Ready(None | Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            client: "203.0.113.7:50123".parse().unwrap(),
+            sni: Some(Arc::from("app.example.test")),
+            host: "app.example.test".to_owned(),
+            method: http::Method::GET,
+            path: "/a path\"with\nnasties".to_owned(),
+            version: http::Version::HTTP_2,
+            status: 200,
+            bytes: 1234,
+            duration: Duration::from_millis(12),
+            upstream: Some("127.0.0.1:8080".to_owned()),
+            tls_version: "TLSv1_3",
+            cipher: "TLS13_AES_128_GCM_SHA256",
+        }
+    }
+
+    #[test]
+    fn text_lines_escape_what_the_client_controls() {
+        let line = record().to_text();
+        assert_eq!(
+            line,
+            "2027-01-15T08:00:00Z 203.0.113.7:50123 \"GET /a\\x20path\\x22with\\x0anasties HTTP/2.0\" 200 1234 0.012s \
+             sni=app.example.test host=app.example.test upstream=127.0.0.1:8080 tls=TLSv1_3 \
+             cipher=TLS13_AES_128_GCM_SHA256"
+        );
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn json_lines_carry_every_field() {
+        let value: serde_json::Value = serde_json::from_str(&record().to_json()).unwrap();
+        for key in ["time", "client", "sni", "host", "method", "path", "status", "bytes", "duration_ms", "upstream"] {
+            assert!(value.get(key).is_some(), "{key}");
+        }
+        assert_eq!(value["tls_version"], "TLSv1_3");
+        assert_eq!(value["status"], 200);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_logged_once_when_it_ends_with_its_byte_count() {
+        use http_body_util::BodyExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::open(&AccessLogConfig { path: path.clone(), format: AccessLogFormat::Json }).unwrap();
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello world"));
+        let fresh = AccessRecord { bytes: 0, ..record() };
+        let logged = LoggedBody::new(body, Some((Arc::clone(&log), fresh, Instant::now())));
+        let collected = logged.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"hello world");
+        drop(log);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if !text.is_empty() || Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let value: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(value["bytes"], 11);
+    }
+}

@@ -1,0 +1,79 @@
+//! The plain-HTTP listener that sends every request to HTTPS with a `308 Permanent Redirect` (which, unlike 301,
+//! keeps the method and body). It serves nothing else and never proxies.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::names;
+
+/// Serves redirects on `listener` until `shutdown`. `https_port` is the port clients are sent to (omitted from the
+/// URL when it is 443).
+pub async fn serve(listener: TcpListener, https_port: u16, shutdown: CancellationToken, tracker: TaskTracker) {
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).keep_alive(true);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                tracing::warn!(%error, "redirect listener: accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let builder = Arc::clone(&builder);
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |request| async move { Ok::<_, Infallible>(redirect(&request, https_port)) });
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The redirect for one request: same host and path (and query), scheme https, port `https_port`.
+fn redirect(request: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes>> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(names::host_of_authority)
+        .filter(|h| names::validate_server_name(h).is_ok());
+    let Some(host) = host else {
+        return plain(StatusCode::BAD_REQUEST, "a valid Host header is required\n");
+    };
+    let path = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let port = if https_port == 443 { String::new() } else { format!(":{https_port}") };
+    let Ok(location) = HeaderValue::from_str(&format!("https://{host}{port}{path}")) else {
+        return plain(StatusCode::BAD_REQUEST, "bad request\n");
+    };
+    let mut response = plain(StatusCode::PERMANENT_REDIRECT, "moved to https\n");
+    response.headers_mut().insert(header::LOCATION, location);
+    response
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}

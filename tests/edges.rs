@@ -1,0 +1,125 @@
+//! What users of nginx, HAProxy and Envoy take for granted at the edge: plain HTTP redirected to https, HSTS,
+//! and an access log line per request.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::Full;
+
+async fn plain_get(
+    addr: std::net::SocketAddr,
+    host: Option<&str>,
+    path: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut request = http::Request::builder().uri(path);
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    sender.send_request(request.body(Full::new(Bytes::new())).unwrap()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_redirected_to_https_with_308() {
+    let f = Fixture::new();
+    f.serve("c-a", &["app.example.test"]);
+    let redirects =
+        "[[redirect]]\nbind = \"127.0.0.1:0\"\n\n[[redirect]]\nbind = \"127.0.0.1:0\"\nhttps_port = 8443\n\n[admin]";
+    let server = start_server(f.dir.path(), &f.config(HELLO).replace("[admin]", redirects)).await;
+    let (standard, custom) = (server.redirect_addrs[0], server.redirect_addrs[1]);
+
+    let response = plain_get(standard, Some("App.Example.Test:80"), "/a/b?q=1").await;
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(response.headers()["location"], "https://app.example.test/a/b?q=1");
+    let response = plain_get(custom, Some("app.example.test"), "/").await;
+    assert_eq!(response.headers()["location"], "https://app.example.test:8443/");
+    assert_eq!(plain_get(standard, None, "/").await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(plain_get(standard, Some("bad host!"), "/").await.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hsts_is_sent_on_every_response_when_configured() {
+    let f = Fixture::new();
+    f.serve("c-a", &["app.example.test"]);
+    let hsts = "[hsts]\nmax_age = \"365days\"\ninclude_subdomains = true\n\n[admin]";
+    let routes = "[[route]]\npath = \"/ok\"\nrespond = { status = 200 }\n";
+    let server = start_server(f.dir.path(), &f.config(routes).replace("[admin]", hsts)).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let mut h2 = http2(tls).await;
+    for (host, path, status) in [
+        ("app.example.test", "/ok", StatusCode::OK),
+        ("app.example.test", "/missing", StatusCode::NOT_FOUND),
+        ("other.example.test", "/ok", StatusCode::MISDIRECTED_REQUEST),
+    ] {
+        let response = h2.send_request(get_h2(host, path)).await.unwrap();
+        assert_eq!(response.status(), status);
+        assert_eq!(response.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains");
+    }
+
+    let plain = Fixture::new();
+    plain.serve("c-a", &["app.example.test"]);
+    let server = plain.start(HELLO).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", plain.client(&[])).await.unwrap();
+    let response = http1(tls).await.send_request(get("app.example.test", "/")).await.unwrap();
+    assert!(!response.headers().contains_key("strict-transport-security"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_line_per_request_and_no_secret() {
+    for format in ["text", "json"] {
+        let f = Fixture::new();
+        f.serve("c-a", &["app.example.test"]);
+        let upstream = Upstream::start().await;
+        let log_path = f.dir.path().join("access.log");
+        let section =
+            format!("[access_log]\npath = {:?}\nformat = \"{format}\"\n\n[admin]", log_path.display().to_string());
+        let routes = format!("[[route]]\npath = \"/api\"\nupstream = \"{}\"\n{HELLO}", upstream.url());
+        let server = start_server(f.dir.path(), &f.config(&routes).replace("[admin]", &section)).await;
+        let addr = server.tls_addrs[0];
+
+        let tls = connect(addr, "app.example.test", f.client(&[b"http/1.1"])).await.unwrap();
+        let mut h1 = http1(tls).await;
+        let mut request = get("app.example.test", "/api/items?token=s3cr3t-query");
+        request.headers_mut().insert("authorization", "Bearer s3cr3t-header".parse().unwrap());
+        let (status, body) = text(h1.send_request(request).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let tls = connect(addr, "app.example.test", f.client(&[b"h2"])).await.unwrap();
+        let (status, _) = text(http2(tls).await.send_request(get_h2("app.example.test", "/")).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+
+        let lines = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(wait_until(Duration::from_secs(5), || lines().lines().count() == 2).await, "{format}: {}", lines());
+        let text = lines();
+        assert!(!text.contains("s3cr3t"), "{format}: no query string, no header value: {text}");
+        let (first, second) = (text.lines().next().unwrap(), text.lines().nth(1).unwrap());
+        for needed in [
+            "127.0.0.1:",
+            "app.example.test",
+            "GET",
+            "/api/items",
+            "200",
+            &upstream.addr.to_string(),
+            "TLSv1_3",
+            "TLS13_",
+        ] {
+            assert!(first.contains(needed), "{format}: {needed} missing from {first}");
+        }
+        assert!(first.contains(&body.len().to_string()), "{format}: bytes sent: {first}");
+        assert!(
+            second.contains("HTTP/2.0") && second.contains(" 200 ") || second.contains("\"status\":200"),
+            "{second}"
+        );
+        if format == "json" {
+            let value: serde_json::Value = serde_json::from_str(first).unwrap();
+            assert_eq!(value["path"], "/api/items");
+            assert_eq!(value["bytes"], body.len());
+            assert_eq!(value["sni"], "app.example.test");
+        }
+    }
+}
