@@ -234,6 +234,7 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
         ("wrk", "wrk"),
         ("h2load", "h2load"),
         ("profile", "cargo profile"),
+        ("sealgate_locked", "sealgate's locked memory at start (VmLck; `[process] lock_memory`, default on)"),
     ] {
         if let Some(v) = meta.get(key).and_then(|v| v.as_str()) {
             writeln!(md, "| {label} | {} |", v.replace('|', "\\|"))?;
