@@ -1,7 +1,8 @@
 //! The HTTP side: what happens to a request once a TLS connection carries it.
 //!
 //! - [`routes`]: which route answers a host and path;
-//! - [`forward`]: forwarding to upstreams (headers, pool, 502/504);
+//! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
+//! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
 //! - [`respond`]: answers sealgate writes itself.
 //!
 //! Before routing, every request's `Host` (HTTP/1.1) or `:authority` (HTTP/2) must be a name the connection's
@@ -11,6 +12,7 @@
 pub mod forward;
 pub mod respond;
 pub mod routes;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,11 +27,12 @@ use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
-use forward::{ClientSide, UpstreamClient};
+use forward::ClientSide;
 use routes::{Action, RouteTable};
+use upstream::{ResponseBody, UpstreamError};
 
 /// The body of every response sealgate sends: an upstream's, streamed, or one of its own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// What the proxy knows of the connection a request came on.
 #[derive(Debug)]
@@ -43,23 +46,25 @@ pub struct ConnectionInfo {
 }
 
 /// Routes and forwards requests.
+///
+/// A proxy owns its routes' upstream state and background tasks (health checks): building one starts them,
+/// dropping it stops them, so a proxy can be replaced by a new one for a configuration reload.
 #[derive(Debug)]
 pub struct Proxy {
     routes: RouteTable,
-    client: UpstreamClient,
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy for `config`'s routes. `certificates` tells which names are still served.
-    pub fn new(config: &Config, certificates: Arc<CertificateStore>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            routes: RouteTable::new(&config.routes, config.proxy.response_timeout),
-            client: UpstreamClient::new(&config.proxy),
-            certificates,
-            metrics,
-        }
+    /// A proxy for `config`'s routes. `certificates` tells which names are still served. Health checks start
+    /// here, so a configuration with health checks needs a Tokio runtime; a CA file that cannot be read fails.
+    pub fn new(
+        config: &Config,
+        certificates: Arc<CertificateStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, UpstreamError> {
+        Ok(Self { routes: RouteTable::new(&config.routes, &config.proxy, &metrics)?, certificates, metrics })
     }
 
     /// Answers one request.
@@ -90,9 +95,8 @@ impl Proxy {
         match &route.action {
             Action::Respond(response) => respond::fixed(response),
             Action::Upstream(upstreams) => {
-                let upstream = upstreams.pick();
                 let client = ClientSide { peer: connection.peer, authority: &authority };
-                match self.client.forward(request, upstream, client, route.response_timeout).await {
+                match upstreams.forward(request, client, route.response_timeout).await {
                     Ok(response) => response.map(Either::Left),
                     Err(error) => {
                         tracing::warn!(route = route.index, %error, "upstream request failed");
