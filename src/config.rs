@@ -460,6 +460,9 @@ struct RawAudit {
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
+/// The longest health check interval: longer ones check nothing useful (and cannot be scheduled forever).
+pub const MAX_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// Default `retries` of an upstream route.
 pub const DEFAULT_RETRIES: u32 = 1;
 
@@ -778,6 +781,9 @@ impl Context<'_> {
         if interval.is_zero() || timeout.is_zero() {
             return Err(self.at(raw, key, "interval and timeout must be greater than zero"));
         }
+        if interval > MAX_HEALTH_CHECK_INTERVAL {
+            return Err(self.at(raw, key, "interval must be at most 1h"));
+        }
         let healthy_threshold = h.healthy_threshold.unwrap_or(2);
         let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(3);
         if healthy_threshold == 0 || unhealthy_threshold == 0 {
@@ -992,6 +998,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
             ("upstream = \"http://a\"\nhealth_check = { interval = \"1s\" }", "path"),
             ("upstream = \"http://a\"\nhealth_check = { path = \"healthz\" }", "route[0].health_check: path"),
             ("upstream = \"http://a\"\nhealth_check = { path = \"/\", timeout = \"0s\" }", "greater than zero"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", interval = \"2h\" }", "at most 1h"),
             ("upstream = \"http://a\"\nhealth_check = { path = \"/\", healthy_threshold = 0 }", "at least 1"),
             ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = \"399-200\" }", "expect_status"),
             ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = 42 }", "expect_status"),

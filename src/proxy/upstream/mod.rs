@@ -137,7 +137,7 @@ impl UpstreamGroup {
         client: ClientSide<'_>,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, ForwardError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = outlier::later(Instant::now(), timeout);
         let (mut parts, body) = request.into_parts();
         forward::rewrite_head(&mut parts, client, self.preserve_host)?;
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));

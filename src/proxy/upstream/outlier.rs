@@ -49,9 +49,9 @@ impl Clock {
         u64::try_from(instant.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// The instant `millis` after the epoch.
+    /// The instant `millis` after the epoch (or as far as the platform's instants reach).
     pub fn instant(&self, millis: u64) -> Instant {
-        self.epoch + Duration::from_millis(millis)
+        later(self.epoch, Duration::from_millis(millis))
     }
 }
 
@@ -137,6 +137,13 @@ impl Outlier {
     }
 }
 
+/// `instant + duration`, or a time decades ahead when that is past what an `Instant` can hold (a configured
+/// duration of `u64::MAX` seconds must not panic).
+pub fn later(instant: Instant, duration: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    instant.checked_add(duration).or_else(|| instant.checked_add(FAR)).unwrap_or(instant)
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -218,5 +225,7 @@ mod tests {
         assert!(clock.now() >= 1);
         assert_eq!(clock.at(clock.instant(0)), 1);
         assert_eq!(clock.at(clock.instant(1_500)), 1_500);
+        assert!(clock.instant(u64::MAX) > clock.instant(1_500), "no overflow");
+        assert!(later(Instant::now(), Duration::MAX) > Instant::now());
     }
 }
