@@ -168,22 +168,104 @@ pub struct RouteConfig {
 /// What a route does with a request.
 #[derive(Debug, Clone)]
 pub enum RouteAction {
-    /// Forward to these upstreams, round robin.
-    Upstream(Vec<UpstreamUrl>),
+    /// Forward to one of a group of upstreams.
+    Upstream(UpstreamGroupConfig),
     /// Answer directly.
     Respond(DirectResponse),
 }
 
-/// A validated upstream: `http://host:port`, no credentials, no path.
+/// An upstream route's upstreams and how they are used: balancing, passive ejection, active health checks,
+/// retries and the CA that verifies `https` upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamGroupConfig {
+    /// The upstreams, in file order (never empty).
+    pub upstreams: Vec<UpstreamUrl>,
+    /// How an upstream is chosen for a request.
+    pub balance: Balance,
+    /// How many times a failed request may be sent again, to another upstream when there is one.
+    pub retries: u32,
+    /// PEM file of the CAs trusted for `https` upstreams (required when there is one), resolved against the
+    /// config file's directory.
+    pub ca: Option<PathBuf>,
+    /// Passive ejection after consecutive failures.
+    pub outlier: OutlierConfig,
+    /// Active HTTP health checks, if configured.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// Load balancing policy of an upstream route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each upstream in turn.
+    #[default]
+    RoundRobin,
+    /// The upstream with the fewest requests in flight; ties in turn.
+    LeastRequests,
+}
+
+/// `outlier = { ... }`: passive ejection of an upstream after consecutive failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Failures in a row (connection errors, timeouts) that eject an upstream; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th ejection in a row lasts n times this.
+    pub base_ejection_time: Duration,
+    /// The longest ejection.
+    pub max_ejection_time: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `health_check = { ... }`: an active HTTP check of every upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Path (and query) requested with `GET`.
+    pub path: http::uri::PathAndQuery,
+    /// Time between the start of two checks.
+    pub interval: Duration,
+    /// Time allowed for one check's response headers.
+    pub timeout: Duration,
+    /// Passing checks in a row that make an unhealthy upstream healthy.
+    pub healthy_threshold: u32,
+    /// Failing checks in a row that make a healthy upstream unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Statuses that pass, inclusive.
+    pub expect_status: std::ops::RangeInclusive<u16>,
+}
+
+/// Scheme of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamScheme {
+    /// Plain HTTP/1.1.
+    Http,
+    /// HTTP/1.1 over TLS, verified against the route's `ca`.
+    Https,
+}
+
+/// A validated upstream: `http://host:port` or `https://host:port`, no credentials, no path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    /// `host:port` (port defaulted to 80).
+    /// `http` or `https`.
+    pub scheme: UpstreamScheme,
+    /// `host:port` (port defaulted to 80 or 443).
     pub authority: http::uri::Authority,
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        let scheme = match self.scheme {
+            UpstreamScheme::Http => "http",
+            UpstreamScheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}", self.authority)
     }
 }
 
@@ -393,6 +475,41 @@ struct RawRoute {
     respond: Option<Spanned<RawRespond>>,
     #[serde(default, with = "humantime_serde::option")]
     timeout: Option<Duration>,
+    balance: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    ca: Option<Spanned<String>>,
+    outlier: Option<Spanned<RawOutlier>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    base_ejection_time: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    max_ejection_time: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    #[serde(default, with = "humantime_serde::option")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    timeout: Option<Duration>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
+    expect_status: Option<StatusRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatusRange {
+    One(u16),
+    Range(String),
 }
 
 #[derive(Deserialize)]
@@ -442,6 +559,16 @@ struct RawAudit {
 
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The longest health check interval: longer ones check nothing useful (and cannot be scheduled forever).
+pub const MAX_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Default `retries` of an upstream route.
+pub const DEFAULT_RETRIES: u32 = 1;
+
+/// The most `retries` a route may set: each attempt is another upstream's chance, and more than a handful only
+/// multiplies load on upstreams that are already failing.
+pub const MAX_RETRIES: u32 = 5;
 
 impl Config {
     /// Reads and validates `path`.
@@ -497,7 +624,8 @@ impl Config {
             pool_max_idle_per_host: raw.proxy.pool_max_idle_per_host.unwrap_or(64),
             preserve_host: raw.proxy.preserve_host.unwrap_or(true),
         };
-        let routes = raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r)).collect::<Result<Vec<_>>>()?;
+        let routes =
+            raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r, &base)).collect::<Result<Vec<_>>>()?;
         let runtime = RuntimeConfig { worker_threads: raw.runtime.worker_threads };
         if runtime.worker_threads == Some(0) {
             return Err(cx.error(None, "runtime.worker_threads must be at least 1"));
@@ -665,7 +793,7 @@ impl Context<'_> {
         })
     }
 
-    fn route(&self, index: usize, raw: RawRoute) -> Result<RouteConfig> {
+    fn route(&self, index: usize, mut raw: RawRoute, base: &Path) -> Result<RouteConfig> {
         let key = |field: &str| format!("route[{index}].{field}");
         let host = match &raw.host {
             None => None,
@@ -680,32 +808,25 @@ impl Context<'_> {
             Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
             Some(p) => return Err(self.at(p, &key("path"), "must begin with '/'")),
         };
-        let action = match (raw.upstream, raw.respond) {
+        let action = match (raw.upstream.take(), raw.respond.take()) {
             (Some(_), Some(r)) => {
                 return Err(self.at(&r, &key("respond"), "a route has either `upstream` or `respond`, not both"))
             }
             (None, None) => {
                 return Err(self.error(None, format!("route[{index}] needs `upstream` or `respond`")));
             }
-            (Some(upstream), None) => {
-                let span = upstream.span();
-                let urls = match upstream.into_inner() {
-                    OneOrMany::One(url) => vec![url],
-                    OneOrMany::Many(urls) => urls,
-                };
-                if urls.is_empty() {
-                    return Err(self.error(Some(span), format!("{}: lists no URL", key("upstream"))));
-                }
-                let urls = urls
-                    .iter()
-                    .map(|url| {
-                        parse_upstream(url)
-                            .map_err(|why| self.error(Some(span.clone()), format!("{}: {why}", key("upstream"))))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                RouteAction::Upstream(urls)
-            }
+            (Some(upstream), None) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, base)?),
             (None, Some(respond)) => {
+                let upstream_only = [
+                    ("balance", raw.balance.as_ref().map(Spanned::span)),
+                    ("retries", raw.retries.as_ref().map(Spanned::span)),
+                    ("ca", raw.ca.as_ref().map(Spanned::span)),
+                    ("outlier", raw.outlier.as_ref().map(Spanned::span)),
+                    ("health_check", raw.health_check.as_ref().map(Spanned::span)),
+                ];
+                if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
+                    return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
+                }
                 let span = respond.span();
                 let r = respond.into_inner();
                 let status = http::StatusCode::from_u16(r.status)
@@ -721,23 +842,153 @@ impl Context<'_> {
         };
         Ok(RouteConfig { host, path, action, response_timeout: raw.timeout })
     }
+
+    fn upstream_group(
+        &self,
+        index: usize,
+        upstream: Spanned<OneOrMany>,
+        raw: &RawRoute,
+        base: &Path,
+    ) -> Result<UpstreamGroupConfig> {
+        let key = |field: &str| format!("route[{index}].{field}");
+        let span = upstream.span();
+        let urls = match upstream.into_inner() {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return Err(self.error(Some(span), format!("{}: lists no URL", key("upstream"))));
+        }
+        let mut upstreams = Vec::with_capacity(urls.len());
+        for url in &urls {
+            let url = parse_upstream(url)
+                .map_err(|why| self.error(Some(span.clone()), format!("{}: {why}", key("upstream"))))?;
+            if upstreams.contains(&url) {
+                // Listed twice, it would share one name in logs and metrics but not its state.
+                return Err(self.error(Some(span), format!("{}: {url} is listed twice", key("upstream"))));
+            }
+            upstreams.push(url);
+        }
+        let balance = match &raw.balance {
+            None => Balance::default(),
+            Some(b) => match b.get_ref().as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "least_requests" => Balance::LeastRequests,
+                _ => return Err(self.at(b, &key("balance"), "must be \"round_robin\" or \"least_requests\"")),
+            },
+        };
+        let retries = match &raw.retries {
+            None => DEFAULT_RETRIES,
+            Some(r) if *r.get_ref() > MAX_RETRIES => {
+                return Err(self.at(r, &key("retries"), format_args!("must be at most {MAX_RETRIES}")))
+            }
+            Some(r) => *r.get_ref(),
+        };
+        let ca = match &raw.ca {
+            None => None,
+            Some(ca) if ca.get_ref().trim().is_empty() => {
+                return Err(self.at(ca, &key("ca"), "must name a PEM file of CA certificates"))
+            }
+            Some(ca) => Some(base.join(ca.get_ref())),
+        };
+        if ca.is_none() && upstreams.iter().any(|u| u.scheme == UpstreamScheme::Https) {
+            return Err(self.error(
+                Some(span),
+                format!(
+                    "{}: an https upstream needs `ca`, a PEM file of the CAs that sign its certificate \
+                     (the system's are usually in /etc/ssl/certs/ca-certificates.crt)",
+                    key("upstream")
+                ),
+            ));
+        }
+        let outlier = match &raw.outlier {
+            None => OutlierConfig::default(),
+            Some(o) => self.outlier(o, &key("outlier"))?,
+        };
+        let health_check = raw.health_check.as_ref().map(|h| self.health_check(h, &key("health_check"))).transpose()?;
+        Ok(UpstreamGroupConfig { upstreams, balance, retries, ca, outlier, health_check })
+    }
+
+    fn outlier(&self, raw: &Spanned<RawOutlier>, key: &str) -> Result<OutlierConfig> {
+        let defaults = OutlierConfig::default();
+        let o = raw.get_ref();
+        let config = OutlierConfig {
+            consecutive_failures: o.consecutive_failures.unwrap_or(defaults.consecutive_failures),
+            base_ejection_time: o.base_ejection_time.unwrap_or(defaults.base_ejection_time),
+            max_ejection_time: o.max_ejection_time.unwrap_or(defaults.max_ejection_time),
+        };
+        if config.base_ejection_time.is_zero() {
+            return Err(self.at(raw, key, "base_ejection_time must be greater than zero"));
+        }
+        if config.max_ejection_time < config.base_ejection_time {
+            return Err(self.at(raw, key, "max_ejection_time must be at least base_ejection_time"));
+        }
+        Ok(config)
+    }
+
+    fn health_check(&self, raw: &Spanned<RawHealthCheck>, key: &str) -> Result<HealthCheckConfig> {
+        let h = raw.get_ref();
+        let path = match h.path.parse::<http::uri::PathAndQuery>() {
+            Ok(path) if h.path.starts_with('/') => path,
+            _ => return Err(self.at(raw, key, "path must be a path beginning with '/', e.g. \"/healthz\"")),
+        };
+        let interval = h.interval.unwrap_or(Duration::from_secs(5));
+        let timeout = h.timeout.unwrap_or(Duration::from_secs(1));
+        if interval.is_zero() || timeout.is_zero() {
+            return Err(self.at(raw, key, "interval and timeout must be greater than zero"));
+        }
+        if interval > MAX_HEALTH_CHECK_INTERVAL {
+            return Err(self.at(raw, key, "interval must be at most 1h"));
+        }
+        let healthy_threshold = h.healthy_threshold.unwrap_or(2);
+        let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(3);
+        if healthy_threshold == 0 || unhealthy_threshold == 0 {
+            return Err(self.at(raw, key, "healthy_threshold and unhealthy_threshold must be at least 1"));
+        }
+        let expect_status = match &h.expect_status {
+            None => 200..=399,
+            Some(range) => parse_status_range(range).ok_or_else(|| {
+                self.at(
+                    raw,
+                    key,
+                    "expect_status must be a status (200) or an inclusive range (\"200-399\") within 100-599",
+                )
+            })?,
+        };
+        Ok(HealthCheckConfig { path, interval, timeout, healthy_threshold, unhealthy_threshold, expect_status })
+    }
+}
+
+/// `200` or `"200-399"`, within 100..=599.
+fn parse_status_range(range: &StatusRange) -> Option<std::ops::RangeInclusive<u16>> {
+    let (low, high) = match range {
+        StatusRange::One(status) => (*status, *status),
+        StatusRange::Range(text) => match text.split_once('-') {
+            Some((low, high)) => (low.trim().parse().ok()?, high.trim().parse().ok()?),
+            None => {
+                let status = text.trim().parse().ok()?;
+                (status, status)
+            }
+        },
+    };
+    (100 <= low && low <= high && high <= 599).then_some(low..=high)
 }
 
 /// Validates an upstream URL. The error never repeats the URL, which may carry a secret.
 fn parse_upstream(url: &str) -> std::result::Result<UpstreamUrl, String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err("https upstreams are not supported yet; use http://host:port".to_owned());
+    let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (UpstreamScheme::Http, rest, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (UpstreamScheme::Https, rest, 443)
     } else {
-        return Err("must be an http:// URL, e.g. http://127.0.0.1:8080".to_owned());
+        return Err("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080".to_owned());
     };
     let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
     if authority.contains('@') {
         return Err("the URL carries credentials (user:password@...); sealgate refuses them in proxy.toml".to_owned());
     }
     if !(path.is_empty() || path == "/") {
-        return Err("must be http://host:port with no path, query or fragment".to_owned());
+        return Err("must be http(s)://host:port with no path, query or fragment".to_owned());
     }
     let authority: http::uri::Authority = authority.parse().map_err(|_| "has an invalid host or port".to_owned())?;
     if authority.host().is_empty() {
@@ -745,9 +996,9 @@ fn parse_upstream(url: &str) -> std::result::Result<UpstreamUrl, String> {
     }
     let authority = match authority.port_u16() {
         Some(_) => authority,
-        None => format!("{}:80", authority.host()).parse().map_err(|_| "has an invalid host".to_owned())?,
+        None => format!("{}:{default_port}", authority.host()).parse().map_err(|_| "has an invalid host".to_owned())?,
     };
-    Ok(UpstreamUrl { authority })
+    Ok(UpstreamUrl { scheme, authority })
 }
 
 #[cfg(test)]
@@ -811,9 +1062,13 @@ bind = "127.0.0.1:8443"
         let config = parse(&text).unwrap();
         assert_eq!(config.routes[0].host.as_deref(), Some("*.example.com"));
         match &config.routes[0].action {
-            RouteAction::Upstream(urls) => {
-                assert_eq!(urls[0].to_string(), "http://127.0.0.1:8080");
-                assert_eq!(urls[1].to_string(), "http://localhost:80");
+            RouteAction::Upstream(group) => {
+                assert_eq!(group.upstreams[0].to_string(), "http://127.0.0.1:8080");
+                assert_eq!(group.upstreams[1].to_string(), "http://localhost:80");
+                assert_eq!(group.balance, Balance::RoundRobin);
+                assert_eq!(group.retries, DEFAULT_RETRIES);
+                assert_eq!(group.outlier, OutlierConfig::default());
+                assert!(group.health_check.is_none() && group.ca.is_none());
             }
             other => panic!("{other:?}"),
         }
@@ -838,6 +1093,88 @@ bind = "127.0.0.1:8443"
             let err = parse(&format!("{MINIMAL}\n[[route]]\n{route}\n")).unwrap_err().to_string();
             assert!(err.contains(needle), "{route}: {err}");
         }
+    }
+
+    fn group(route: &str) -> Result<UpstreamGroupConfig> {
+        match parse(&format!("{MINIMAL}\n[[route]]\n{route}\n"))?.routes.remove(0).action {
+            RouteAction::Upstream(group) => Ok(group),
+            RouteAction::Respond(_) => panic!("not an upstream route"),
+        }
+    }
+
+    #[test]
+    fn upstream_groups_parse_with_every_key() {
+        let g = group(
+            r#"upstream = ["https://app.internal", "http://10.0.0.2:8080"]
+balance = "least_requests"
+retries = 2
+ca = "upstream-ca.pem"
+outlier = { consecutive_failures = 3, base_ejection_time = "2s", max_ejection_time = "1m" }
+health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", healthy_threshold = 1, unhealthy_threshold = 2, expect_status = "200-299" }"#,
+        )
+        .unwrap();
+        assert_eq!(g.upstreams[0].to_string(), "https://app.internal:443");
+        assert_eq!(g.upstreams[0].scheme, UpstreamScheme::Https);
+        assert_eq!(g.upstreams[1].scheme, UpstreamScheme::Http);
+        assert_eq!((g.balance, g.retries), (Balance::LeastRequests, 2));
+        assert_eq!(g.ca.as_deref(), Some(Path::new("/etc/sealgate/upstream-ca.pem")));
+        assert_eq!(g.outlier.consecutive_failures, 3);
+        assert_eq!(g.outlier.base_ejection_time, Duration::from_secs(2));
+        assert_eq!(g.outlier.max_ejection_time, Duration::from_secs(60));
+        let h = g.health_check.unwrap();
+        assert_eq!(h.path, "/healthz?full=1");
+        assert_eq!((h.interval, h.timeout), (Duration::from_secs(2), Duration::from_millis(500)));
+        assert_eq!((h.healthy_threshold, h.unhealthy_threshold, h.expect_status), (1, 2, 200..=299));
+
+        let h = group("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = 204 }")
+            .unwrap()
+            .health_check
+            .unwrap();
+        assert_eq!(
+            (h.interval, h.timeout, h.healthy_threshold, h.unhealthy_threshold),
+            (Duration::from_secs(5), Duration::from_secs(1), 2, 3)
+        );
+        assert_eq!(h.expect_status, 204..=204);
+    }
+
+    #[test]
+    fn upstream_group_errors_name_the_key() {
+        for (route, needle) in [
+            ("upstream = \"https://a\"", "needs `ca`"),
+            ("upstream = [\"http://a:1\", \"http://a:1\"]", "listed twice"),
+            ("upstream = \"http://a\"\nbalance = \"random\"", "route[0].balance"),
+            ("upstream = \"http://a\"\nretries = 6", "at most 5"),
+            ("upstream = \"http://a\"\nretries = -1", "expected u32"),
+            ("upstream = \"http://a\"\noutlier = { base_ejection_time = \"0s\" }", "greater than zero"),
+            (
+                "upstream = \"http://a\"\noutlier = { base_ejection_time = \"1m\", max_ejection_time = \"1s\" }",
+                "at least",
+            ),
+            ("upstream = \"http://a\"\noutlier = { consecutive = 1 }", "consecutive"),
+            ("upstream = \"http://a\"\nhealth_check = { interval = \"1s\" }", "path"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"healthz\" }", "route[0].health_check: path"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", timeout = \"0s\" }", "greater than zero"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", interval = \"2h\" }", "at most 1h"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", healthy_threshold = 0 }", "at least 1"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = \"399-200\" }", "expect_status"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = 42 }", "expect_status"),
+            ("respond = { status = 200 }\nretries = 1", "route[0].retries: only an `upstream` route"),
+            ("respond = { status = 200 }\nhealth_check = { path = \"/\" }", "route[0].health_check"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[[route]]\n{route}\n")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{route}: {err}");
+            assert!(err.position.is_some(), "{route}: {err}");
+        }
+    }
+
+    #[test]
+    fn https_upstreams_default_to_port_443_and_keep_refusing_credentials() {
+        let g = group("upstream = \"https://10.0.0.1\"\nca = \"ca.pem\"").unwrap();
+        assert_eq!(g.upstreams[0].authority, "10.0.0.1:443");
+        let err = parse(&format!("{MINIMAL}\n[[route]]\nupstream = \"https://u:hunter2@a\"\nca = \"ca.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("credentials") && !err.contains("hunter2"), "{err}");
     }
 
     #[test]
@@ -891,6 +1228,15 @@ mod readme {
         let block = section.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
         let config = Config::parse(block, Path::new("/srv/proxy.toml")).unwrap();
         assert_eq!(config.routes.len(), 1);
+        let RouteAction::Upstream(group) = &config.routes[0].action else { panic!("an upstream route") };
+        assert_eq!(group.upstreams.len(), 2);
+        assert_eq!(group.upstreams[1].scheme, UpstreamScheme::Https);
+        assert_eq!(group.ca.as_deref(), Some(Path::new("/srv/upstream-ca.pem")));
+        assert_eq!((group.balance, group.retries), (Balance::RoundRobin, DEFAULT_RETRIES));
+        assert_eq!(group.outlier, OutlierConfig::default(), "the reference shows the defaults");
+        let checks = group.health_check.as_ref().expect("the reference shows health checks");
+        assert_eq!((checks.interval, checks.timeout), (Duration::from_secs(5), Duration::from_secs(1)));
+        assert_eq!(checks.expect_status, 200..=399);
         assert_eq!(config.tls.key_exchange.len(), 3);
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));

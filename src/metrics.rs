@@ -58,6 +58,64 @@ struct StateLabels {
     state: &'static str,
 }
 
+/// Labels of an upstream: the route's index in the file and the upstream's URL. Both come from the
+/// configuration, so the number of series is bounded by it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    route: usize,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamResultLabels {
+    route: usize,
+    upstream: String,
+    result: &'static str,
+}
+
+/// How one attempt to an upstream ended: the `result` label (`ok`, `error`, `timeout`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum UpstreamResult {
+    /// Response headers arrived (whatever the status).
+    Ok,
+    /// The connection failed: refused, reset, closed before the response, TLS refused.
+    Error,
+    /// Connecting or the response headers took too long.
+    Timeout,
+}
+
+impl UpstreamResult {
+    const ALL: [Self; 3] = [Self::Ok, Self::Error, Self::Timeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// One upstream's metrics, resolved once when the proxy is built so that recording on the request path is an
+/// atomic increment (no label hashing, no allocation).
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    results: [Counter; 3],
+    healthy: Gauge,
+}
+
+impl UpstreamMetrics {
+    /// An attempt ended with `result`.
+    pub fn attempt(&self, result: UpstreamResult) {
+        self.results[result as usize].inc();
+    }
+
+    /// Whether the upstream currently receives traffic (passes its health checks and is not ejected).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.set(i64::from(healthy));
+    }
+}
+
 /// Every metric sealgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -71,6 +129,8 @@ pub struct Metrics {
     refused: Family<CheckLabels, Gauge>,
     grants: Family<StateLabels, Gauge>,
     retirement_latency: Histogram,
+    upstream_requests: Family<UpstreamResultLabels, Counter>,
+    upstream_healthy: Family<UpstreamLabels, Gauge>,
 }
 
 impl fmt::Debug for Metrics {
@@ -102,6 +162,8 @@ impl Metrics {
             retirement_latency: Histogram::new([
                 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
+            upstream_requests: Family::default(),
+            upstream_healthy: Family::default(),
             registry: Registry::default(),
         };
         registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
@@ -130,7 +192,30 @@ impl Metrics {
             "Time from a grant's end becoming visible (file event, or its not_after) to its keys dropped and table swapped",
             metrics.retirement_latency.clone(),
         );
+        registry.register(
+            "upstream_requests",
+            "Attempts sent to each upstream (a retry is another attempt), by how they ended",
+            metrics.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_healthy",
+            "1 while an upstream receives traffic: it passes its health checks and is not ejected",
+            metrics.upstream_healthy.clone(),
+        );
         Self { registry, ..metrics }
+    }
+
+    /// The metrics of `upstream` in route `route`, created (healthy) if new. A proxy built again for the same
+    /// configuration gets the same series.
+    pub fn upstream(&self, route: usize, upstream: &str) -> UpstreamMetrics {
+        let results = UpstreamResult::ALL.map(|result| {
+            let labels = UpstreamResultLabels { route, upstream: upstream.to_owned(), result: result.label() };
+            self.upstream_requests.get_or_create(&labels).clone()
+        });
+        let healthy =
+            self.upstream_healthy.get_or_create(&UpstreamLabels { route, upstream: upstream.to_owned() }).clone();
+        healthy.set(1);
+        UpstreamMetrics { results, healthy }
     }
 
     /// Renders the Prometheus text exposition format.

@@ -50,6 +50,9 @@ pub enum ServerError {
     /// The audit log is configured but cannot be written.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// A route's upstreams cannot be set up (an unreadable `ca` file, above all).
+    #[error(transparent)]
+    Upstream(#[from] crate::proxy::upstream::UpstreamError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -146,7 +149,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let hard_stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         registry,
-        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)),
+        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)?),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
         handshake_timeout: config.tls.handshake_timeout,

@@ -1,7 +1,8 @@
 //! The HTTP side: what happens to a request once a TLS connection carries it.
 //!
 //! - [`routes`]: which route answers a host and path;
-//! - [`forward`]: forwarding to upstreams (headers, pool, 502/504);
+//! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
+//! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
 //! - [`respond`]: answers sealgate writes itself.
 //!
 //! Before routing, every request's `Host` (HTTP/1.1) or `:authority` (HTTP/2) must be a name the connection's
@@ -11,6 +12,7 @@
 pub mod forward;
 pub mod respond;
 pub mod routes;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,19 +24,20 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
-use crate::config::{Config, HstsConfig, UpstreamUrl};
+use crate::config::{Config, HstsConfig};
 use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
-use forward::{ClientSide, UpstreamClient};
+use forward::ClientSide;
 use routes::{Action, RouteTable};
+use upstream::{AnsweredBy, ResponseBody, UpstreamError};
 
 /// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The body of every response sealgate sends (counted for the access log when it is enabled).
-pub type ProxyBody = LoggedBody<ResponseBody>;
+pub type ProxyBody = LoggedBody<ReplyBody>;
 
 /// What the proxy knows of the connection a request came on.
 #[derive(Debug)]
@@ -52,10 +55,12 @@ pub struct ConnectionInfo {
 }
 
 /// Routes and forwards requests.
+///
+/// A proxy owns its routes' upstream state and background tasks (health checks): building one starts them,
+/// dropping it stops them, so a proxy can be replaced by a new one for a configuration reload.
 #[derive(Debug)]
 pub struct Proxy {
     routes: RouteTable,
-    client: UpstreamClient,
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
     hsts: Option<HeaderValue>,
@@ -64,21 +69,21 @@ pub struct Proxy {
 
 impl Proxy {
     /// A proxy for `config`'s routes. `certificates` tells which names are still served; `access_log` receives
-    /// one line per request.
+    /// one line per request. Health checks start here, so a configuration with health checks needs a Tokio
+    /// runtime; a CA file that cannot be read fails.
     pub fn new(
         config: &Config,
         certificates: Arc<CertificateStore>,
         metrics: Arc<Metrics>,
         access_log: Option<Arc<AccessLog>>,
-    ) -> Self {
-        Self {
-            routes: RouteTable::new(&config.routes, config.proxy.response_timeout),
-            client: UpstreamClient::new(&config.proxy),
+    ) -> Result<Self, UpstreamError> {
+        Ok(Self {
+            routes: RouteTable::new(&config.routes, &config.proxy, &metrics)?,
             certificates,
             metrics,
             hsts: config.hsts.as_ref().map(HstsConfig::header_value),
             access_log,
-        }
+        })
     }
 
     /// Answers one request.
@@ -92,18 +97,18 @@ impl Proxy {
         }
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
-            record.upstream = upstream.map(|u| u.authority.to_string());
+            record.upstream = upstream;
             (log, record, started.0)
         });
         response.map(|body| LoggedBody::new(body, pending))
     }
 
-    /// Answers one request; also says which upstream, if any, was asked.
-    async fn answer<'a>(
-        &'a self,
+    /// Answers one request; also says which upstream, if any, answered or failed.
+    async fn answer(
+        &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-    ) -> (Response<ResponseBody>, Option<&'a UpstreamUrl>) {
+    ) -> (Response<ReplyBody>, Option<String>) {
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
             return (respond::error(StatusCode::BAD_REQUEST), None);
         };
@@ -124,16 +129,17 @@ impl Proxy {
         match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
-                let upstream = upstreams.pick();
                 let client = ClientSide { peer: connection.peer, authority: &authority };
-                let response = match self.client.forward(request, upstream, client, route.response_timeout).await {
-                    Ok(response) => response.map(Either::Left),
+                match upstreams.forward(request, client, route.response_timeout).await {
+                    Ok(response) => {
+                        let upstream = response.extensions().get::<AnsweredBy>().map(|a| a.0.to_string());
+                        (response.map(Either::Left), upstream)
+                    }
                     Err(error) => {
                         tracing::warn!(route = route.index, %error, "upstream request failed");
-                        respond::error(error.status())
+                        (respond::error(error.status()), error.upstream().map(str::to_owned))
                     }
-                };
-                (response, Some(upstream))
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::routes::FixedResponse;
-use super::ResponseBody as ProxyBody;
+use super::ReplyBody as ProxyBody;
 
 /// The answer of a `respond` route.
 pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
