@@ -88,6 +88,10 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     init_logging(&config);
+    match sealgate::server::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(?limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit to its hard limit"),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = config.runtime.worker_threads {

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::RequestBody;
 use crate::config::{ProxyConfig, UpstreamUrl};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive`, `Proxy-Connection` and the proxy
@@ -146,7 +147,7 @@ impl ForwardError {
 /// The pooled HTTP/1.1 client that talks to upstreams.
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     connect_timeout: Duration,
     preserve_host: bool,
 }
@@ -169,7 +170,7 @@ impl UpstreamClient {
     /// Sends `request` to `upstream` and waits up to `timeout` for the response headers.
     pub async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         upstream: &UpstreamUrl,
         client: ClientSide<'_>,
         timeout: Duration,
@@ -192,10 +193,10 @@ impl UpstreamClient {
     /// Rewrites a client request (HTTP/1.1 or HTTP/2) as an HTTP/1.1 request to `upstream`.
     fn upstream_request(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         upstream: &UpstreamUrl,
         client: ClientSide<'_>,
-    ) -> Result<Request<Incoming>, ForwardError> {
+    ) -> Result<Request<RequestBody>, ForwardError> {
         let (mut parts, body) = request.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = Uri::builder().scheme("http").authority(upstream.authority.clone()).path_and_query(path).build()?;

@@ -1,5 +1,6 @@
 //! The HTTP side: what happens to a request once a TLS connection carries it.
 //!
+//! - [`limits`]: request limits and framing checks, before anything else;
 //! - [`routes`]: which route answers a host and path;
 //! - [`forward`]: forwarding to upstreams (headers, pool, 502/504);
 //! - [`respond`]: answers sealgate writes itself.
@@ -9,6 +10,7 @@
 //! (HTTP/2 connection coalescing, or a forged `Host`) gets 421 and retries on a connection of its own.
 
 pub mod forward;
+pub mod limits;
 pub mod respond;
 pub mod routes;
 
@@ -16,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -26,7 +28,10 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
 use forward::{ClientSide, UpstreamClient};
+use limits::{LimitError, Limits};
 use routes::{Action, RouteTable};
+
+pub use limits::RequestBody;
 
 /// The body of every response sealgate sends: an upstream's, streamed, or one of its own.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -49,6 +54,7 @@ pub struct Proxy {
     client: UpstreamClient,
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
+    limits: Limits,
 }
 
 impl Proxy {
@@ -59,6 +65,7 @@ impl Proxy {
             client: UpstreamClient::new(&config.proxy),
             certificates,
             metrics,
+            limits: Limits::new(&config.limits, &config.timeouts),
         }
     }
 
@@ -70,6 +77,11 @@ impl Proxy {
     }
 
     async fn answer(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
+        let version = request.version();
+        let request = match self.limits.admit(request) {
+            Ok(request) => request,
+            Err(error) => return self.refuse(&error, version, connection),
+        };
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
             return respond::error(StatusCode::BAD_REQUEST);
         };
@@ -94,13 +106,30 @@ impl Proxy {
                 let client = ClientSide { peer: connection.peer, authority: &authority };
                 match self.client.forward(request, upstream, client, route.response_timeout).await {
                     Ok(response) => response.map(Either::Left),
-                    Err(error) => {
-                        tracing::warn!(route = route.index, %error, "upstream request failed");
-                        respond::error(error.status())
-                    }
+                    Err(error) => match LimitError::find_in(&error) {
+                        // The client's body was refused on its way upstream: the client's fault, not the upstream's.
+                        Some(limit) => self.refuse(limit, version, connection),
+                        None => {
+                            tracing::warn!(route = route.index, %error, "upstream request failed");
+                            respond::error(error.status())
+                        }
+                    },
                 }
             }
         }
+    }
+
+    /// Answers a request refused by a limit or a framing check. An HTTP/1 connection is closed after the answer:
+    /// the rest of the request (a body not read, or framed in a way sealgate does not trust) must not be read as
+    /// the next request, nor drained at the client's pace. (HTTP/2 streams end on their own.)
+    fn refuse(&self, error: &LimitError, version: Version, connection: &ConnectionInfo) -> Response<ProxyBody> {
+        tracing::debug!(peer = %connection.peer, %error, "request refused");
+        self.metrics.request_refused(error.reason());
+        let mut response = respond::error(error.status());
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Whether `host` may be answered on a connection made with `connection.certificate`: the certificate is
