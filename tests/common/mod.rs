@@ -2,6 +2,9 @@
 //! HTTP/1.1 and HTTP/2 clients (hyper), and a real upstream (a hyper server) that records what it receives.
 #![allow(dead_code)]
 
+pub mod h2raw;
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -340,4 +343,9 @@ impl Fixture {
 /// Whether a handshake for `sni` fails, whether by an alert or because nothing listens any more.
 pub async fn handshake_fails(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> bool {
     connect(addr, sni, config).await.is_err()
+}
+
+/// A TLS connection to the server's first listener for `sni`, offering `alpn`, trusting the fixture's CA.
+pub async fn tls_to(f: &Fixture, server: &RunningServer, sni: &str, alpn: &[u8]) -> TlsStream<TcpStream> {
+    connect(server.tls_addrs[0], sni, f.client(&[alpn])).await.unwrap()
 }
