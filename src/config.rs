@@ -61,6 +61,10 @@ pub struct Config {
     pub hsts: Option<HstsConfig>,
     /// The access log, if any.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// How long clients may take.
+    pub timeouts: TimeoutsConfig,
+    /// How much clients may ask for.
+    pub limits: LimitsConfig,
 }
 
 /// `[custody]`.
@@ -366,6 +370,73 @@ pub struct AuditConfig {
     pub path: PathBuf,
 }
 
+/// `[timeouts]`: how long a client may take. The TLS handshake's deadline is `tls.handshake_timeout`; the
+/// upstream side's are in `[proxy]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeoutsConfig {
+    /// HTTP/1: time to receive a request's head (request line and headers). hyper starts this timer whenever the
+    /// connection waits for a head, so it also bounds the keep-alive pause between two requests.
+    pub header_read: Duration,
+    /// A connection with no request in flight (HTTP/1 between requests, HTTP/2 with no open stream) is closed
+    /// after this long.
+    pub idle: Duration,
+    /// Time from a request's head to the last byte of its body (Envoy's `request_timeout`): a body that is still
+    /// arriving then is cut off, and the client gets 408 unless the response has begun. The response is not
+    /// covered (downloads and event streams may run long; the upstream's first byte is `proxy.response_timeout`).
+    pub request: Duration,
+    /// HTTP/2: a PING is sent after this long without a frame from the client.
+    pub h2_keep_alive_interval: Duration,
+    /// HTTP/2: the connection is closed when a PING is not acknowledged within this.
+    pub h2_keep_alive_timeout: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            request: Duration::from_secs(60),
+            h2_keep_alive_interval: Duration::from_secs(30),
+            h2_keep_alive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[limits]`: how much a client may ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open client connections per process (all listeners together); connections beyond it are accepted and
+    /// closed at once.
+    pub max_connections: usize,
+    /// Header fields per request (431 beyond).
+    pub max_header_count: usize,
+    /// Bytes of a request's head: HTTP/1 request line and headers; HTTP/2 header list as HPACK counts it (each
+    /// field's name and value plus 32). 431 beyond.
+    pub max_header_bytes: usize,
+    /// Bytes of the request target (scheme, authority, path and query); 414 beyond.
+    pub max_uri_bytes: usize,
+    /// Bytes of a request body; 413 beyond, whether the body declares its length or not.
+    pub max_body_bytes: u64,
+    /// HTTP/2 streams a client may have open at once on one connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// Default of `limits.max_header_count`: hyper's own HTTP/1 default, which keeps its header parser on the stack.
+pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_count: DEFAULT_MAX_HEADER_COUNT,
+            max_header_bytes: 32 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 100 * 1024 * 1024,
+            h2_max_concurrent_streams: 100,
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The file's shape.
 
@@ -393,6 +464,10 @@ struct RawConfig {
     redirect: Vec<RawRedirect>,
     hsts: Option<RawHsts>,
     access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Deserialize)]
@@ -555,6 +630,32 @@ struct RawAudit {
     path: Spanned<String>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default, with = "humantime_serde::option")]
+    header_read: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    request: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    h2_keep_alive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    h2_keep_alive_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Spanned<u64>>,
+    max_header_count: Option<Spanned<u64>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    max_uri_bytes: Option<Spanned<u64>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    h2_max_concurrent_streams: Option<Spanned<u64>>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Default period of the backstop rescan of the export.
@@ -671,6 +772,8 @@ impl Config {
                 })
             })
             .transpose()?;
+        let timeouts = cx.timeouts(raw.timeouts)?;
+        let limits = cx.limits(raw.limits)?;
         Ok(Self {
             path: path.to_owned(),
             custody,
@@ -686,6 +789,8 @@ impl Config {
             redirects,
             hsts,
             access_log,
+            timeouts,
+            limits,
         })
     }
 }
@@ -773,10 +878,8 @@ impl Context<'_> {
                 return Err(self.at(id, "tls.default_certificate", "is not a certificate id"));
             }
         }
-        let handshake_timeout = raw.handshake_timeout.unwrap_or(Duration::from_secs(10));
-        if handshake_timeout.is_zero() {
-            return Err(self.error(None, "tls.handshake_timeout must be greater than zero"));
-        }
+        let handshake_timeout = timeout_in_range(raw.handshake_timeout.unwrap_or(Duration::from_secs(10)))
+            .map_err(|why| self.error(None, format!("tls.handshake_timeout {why}")))?;
         Ok(TlsConfig {
             min_version,
             session_resumption: raw.session_resumption.unwrap_or(true),
@@ -784,6 +887,69 @@ impl Context<'_> {
             default_certificate: raw.default_certificate.map(Spanned::into_inner),
             key_exchange,
             handshake_timeout,
+        })
+    }
+
+    fn timeouts(&self, raw: RawTimeouts) -> Result<TimeoutsConfig> {
+        let defaults = TimeoutsConfig::default();
+        let positive = |key: &str, value: Option<Duration>, default: Duration| {
+            timeout_in_range(value.unwrap_or(default)).map_err(|why| self.error(None, format!("timeouts.{key} {why}")))
+        };
+        Ok(TimeoutsConfig {
+            header_read: positive("header_read", raw.header_read, defaults.header_read)?,
+            idle: positive("idle", raw.idle, defaults.idle)?,
+            request: positive("request", raw.request, defaults.request)?,
+            h2_keep_alive_interval: positive(
+                "h2_keep_alive_interval",
+                raw.h2_keep_alive_interval,
+                defaults.h2_keep_alive_interval,
+            )?,
+            h2_keep_alive_timeout: positive(
+                "h2_keep_alive_timeout",
+                raw.h2_keep_alive_timeout,
+                defaults.h2_keep_alive_timeout,
+            )?,
+        })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<LimitsConfig> {
+        let defaults = LimitsConfig::default();
+        // Upper bounds keep every value within what hyper, h2 and tokio accept without panicking (a tokio
+        // semaphore holds at most `usize::MAX >> 3` permits, h2 settings are u32).
+        let within = |key: &str, value: &Option<Spanned<u64>>, default: u64, max: u64| match value {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.at(v, &format!("limits.{key}"), format!("must be between 1 and {max}"))),
+        };
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Ok(LimitsConfig {
+            max_connections: size(within(
+                "max_connections",
+                &raw.max_connections,
+                defaults.max_connections as u64,
+                10_000_000,
+            )?),
+            max_header_count: size(within(
+                "max_header_count",
+                &raw.max_header_count,
+                defaults.max_header_count as u64,
+                10_000,
+            )?),
+            max_header_bytes: size(within(
+                "max_header_bytes",
+                &raw.max_header_bytes,
+                defaults.max_header_bytes as u64,
+                1024 * 1024,
+            )?),
+            max_uri_bytes: size(within("max_uri_bytes", &raw.max_uri_bytes, defaults.max_uri_bytes as u64, 65_534)?),
+            max_body_bytes: within("max_body_bytes", &raw.max_body_bytes, defaults.max_body_bytes, u64::MAX)?,
+            h2_max_concurrent_streams: u32::try_from(within(
+                "h2_max_concurrent_streams",
+                &raw.h2_max_concurrent_streams,
+                u64::from(defaults.h2_max_concurrent_streams),
+                10_000,
+            )?)
+            .unwrap_or(u32::MAX),
         })
     }
 
@@ -972,6 +1138,20 @@ fn parse_status_range(range: &StatusRange) -> Option<std::ops::RangeInclusive<u1
         },
     };
     (100 <= low && low <= high && high <= 599).then_some(low..=high)
+}
+
+/// The longest timeout accepted: deadlines are computed as `now + timeout`, which must not overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A client-side timeout must be positive and at most [`MAX_TIMEOUT`].
+fn timeout_in_range(value: Duration) -> std::result::Result<Duration, &'static str> {
+    if value.is_zero() {
+        Err("must be greater than zero")
+    } else if value > MAX_TIMEOUT {
+        Err("must be at most 365 days")
+    } else {
+        Ok(value)
+    }
 }
 
 /// Validates an upstream URL. The error never repeats the URL, which may carry a secret.
@@ -1210,6 +1390,65 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
     }
 
     #[test]
+    fn timeouts_and_limits_have_safe_defaults_and_parse() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.timeouts, TimeoutsConfig::default());
+        assert_eq!(config.limits, LimitsConfig::default());
+        assert_eq!(config.limits.max_header_count, DEFAULT_MAX_HEADER_COUNT);
+        let text = format!(
+            "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\n\
+             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\n\
+             [limits]\nmax_connections = 50_000\nmax_header_count = 64\nmax_header_bytes = 16384\n\
+             max_uri_bytes = 4096\nmax_body_bytes = 1_048_576\nh2_max_concurrent_streams = 250\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.timeouts,
+            TimeoutsConfig {
+                header_read: Duration::from_secs(2),
+                idle: Duration::from_secs(90),
+                request: Duration::from_secs(300),
+                h2_keep_alive_interval: Duration::from_secs(15),
+                h2_keep_alive_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(
+            config.limits,
+            LimitsConfig {
+                max_connections: 50_000,
+                max_header_count: 64,
+                max_header_bytes: 16384,
+                max_uri_bytes: 4096,
+                max_body_bytes: 1_048_576,
+                h2_max_concurrent_streams: 250,
+            }
+        );
+    }
+
+    #[test]
+    fn timeouts_and_limits_out_of_range_are_refused() {
+        for (section, needle, line) in [
+            ("[timeouts]\nidle = \"0s\"", "timeouts.idle must be greater than zero", None),
+            ("[timeouts]\nrequest = \"0ms\"", "timeouts.request", None),
+            ("[timeouts]\nheader_read = \"400y\"", "timeouts.header_read must be at most 365 days", None),
+            ("[tls]\nhandshake_timeout = \"500000000000y\"", "tls.handshake_timeout must be at most", None),
+            ("[timeouts]\nslow = \"1s\"", "slow", Some(10)),
+            ("[limits]\nmax_connections = 0", "limits.max_connections: must be between 1 and", Some(10)),
+            ("[limits]\nmax_connections = 100000000", "limits.max_connections", Some(10)),
+            ("[limits]\nmax_uri_bytes = 70000", "limits.max_uri_bytes: must be between 1 and 65534", Some(10)),
+            ("[limits]\nmax_header_bytes = 2000000", "limits.max_header_bytes", Some(10)),
+            ("[limits]\nh2_max_concurrent_streams = 0", "limits.h2_max_concurrent_streams", Some(10)),
+            ("[limits]\nmax_body_bytes = -1", "expected u64", Some(10)),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{section}\n")).unwrap_err();
+            assert!(err.message.contains(needle), "{section}: {err}");
+            if line.is_some() {
+                assert_eq!(err.position.map(|p| p.0), line, "{section}: {err}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_bind_addresses_are_named() {
         let err = parse(&MINIMAL.replace("127.0.0.1:8443", "localhost")).unwrap_err().to_string();
         assert!(err.contains("listener[0].bind"), "{err}");
@@ -1240,6 +1479,9 @@ mod readme {
         assert_eq!(config.tls.key_exchange.len(), 3);
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
+        // The reference shows the defaults.
+        assert_eq!(config.timeouts, TimeoutsConfig::default());
+        assert_eq!(config.limits, LimitsConfig::default());
     }
 }
 

@@ -91,6 +91,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     // Before any key is read: no core dumps, not dumpable, memory locked.
     let hardened = sealgate::hygiene::harden(&config.process);
     tracing::info!(?hardened, "process hygiene");
+    match sealgate::server::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(?limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit to its hard limit"),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = config.runtime.worker_threads {

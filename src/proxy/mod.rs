@@ -1,5 +1,6 @@
 //! The HTTP side: what happens to a request once a TLS connection carries it.
 //!
+//! - [`limits`]: request limits and framing checks, before anything else;
 //! - [`routes`]: which route answers a host and path;
 //! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
 //! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
@@ -10,6 +11,7 @@
 //! (HTTP/2 connection coalescing, or a forged `Host`) gets 421 and retries on a connection of its own.
 
 pub mod forward;
+pub mod limits;
 pub mod respond;
 pub mod routes;
 pub mod upstream;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -30,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
 use forward::ClientSide;
+use limits::{LimitError, Limits};
 use routes::{Action, RouteTable};
 use upstream::{AnsweredBy, ResponseBody, UpstreamError};
 
@@ -38,6 +41,8 @@ pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The body of every response sealgate sends (counted for the access log when it is enabled).
 pub type ProxyBody = LoggedBody<ReplyBody>;
+
+pub use limits::RequestBody;
 
 /// What the proxy knows of the connection a request came on.
 #[derive(Debug)]
@@ -65,6 +70,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     hsts: Option<HeaderValue>,
     access_log: Option<Arc<AccessLog>>,
+    limits: Limits,
 }
 
 impl Proxy {
@@ -83,6 +89,7 @@ impl Proxy {
             metrics,
             hsts: config.hsts.as_ref().map(HstsConfig::header_value),
             access_log,
+            limits: Limits::new(&config.limits, &config.timeouts),
         })
     }
 
@@ -109,6 +116,11 @@ impl Proxy {
         request: Request<Incoming>,
         connection: &ConnectionInfo,
     ) -> (Response<ReplyBody>, Option<String>) {
+        let version = request.version();
+        let request = match self.limits.admit(request) {
+            Ok(request) => request,
+            Err(error) => return (self.refuse(&error, version, connection), None),
+        };
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
             return (respond::error(StatusCode::BAD_REQUEST), None);
         };
@@ -135,13 +147,30 @@ impl Proxy {
                         let upstream = response.extensions().get::<AnsweredBy>().map(|a| a.0.to_string());
                         (response.map(Either::Left), upstream)
                     }
-                    Err(error) => {
-                        tracing::warn!(route = route.index, %error, "upstream request failed");
-                        (respond::error(error.status()), error.upstream().map(str::to_owned))
-                    }
+                    Err(error) => match LimitError::find_in(&error) {
+                        // The client's body was refused on its way upstream: the client's fault, not the upstream's.
+                        Some(limit) => (self.refuse(limit, version, connection), None),
+                        None => {
+                            tracing::warn!(route = route.index, %error, "upstream request failed");
+                            (respond::error(error.status()), error.upstream().map(str::to_owned))
+                        }
+                    },
                 }
             }
         }
+    }
+
+    /// Answers a request refused by a limit or a framing check. An HTTP/1 connection is closed after the answer:
+    /// the rest of the request (a body not read, or framed in a way sealgate does not trust) must not be read as
+    /// the next request, nor drained at the client's pace. (HTTP/2 streams end on their own.)
+    fn refuse(&self, error: &LimitError, version: Version, connection: &ConnectionInfo) -> Response<ReplyBody> {
+        tracing::debug!(peer = %connection.peer, %error, "request refused");
+        self.metrics.request_refused(error.reason());
+        let mut response = respond::error(error.status());
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Whether `host` may be answered on a connection made with `connection.certificate`: the certificate is

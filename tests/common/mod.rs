@@ -2,6 +2,9 @@
 //! HTTP/1.1 and HTTP/2 clients (hyper), and a real upstream (a hyper server) that records what it receives.
 #![allow(dead_code)]
 
+pub mod h2raw;
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -455,4 +458,9 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
     tokio::spawn(conn);
     let request = Request::builder().uri(path).header("host", "admin").body(Full::new(Bytes::new())).unwrap();
     text(sender.send_request(request).await.unwrap()).await
+}
+
+/// A TLS connection to the server's first listener for `sni`, offering `alpn`, trusting the fixture's CA.
+pub async fn tls_to(f: &Fixture, server: &RunningServer, sni: &str, alpn: &[u8]) -> TlsStream<TcpStream> {
+    connect(server.tls_addrs[0], sni, f.client(&[alpn])).await.unwrap()
 }

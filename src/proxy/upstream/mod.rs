@@ -35,7 +35,6 @@ use http::uri::PathAndQuery;
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -134,7 +133,7 @@ impl UpstreamGroup {
     /// Forwards `request`, retrying as the route allows; the response carries [`AnsweredBy`] in its extensions.
     pub async fn forward(
         &self,
-        request: Request<Incoming>,
+        request: Request<crate::proxy::limits::RequestBody>,
         client: ClientSide<'_>,
         timeout: Duration,
     ) -> Result<Response<ResponseBody>, ForwardError> {

@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::proxy::limits::RequestBody as ClientBody;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -29,7 +29,7 @@ use crate::config::ProxyConfig;
 
 /// The body of a request sent upstream: the client's, streamed, or none (a bodiless request, which can be sent
 /// again on a retry).
-pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 
 /// Why a route's pool could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,7 @@ pub enum PoolError {
 /// A route's pooled client.
 #[derive(Debug, Clone)]
 pub struct Pool {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
 }
 
 impl Pool {
@@ -97,7 +97,7 @@ impl Pool {
     }
 
     /// Sends `request`, whose URI is absolute (`scheme://authority/path`).
-    pub fn request(&self, request: Request<RequestBody>) -> ResponseFuture {
+    pub fn request(&self, request: Request<UpstreamBody>) -> ResponseFuture {
         self.client.request(request)
     }
 }
