@@ -68,7 +68,7 @@ pub struct Config {
 }
 
 /// `[custody]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustodyConfig {
     /// The export directory, resolved against the config file's directory.
     pub export: PathBuf,
@@ -110,7 +110,7 @@ pub enum KeyExchange {
 }
 
 /// `[tls]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     /// Lowest version; custody policy forbids anything below 1.2.
     pub min_version: TlsVersion,
@@ -135,7 +135,7 @@ pub struct ListenerConfig {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Address to bind (plain HTTP).
     pub bind: SocketAddr,
@@ -285,7 +285,7 @@ pub struct DirectResponse {
 }
 
 /// `[runtime]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuntimeConfig {
     /// Tokio worker threads; `None` = one per core.
     pub worker_threads: Option<usize>,
@@ -327,7 +327,7 @@ impl HstsConfig {
 }
 
 /// `[process]`: how the process protects the keys it holds (see [`crate::hygiene`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessConfig {
     /// Allow core dumps (default false: `RLIMIT_CORE` 0).
     pub core_dumps: bool,
@@ -355,7 +355,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// A `tracing` filter, e.g. `info` or `sealgate=debug`; `RUST_LOG` overrides it.
     pub level: String,
@@ -364,7 +364,7 @@ pub struct LogConfig {
 }
 
 /// `[audit]`: the append-only, hash-chained record of custody events (see [`crate::audit`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     /// The log file, resolved against the config file's directory.
     pub path: PathBuf,
@@ -388,6 +388,9 @@ pub struct TimeoutsConfig {
     pub h2_keep_alive_interval: Duration,
     /// HTTP/2: the connection is closed when a PING is not acknowledged within this.
     pub h2_keep_alive_timeout: Duration,
+    /// On SIGTERM or SIGINT: time for in-flight requests to finish once sealgate stops accepting; connections
+    /// still open then are closed.
+    pub drain: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -398,6 +401,7 @@ impl Default for TimeoutsConfig {
             request: Duration::from_secs(60),
             h2_keep_alive_interval: Duration::from_secs(30),
             h2_keep_alive_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
         }
     }
 }
@@ -643,6 +647,8 @@ struct RawTimeouts {
     h2_keep_alive_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     h2_keep_alive_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    drain: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -909,6 +915,7 @@ impl Context<'_> {
                 raw.h2_keep_alive_timeout,
                 defaults.h2_keep_alive_timeout,
             )?,
+            drain: positive("drain", raw.drain, defaults.drain)?,
         })
     }
 
@@ -1397,7 +1404,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
         assert_eq!(config.limits.max_header_count, DEFAULT_MAX_HEADER_COUNT);
         let text = format!(
             "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\n\
-             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\n\
+             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\ndrain = \"30s\"\n\
              [limits]\nmax_connections = 50_000\nmax_header_count = 64\nmax_header_bytes = 16384\n\
              max_uri_bytes = 4096\nmax_body_bytes = 1_048_576\nh2_max_concurrent_streams = 250\n"
         );
@@ -1410,6 +1417,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
                 request: Duration::from_secs(300),
                 h2_keep_alive_interval: Duration::from_secs(15),
                 h2_keep_alive_timeout: Duration::from_secs(5),
+                drain: Duration::from_secs(30),
             }
         );
         assert_eq!(

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -90,9 +91,106 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
+    shared: Arc<Shared>,
+    current: tokio::sync::Mutex<Current>,
+}
+
+/// The configuration in force and the TLS listeners it opened.
+struct Current {
+    config: Config,
+    listeners: Vec<OpenListener>,
+}
+
+/// A TLS listener: the address it was configured with, the address it got, and the signal that closes it.
+struct OpenListener {
+    configured: SocketAddr,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// TLS listeners opened (bound addresses).
+    pub opened: Vec<SocketAddr>,
+    /// TLS listeners closed (their connections go on).
+    pub closed: Vec<SocketAddr>,
+    /// Sections that changed but only take effect at the next start.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current").field("listeners", &self.listeners.len()).finish_non_exhaustive()
+    }
 }
 
 impl RunningServer {
+    /// The TLS listeners open now (a reload may have changed them).
+    pub async fn listeners(&self) -> Vec<SocketAddr> {
+        self.current.lock().await.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// Applies a new configuration without dropping a connection: routes, upstreams, limits, timeouts, HSTS and
+    /// the access log (reopened, which also serves log rotation) take effect at once; TLS listeners are opened and
+    /// closed as the configuration says, unchanged ones untouched. Sections that cannot change while running
+    /// (custody, TLS policy, admin, audit, process, runtime, log, redirects) are reported in
+    /// [`Reloaded::need_restart`]. On any error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<Reloaded> {
+        let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
+        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)?;
+        let mut current = self.current.lock().await;
+        let mut reloaded =
+            Reloaded { need_restart: restart_only_changes(&current.config, &config), ..Default::default() };
+
+        // Open the new listeners first: if one cannot be bound, close those just opened and change nothing.
+        let mut opened = Vec::new();
+        for listener in &config.listeners {
+            if current.listeners.iter().any(|l| l.configured == listener.bind) {
+                continue;
+            }
+            match open_listener(listener.bind, &self.shared, &self.holder, &self.tracker).await {
+                Ok(open) => opened.push(open),
+                Err(error) => {
+                    opened.iter().for_each(|l: &OpenListener| l.stop.cancel());
+                    return Err(error);
+                }
+            }
+        }
+        let (kept, closed): (Vec<_>, Vec<_>) = std::mem::take(&mut current.listeners)
+            .into_iter()
+            .partition(|l| config.listeners.iter().any(|c| c.bind == l.configured));
+        for listener in &closed {
+            tracing::info!(addr = %listener.addr, "listener removed from the configuration: closed");
+            listener.stop.cancel();
+        }
+        reloaded.opened = opened.iter().map(|l| l.addr).collect();
+        reloaded.closed = closed.iter().map(|l| l.addr).collect();
+        current.listeners = kept.into_iter().chain(opened).collect();
+
+        let settings = Settings::new(&config, proxy);
+        let (old, new) = (self.shared.settings.load().max_connections, settings.max_connections);
+        if new > old {
+            self.shared.connections.add_permits(new - old);
+        } else if new < old {
+            // Only permits not in use can be taken back; connections above the new limit finish normally.
+            self.shared.connections.forget_permits(old - new);
+        }
+        self.shared.settings.store(Arc::new(settings));
+        current.config = config;
+        if !reloaded.need_restart.is_empty() {
+            tracing::warn!(sections = ?reloaded.need_restart, "these changes take effect at the next start");
+        }
+        tracing::info!(opened = ?reloaded.opened, closed = ?reloaded.closed, "configuration reloaded");
+        Ok(reloaded)
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then closes every connection.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
@@ -110,16 +208,38 @@ impl RunningServer {
 struct Shared {
     store: Arc<CertificateStore>,
     registry: Arc<ConnectionRegistry>,
-    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
-    handshake_timeout: Duration,
-    idle_timeout: Duration,
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    /// What a configuration reload changes, swapped as a whole.
+    settings: ArcSwap<Settings>,
     /// One permit per open client connection, across all listeners.
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
+}
+
+/// The reloadable part of the configuration. A connection takes the settings current when it is accepted for its
+/// connection-level behaviour (timeouts, HTTP settings); every request takes the current proxy, so that a reload
+/// changes routes and upstreams for connections already open too.
+struct Settings {
+    proxy: Arc<Proxy>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    max_connections: usize,
+}
+
+impl Settings {
+    fn new(config: &Config, proxy: Proxy) -> Self {
+        Self {
+            proxy: Arc::new(proxy),
+            handshake_timeout: config.tls.handshake_timeout,
+            idle_timeout: config.timeouts.idle,
+            http1: http1_builder(&config.limits, &config.timeouts),
+            http2: http2_builder(&config.limits, &config.timeouts),
+            max_connections: config.limits.max_connections,
+        }
+    }
 }
 
 /// Reads the export, binds every listener and starts serving.
@@ -153,15 +273,12 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
+    let proxy = Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)?;
     let shared = Arc::new(Shared {
         registry,
-        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)?),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
-        handshake_timeout: config.tls.handshake_timeout,
-        idle_timeout: config.timeouts.idle,
-        http1: http1_builder(&config.limits, &config.timeouts),
-        http2: http2_builder(&config.limits, &config.timeouts),
+        settings: ArcSwap::from_pointee(Settings::new(&config, proxy)),
         connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
@@ -169,15 +286,11 @@ pub async fn start(config: Config) -> Result<RunningServer> {
 
     let tracker = TaskTracker::new();
     tracker.spawn(Arc::clone(&holder).follow(watcher, config.custody.rescan_interval, shutdown.clone()));
-    let mut tls_addrs = Vec::new();
+    let mut listeners = Vec::new();
     for listener in &config.listeners {
-        let socket = bind(listener.bind).await?;
-        let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: listener.bind, source })?;
-        tracing::info!(%addr, "listening for TLS");
-        tls_addrs.push(addr);
-        let listening = Listening { addr, socket: Some(socket), serving: holder.serving() };
-        tracker.spawn(accept_loop(listening, Arc::clone(&shared), tracker.clone()));
+        listeners.push(open_listener(listener.bind, &shared, &holder, &tracker).await?);
     }
+    let tls_addrs = listeners.iter().map(|l| l.addr).collect();
     let mut redirect_addrs = Vec::new();
     for redirect in &config.redirects {
         let socket = bind(redirect.bind).await?;
@@ -197,7 +310,34 @@ pub async fn start(config: Config) -> Result<RunningServer> {
             Some(addr)
         }
     };
-    Ok(RunningServer { tls_addrs, redirect_addrs, admin_addr, holder, metrics, shutdown, hard_stop, tracker })
+    Ok(RunningServer {
+        tls_addrs,
+        redirect_addrs,
+        admin_addr,
+        holder,
+        metrics,
+        shutdown,
+        hard_stop,
+        tracker,
+        shared,
+        current: tokio::sync::Mutex::new(Current { config, listeners }),
+    })
+}
+
+/// Binds a TLS listener and starts accepting on it.
+async fn open_listener(
+    configured: SocketAddr,
+    shared: &Arc<Shared>,
+    holder: &Holder,
+    tracker: &TaskTracker,
+) -> Result<OpenListener> {
+    let socket = bind(configured).await?;
+    let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })?;
+    tracing::info!(%addr, "listening for TLS");
+    let stop = shared.shutdown.child_token();
+    let listening = Listening { addr, socket: Some(socket), serving: holder.serving(), stop: stop.clone() };
+    tracker.spawn(accept_loop(listening, Arc::clone(shared), tracker.clone()));
+    Ok(OpenListener { configured, addr, stop })
 }
 
 /// HTTP/2: streams the client reset before sealgate accepted them, beyond which the connection is closed with
@@ -270,6 +410,8 @@ struct Listening {
     addr: SocketAddr,
     socket: Option<TcpListener>,
     serving: watch::Receiver<bool>,
+    /// Closes this listener: at shutdown, or when a reload removes it.
+    stop: CancellationToken,
 }
 
 impl Listening {
@@ -314,13 +456,14 @@ impl Listening {
 async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: TaskTracker) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
+    let stop = listening.stop.clone();
     loop {
-        if !listening.ready(&shared.shutdown).await {
+        if !listening.ready(&stop).await {
             return;
         }
         let Listening { socket: Some(socket), serving, .. } = &mut listening else { continue };
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = serving.changed() => continue,
             accepted = socket.accept() => accepted,
         };
@@ -352,7 +495,8 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
 /// One client connection, from the first byte to the close. It holds `_permit` (its place under
 /// `limits.max_connections`) until then.
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
-    let deadline = Instant::now() + shared.handshake_timeout;
+    let settings = shared.settings.load_full();
+    let deadline = Instant::now() + settings.handshake_timeout;
     let _count = shared.metrics.connection_opened();
 
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -396,10 +540,11 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let sni = sni.map(Arc::<str>::from);
     let info = Arc::new(ConnectionInfo { peer, sni, certificate, tls_version, cipher });
     let activity = Arc::new(Activity::new());
-    let proxy = Arc::clone(&shared.proxy);
     let requests = Arc::clone(&activity);
+    let current = Arc::clone(&shared);
     let service = service_fn(move |request| {
-        let proxy = Arc::clone(&proxy);
+        // The proxy current when the request arrives: a reload applies to connections already open.
+        let proxy = current.settings.load_full().proxy.clone();
         let info = Arc::clone(&info);
         let in_flight = requests.request_started();
         async move {
@@ -408,11 +553,12 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         }
     });
     let io = TokioIo::new(tls);
-    let watch = Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, peer };
+    let watch =
+        Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        drive(shared.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
+        drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
     } else {
-        drive(shared.http1.serve_connection(io, service).with_upgrades(), watch, ConnectionTimeout::HeaderRead).await;
+        drive(settings.http1.serve_connection(io, service).with_upgrades(), watch, ConnectionTimeout::HeaderRead).await;
     }
 }
 
@@ -421,6 +567,8 @@ struct Watch<'a> {
     shared: &'a Shared,
     grant_ended: &'a CancellationToken,
     activity: &'a Activity,
+    /// `timeouts.idle` as it was when the connection was accepted.
+    idle: Duration,
     peer: SocketAddr,
 }
 
@@ -432,7 +580,7 @@ async fn drive<C>(connection: C, watch: Watch<'_>, hyper_timeout: ConnectionTime
 where
     C: Drain,
 {
-    let Watch { shared, grant_ended, activity, peer } = watch;
+    let Watch { shared, grant_ended, activity, idle, peer } = watch;
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -448,7 +596,7 @@ where
                 _ = shared.hard_stop.cancelled() => return,
             }
         }
-        _ = activity.idle_for(shared.idle_timeout) => {
+        _ = activity.idle_for(idle) => {
             tracing::debug!(%peer, "closing connection: idle");
             shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
             connection.as_mut().drain();
@@ -456,7 +604,7 @@ where
                 result = connection.as_mut() => result,
                 _ = grant_ended.cancelled() => return,
                 _ = shared.hard_stop.cancelled() => return,
-                _ = activity.idle_for(shared.idle_timeout) => return,
+                _ = activity.idle_for(idle) => return,
             }
         }
     };
@@ -589,4 +737,25 @@ fn classify(error: &std::io::Error) -> HandshakeFailure {
 fn handshake_failed(shared: &Shared, peer: SocketAddr, reason: HandshakeFailure, detail: &dyn std::fmt::Display) {
     shared.metrics.handshake_failed(reason);
     tracing::debug!(%peer, ?reason, %detail, "TLS handshake failed");
+}
+
+/// The sections of `new` that differ from `old` and cannot change while running.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    // The TLS handshake timeout is reloadable; the rest of the TLS policy is built into every certificate's
+    // configuration.
+    let tls_policy = |c: &Config| crate::config::TlsConfig { handshake_timeout: Duration::ZERO, ..c.tls.clone() };
+    [
+        ("custody", old.custody == new.custody),
+        ("tls", tls_policy(old) == tls_policy(new)),
+        ("admin", old.admin == new.admin),
+        ("audit", old.audit == new.audit),
+        ("process", old.process == new.process),
+        ("runtime", old.runtime == new.runtime),
+        ("log", old.log == new.log),
+        ("redirect", old.redirects == new.redirects),
+    ]
+    .into_iter()
+    .filter(|(_, same)| !same)
+    .map(|(name, _)| name)
+    .collect()
 }
