@@ -381,7 +381,9 @@ fn http2_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http2::Bui
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
         .keep_alive_interval(timeouts.h2_keep_alive_interval)
-        .keep_alive_timeout(timeouts.h2_keep_alive_timeout);
+        .keep_alive_timeout(timeouts.h2_keep_alive_timeout)
+        // RFC 8441 extended CONNECT: WebSocket over HTTP/2 (see `proxy::upgrade`).
+        .enable_connect_protocol();
     http2
 }
 
@@ -538,7 +540,17 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
     let sni = sni.map(Arc::<str>::from);
-    let info = Arc::new(ConnectionInfo { peer, sni, certificate, tls_version, cipher });
+    let info = Arc::new(ConnectionInfo {
+        peer,
+        sni,
+        certificate,
+        tls_version,
+        cipher,
+        grant_ended: grant_ended.clone(),
+        hard_stop: shared.hard_stop.clone(),
+        tunnel: std::sync::Mutex::new(None),
+    });
+    let upgraded = Arc::clone(&info);
     let activity = Arc::new(Activity::new());
     let requests = Arc::clone(&activity);
     let current = Arc::clone(&shared);
@@ -559,6 +571,11 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
     } else {
         drive(settings.http1.serve_connection(io, service).with_upgrades(), watch, ConnectionTimeout::HeaderRead).await;
+        // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
+        // stop; the connection stays counted (and registered) until then.
+        if let Some(tunnel) = upgraded.take_tunnel() {
+            let _ = tunnel.await;
+        }
     }
 }
 

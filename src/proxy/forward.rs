@@ -158,6 +158,7 @@ pub fn rewrite_head(
     let from_http2 = parts.version == Version::HTTP_2;
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
+    super::upgrade::restore_request_headers(&parts.extensions, &mut parts.headers);
     if from_http2 {
         join_cookies(&mut parts.headers);
     }

@@ -4,7 +4,8 @@
 //! - [`routes`]: which route answers a host and path;
 //! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
 //! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
-//! - [`respond`]: answers sealgate writes itself.
+//! - [`respond`]: answers sealgate writes itself;
+//! - [`upgrade`]: WebSocket tunnels (HTTP/1.1 upgrade, HTTP/2 extended CONNECT); other upgrades refused.
 //!
 //! Before routing, every request's `Host` (HTTP/1.1) or `:authority` (HTTP/2) must be a name the connection's
 //! certificate is served for *and* that is still served: a client that reuses a connection for another name
@@ -14,6 +15,7 @@ pub mod forward;
 pub mod limits;
 pub mod respond;
 pub mod routes;
+pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -34,6 +36,8 @@ use crate::tls::CertificateStore;
 use forward::ClientSide;
 use limits::{LimitError, Limits};
 use routes::{Action, RouteTable};
+use tokio_util::sync::CancellationToken;
+use upgrade::{Kind, UpgradeHeaders};
 use upstream::{AnsweredBy, ResponseBody, UpstreamError};
 
 /// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
@@ -57,6 +61,20 @@ pub struct ConnectionInfo {
     pub tls_version: &'static str,
     /// The negotiated cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
     pub cipher: &'static str,
+    /// Fires when the certificate's grant ends: tunnels close with the connection.
+    pub grant_ended: CancellationToken,
+    /// Fires at the server's hard stop.
+    pub hard_stop: CancellationToken,
+    /// An HTTP/1.1 connection's WebSocket tunnel, once upgraded: the connection task waits for it (so that the
+    /// connection is counted, and closed with its grant, for as long as the tunnel lives).
+    pub tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl ConnectionInfo {
+    /// Takes the tunnel the connection was upgraded to, if any.
+    pub fn take_tunnel(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.tunnel.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
 }
 
 /// Routes and forwards requests.
@@ -117,9 +135,29 @@ impl Proxy {
         connection: &ConnectionInfo,
     ) -> (Response<ReplyBody>, Option<String>) {
         let version = request.version();
-        let request = match self.limits.admit(request) {
+        let mut request = match self.limits.admit(request) {
             Ok(request) => request,
             Err(error) => return (self.refuse(&error, version, connection), None),
+        };
+        let switch = match upgrade::classify(&request) {
+            Kind::Plain => None,
+            Kind::Refused(status) => {
+                tracing::debug!(peer = %connection.peer, method = %request.method(), "upgrade or CONNECT refused");
+                return (self.close_after(respond::error(status), version), None);
+            }
+            Kind::WebSocket(upgrade) => {
+                request.extensions_mut().insert(UpgradeHeaders { upgrade: upgrade.clone(), key: None });
+                Some(Switch { upgrade, key: None, client: hyper::upgrade::on(&mut request), http1: true })
+            }
+            Kind::WebSocketOverH2 => match upgrade::h2_to_h1(&mut request) {
+                Some(key) => Some(Switch {
+                    upgrade: HeaderValue::from_static("websocket"),
+                    key: Some(key),
+                    client: hyper::upgrade::on(&mut request),
+                    http1: false,
+                }),
+                None => return (respond::error(StatusCode::INTERNAL_SERVER_ERROR), None),
+            },
         };
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
             return (respond::error(StatusCode::BAD_REQUEST), None);
@@ -145,7 +183,7 @@ impl Proxy {
                 match upstreams.forward(request, client, route.response_timeout).await {
                     Ok(response) => {
                         let upstream = response.extensions().get::<AnsweredBy>().map(|a| a.0.to_string());
-                        (response.map(Either::Left), upstream)
+                        (self.switch_or_pass(response, switch, connection), upstream)
                     }
                     Err(error) => match LimitError::find_in(&error) {
                         // The client's body was refused on its way upstream: the client's fault, not the upstream's.
@@ -158,6 +196,53 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Passes an upstream response on, or, for an upgrade the upstream agreed to, answers the client's switch and
+    /// starts the tunnel.
+    fn switch_or_pass(
+        &self,
+        mut response: Response<ResponseBody>,
+        switch: Option<Switch>,
+        connection: &ConnectionInfo,
+    ) -> Response<ReplyBody> {
+        let Some(switch) = switch else {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                tracing::warn!("upstream switched protocols without being asked; refusing its answer");
+                return respond::error(StatusCode::BAD_GATEWAY);
+            }
+            return response.map(Either::Left);
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream declined the upgrade: its answer is an ordinary response.
+            return response.map(Either::Left);
+        }
+        if !upgrade::upstream_switched(&response, &switch.upgrade, switch.key.as_ref()) {
+            tracing::warn!("upstream switched to another protocol than the one asked for");
+            return respond::error(StatusCode::BAD_GATEWAY);
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut head, _) = response.into_parts();
+        forward::remove_hop_by_hop(&mut head.headers);
+        let mut status = head.status;
+        upgrade::client_head(&mut head.headers, &mut status, switch.http1.then_some(&switch.upgrade));
+        let closing = [connection.grant_ended.clone(), connection.hard_stop.clone()];
+        let tunnel = tokio::spawn(upgrade::tunnel(switch.client, upstream, closing));
+        if switch.http1 {
+            *connection.tunnel.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tunnel);
+        }
+        let mut reply = Response::new(Either::Right(Full::new(Bytes::new())));
+        *reply.status_mut() = status;
+        *reply.headers_mut() = head.headers;
+        reply
+    }
+
+    /// HTTP/1: closes the connection after this answer.
+    fn close_after(&self, mut response: Response<ReplyBody>, version: Version) -> Response<ReplyBody> {
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Answers a request refused by a limit or a framing check. An HTTP/1 connection is closed after the answer:
@@ -179,6 +264,15 @@ impl Proxy {
     fn is_served_on(&self, host: &str, connection: &ConnectionInfo) -> bool {
         names::any_covers(&connection.certificate.server_names, host) && self.certificates.serves(host)
     }
+}
+
+/// An upgrade in progress: what was asked upstream and the client's side of the tunnel.
+struct Switch {
+    upgrade: HeaderValue,
+    key: Option<HeaderValue>,
+    client: hyper::upgrade::OnUpgrade,
+    /// HTTP/1.1 upgrade (`101`) rather than HTTP/2 extended CONNECT (`200`).
+    http1: bool,
 }
 
 /// The access log record of a request, to be completed when its response ends.

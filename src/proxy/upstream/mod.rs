@@ -167,7 +167,11 @@ impl UpstreamGroup {
                 Ok(Ok(response)) => {
                     endpoint.succeeded();
                     let (mut head, body) = response.into_parts();
-                    forward::remove_hop_by_hop(&mut head.headers);
+                    // A switch of protocols keeps its `Upgrade` for the proxy to check (see `proxy::upgrade`), which
+                    // then removes the hop-by-hop headers itself.
+                    if head.status != http::StatusCode::SWITCHING_PROTOCOLS {
+                        forward::remove_hop_by_hop(&mut head.headers);
+                    }
                     head.extensions.insert(AnsweredBy(Arc::clone(&endpoint.name)));
                     return Ok(Response::from_parts(head, ResponseBody::new(body, in_flight)));
                 }
