@@ -59,6 +59,8 @@ pub struct Config {
     pub redirects: Vec<RedirectConfig>,
     /// `Strict-Transport-Security` on every response, if configured.
     pub hsts: Option<HstsConfig>,
+    /// Headers set on every response (replacing an upstream's of the same name): security headers, above all.
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The access log, if any.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
     /// How long clients may take.
@@ -467,6 +469,8 @@ struct RawConfig {
     #[serde(default)]
     redirect: Vec<RawRedirect>,
     hsts: Option<RawHsts>,
+    #[serde(default)]
+    response_headers: std::collections::BTreeMap<String, Spanned<String>>,
     access_log: Option<RawAccessLog>,
     #[serde(default)]
     timeouts: RawTimeouts,
@@ -664,6 +668,19 @@ struct RawLimits {
 
 // ---------------------------------------------------------------------------------------------------------------
 
+/// Headers a configuration may not set on responses: hyper and sealgate own the framing and the connection.
+const HOP_BY_HOP_OR_FRAMING: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "strict-transport-security",
+];
+
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -760,6 +777,21 @@ impl Config {
                 Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443) })
             })
             .collect::<Result<Vec<_>>>()?;
+        let response_headers = raw
+            .response_headers
+            .iter()
+            .map(|(name, value)| {
+                let key = format!("response_headers.{name}");
+                let header = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| cx.at(value, &key, "is not a valid header name"))?;
+                if HOP_BY_HOP_OR_FRAMING.contains(&header.as_str()) {
+                    return Err(cx.at(value, &key, "is a hop-by-hop or framing header, which sealgate manages"));
+                }
+                let value = http::HeaderValue::from_str(value.get_ref())
+                    .map_err(|_| cx.at(value, &key, "is not a valid header value"))?;
+                Ok((header, value))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let hsts = raw.hsts.map(|h| HstsConfig {
             max_age: h.max_age,
             include_subdomains: h.include_subdomains,
@@ -794,6 +826,7 @@ impl Config {
             process,
             redirects,
             hsts,
+            response_headers,
             access_log,
             timeouts,
             limits,
@@ -1454,6 +1487,16 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
                 assert_eq!(err.position.map(|p| p.0), line, "{section}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn response_headers_are_validated() {
+        let ok = parse(&format!("{MINIMAL}\n[response_headers]\nX-Frame-Options = \"DENY\"\n")).unwrap();
+        assert_eq!(ok.response_headers[0].0, "x-frame-options");
+        let framing = parse(&format!("{MINIMAL}\n[response_headers]\nTransfer-Encoding = \"chunked\"\n"));
+        assert!(framing.unwrap_err().to_string().contains("response_headers.Transfer-Encoding"));
+        let bad = parse(&format!("{MINIMAL}\n[response_headers]\n\"bad name\" = \"x\"\n"));
+        assert!(bad.unwrap_err().to_string().contains("not a valid header name"));
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub struct Proxy {
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
     hsts: Option<HeaderValue>,
+    response_headers: Vec<(header::HeaderName, HeaderValue)>,
     access_log: Option<Arc<AccessLog>>,
     limits: Limits,
 }
@@ -106,6 +107,7 @@ impl Proxy {
             certificates,
             metrics,
             hsts: config.hsts.as_ref().map(HstsConfig::header_value),
+            response_headers: config.response_headers.clone(),
             access_log,
             limits: Limits::new(&config.limits, &config.timeouts),
         })
@@ -119,6 +121,9 @@ impl Proxy {
         self.metrics.request_answered(response.status());
         if let Some(hsts) = &self.hsts {
             response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+        }
+        for (name, value) in &self.response_headers {
+            response.headers_mut().insert(name.clone(), value.clone());
         }
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
