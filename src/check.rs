@@ -35,6 +35,15 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::from(UNREADABLE);
         }
     };
+    // An absent export reads as empty (while running, that retires every grant); say why the table is empty.
+    for (path, what) in
+        [(custody.export.clone(), "export directory"), (custody.export.join("associations.toml"), "associations file")]
+    {
+        if !path.exists() {
+            eprintln!("sealgate check: the {what} {} does not exist: nothing is associated", path.display());
+            break;
+        }
+    }
     // Written rather than `print!`ed: `print!` panics when stdout is closed (`sealgate check | head -1`).
     if let Err(e) = std::io::stdout().lock().write_all(render_table(&snapshot).as_bytes()) {
         eprintln!("sealgate check: cannot write the report: {e}");

@@ -59,12 +59,18 @@ pub struct Config {
     pub redirects: Vec<RedirectConfig>,
     /// `Strict-Transport-Security` on every response, if configured.
     pub hsts: Option<HstsConfig>,
+    /// Headers set on every response (replacing an upstream's of the same name): security headers, above all.
+    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// The access log, if any.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// How long clients may take.
+    pub timeouts: TimeoutsConfig,
+    /// How much clients may ask for.
+    pub limits: LimitsConfig,
 }
 
 /// `[custody]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CustodyConfig {
     /// The export directory, resolved against the config file's directory.
     pub export: PathBuf,
@@ -106,7 +112,7 @@ pub enum KeyExchange {
 }
 
 /// `[tls]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     /// Lowest version; custody policy forbids anything below 1.2.
     pub min_version: TlsVersion,
@@ -131,7 +137,7 @@ pub struct ListenerConfig {
 }
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     /// Address to bind (plain HTTP).
     pub bind: SocketAddr,
@@ -168,22 +174,104 @@ pub struct RouteConfig {
 /// What a route does with a request.
 #[derive(Debug, Clone)]
 pub enum RouteAction {
-    /// Forward to these upstreams, round robin.
-    Upstream(Vec<UpstreamUrl>),
+    /// Forward to one of a group of upstreams.
+    Upstream(UpstreamGroupConfig),
     /// Answer directly.
     Respond(DirectResponse),
 }
 
-/// A validated upstream: `http://host:port`, no credentials, no path.
+/// An upstream route's upstreams and how they are used: balancing, passive ejection, active health checks,
+/// retries and the CA that verifies `https` upstreams.
+#[derive(Debug, Clone)]
+pub struct UpstreamGroupConfig {
+    /// The upstreams, in file order (never empty).
+    pub upstreams: Vec<UpstreamUrl>,
+    /// How an upstream is chosen for a request.
+    pub balance: Balance,
+    /// How many times a failed request may be sent again, to another upstream when there is one.
+    pub retries: u32,
+    /// PEM file of the CAs trusted for `https` upstreams (required when there is one), resolved against the
+    /// config file's directory.
+    pub ca: Option<PathBuf>,
+    /// Passive ejection after consecutive failures.
+    pub outlier: OutlierConfig,
+    /// Active HTTP health checks, if configured.
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// Load balancing policy of an upstream route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each upstream in turn.
+    #[default]
+    RoundRobin,
+    /// The upstream with the fewest requests in flight; ties in turn.
+    LeastRequests,
+}
+
+/// `outlier = { ... }`: passive ejection of an upstream after consecutive failures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Failures in a row (connection errors, timeouts) that eject an upstream; 0 turns ejection off.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th ejection in a row lasts n times this.
+    pub base_ejection_time: Duration,
+    /// The longest ejection.
+    pub max_ejection_time: Duration,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `health_check = { ... }`: an active HTTP check of every upstream of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    /// Path (and query) requested with `GET`.
+    pub path: http::uri::PathAndQuery,
+    /// Time between the start of two checks.
+    pub interval: Duration,
+    /// Time allowed for one check's response headers.
+    pub timeout: Duration,
+    /// Passing checks in a row that make an unhealthy upstream healthy.
+    pub healthy_threshold: u32,
+    /// Failing checks in a row that make a healthy upstream unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Statuses that pass, inclusive.
+    pub expect_status: std::ops::RangeInclusive<u16>,
+}
+
+/// Scheme of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamScheme {
+    /// Plain HTTP/1.1.
+    Http,
+    /// HTTP/1.1 over TLS, verified against the route's `ca`.
+    Https,
+}
+
+/// A validated upstream: `http://host:port` or `https://host:port`, no credentials, no path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
-    /// `host:port` (port defaulted to 80).
+    /// `http` or `https`.
+    pub scheme: UpstreamScheme,
+    /// `host:port` (port defaulted to 80 or 443).
     pub authority: http::uri::Authority,
 }
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}", self.authority)
+        let scheme = match self.scheme {
+            UpstreamScheme::Http => "http",
+            UpstreamScheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}", self.authority)
     }
 }
 
@@ -199,7 +287,7 @@ pub struct DirectResponse {
 }
 
 /// `[runtime]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuntimeConfig {
     /// Tokio worker threads; `None` = one per core.
     pub worker_threads: Option<usize>,
@@ -241,7 +329,7 @@ impl HstsConfig {
 }
 
 /// `[process]`: how the process protects the keys it holds (see [`crate::hygiene`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessConfig {
     /// Allow core dumps (default false: `RLIMIT_CORE` 0).
     pub core_dumps: bool,
@@ -269,7 +357,7 @@ pub enum LogFormat {
 }
 
 /// `[log]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// A `tracing` filter, e.g. `info` or `sealgate=debug`; `RUST_LOG` overrides it.
     pub level: String,
@@ -278,10 +366,81 @@ pub struct LogConfig {
 }
 
 /// `[audit]`: the append-only, hash-chained record of custody events (see [`crate::audit`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     /// The log file, resolved against the config file's directory.
     pub path: PathBuf,
+}
+
+/// `[timeouts]`: how long a client may take. The TLS handshake's deadline is `tls.handshake_timeout`; the
+/// upstream side's are in `[proxy]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeoutsConfig {
+    /// HTTP/1: time to receive a request's head (request line and headers). hyper starts this timer whenever the
+    /// connection waits for a head, so it also bounds the keep-alive pause between two requests.
+    pub header_read: Duration,
+    /// A connection with no request in flight (HTTP/1 between requests, HTTP/2 with no open stream) is closed
+    /// after this long.
+    pub idle: Duration,
+    /// Time from a request's head to the last byte of its body (Envoy's `request_timeout`): a body that is still
+    /// arriving then is cut off, and the client gets 408 unless the response has begun. The response is not
+    /// covered (downloads and event streams may run long; the upstream's first byte is `proxy.response_timeout`).
+    pub request: Duration,
+    /// HTTP/2: a PING is sent after this long without a frame from the client.
+    pub h2_keep_alive_interval: Duration,
+    /// HTTP/2: the connection is closed when a PING is not acknowledged within this.
+    pub h2_keep_alive_timeout: Duration,
+    /// On SIGTERM or SIGINT: time for in-flight requests to finish once sealgate stops accepting; connections
+    /// still open then are closed.
+    pub drain: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            request: Duration::from_secs(60),
+            h2_keep_alive_interval: Duration::from_secs(30),
+            h2_keep_alive_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[limits]`: how much a client may ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open client connections per process (all listeners together); connections beyond it are accepted and
+    /// closed at once.
+    pub max_connections: usize,
+    /// Header fields per request (431 beyond).
+    pub max_header_count: usize,
+    /// Bytes of a request's head: HTTP/1 request line and headers; HTTP/2 header list as HPACK counts it (each
+    /// field's name and value plus 32). 431 beyond.
+    pub max_header_bytes: usize,
+    /// Bytes of the request target (scheme, authority, path and query); 414 beyond.
+    pub max_uri_bytes: usize,
+    /// Bytes of a request body; 413 beyond, whether the body declares its length or not.
+    pub max_body_bytes: u64,
+    /// HTTP/2 streams a client may have open at once on one connection.
+    pub h2_max_concurrent_streams: u32,
+}
+
+/// Default of `limits.max_header_count`: hyper's own HTTP/1 default, which keeps its header parser on the stack.
+pub const DEFAULT_MAX_HEADER_COUNT: usize = 100;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_count: DEFAULT_MAX_HEADER_COUNT,
+            max_header_bytes: 32 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 100 * 1024 * 1024,
+            h2_max_concurrent_streams: 100,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +469,13 @@ struct RawConfig {
     #[serde(default)]
     redirect: Vec<RawRedirect>,
     hsts: Option<RawHsts>,
+    #[serde(default)]
+    response_headers: std::collections::BTreeMap<String, Spanned<String>>,
     access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Deserialize)]
@@ -393,6 +558,41 @@ struct RawRoute {
     respond: Option<Spanned<RawRespond>>,
     #[serde(default, with = "humantime_serde::option")]
     timeout: Option<Duration>,
+    balance: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    ca: Option<Spanned<String>>,
+    outlier: Option<Spanned<RawOutlier>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    base_ejection_time: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    max_ejection_time: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    #[serde(default, with = "humantime_serde::option")]
+    interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    timeout: Option<Duration>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
+    expect_status: Option<StatusRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StatusRange {
+    One(u16),
+    Range(String),
 }
 
 #[derive(Deserialize)]
@@ -438,10 +638,61 @@ struct RawAudit {
     path: Spanned<String>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default, with = "humantime_serde::option")]
+    header_read: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    request: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    h2_keep_alive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    h2_keep_alive_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    drain: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Spanned<u64>>,
+    max_header_count: Option<Spanned<u64>>,
+    max_header_bytes: Option<Spanned<u64>>,
+    max_uri_bytes: Option<Spanned<u64>>,
+    max_body_bytes: Option<Spanned<u64>>,
+    h2_max_concurrent_streams: Option<Spanned<u64>>,
+}
+
 // ---------------------------------------------------------------------------------------------------------------
+
+/// Headers a configuration may not set on responses: hyper and sealgate own the framing and the connection.
+const HOP_BY_HOP_OR_FRAMING: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "strict-transport-security",
+];
 
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The longest health check interval: longer ones check nothing useful (and cannot be scheduled forever).
+pub const MAX_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Default `retries` of an upstream route.
+pub const DEFAULT_RETRIES: u32 = 1;
+
+/// The most `retries` a route may set: each attempt is another upstream's chance, and more than a handful only
+/// multiplies load on upstreams that are already failing.
+pub const MAX_RETRIES: u32 = 5;
 
 impl Config {
     /// Reads and validates `path`.
@@ -497,7 +748,8 @@ impl Config {
             pool_max_idle_per_host: raw.proxy.pool_max_idle_per_host.unwrap_or(64),
             preserve_host: raw.proxy.preserve_host.unwrap_or(true),
         };
-        let routes = raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r)).collect::<Result<Vec<_>>>()?;
+        let routes =
+            raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r, &base)).collect::<Result<Vec<_>>>()?;
         let runtime = RuntimeConfig { worker_threads: raw.runtime.worker_threads };
         if runtime.worker_threads == Some(0) {
             return Err(cx.error(None, "runtime.worker_threads must be at least 1"));
@@ -525,6 +777,21 @@ impl Config {
                 Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443) })
             })
             .collect::<Result<Vec<_>>>()?;
+        let response_headers = raw
+            .response_headers
+            .iter()
+            .map(|(name, value)| {
+                let key = format!("response_headers.{name}");
+                let header = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| cx.at(value, &key, "is not a valid header name"))?;
+                if HOP_BY_HOP_OR_FRAMING.contains(&header.as_str()) {
+                    return Err(cx.at(value, &key, "is a hop-by-hop or framing header, which sealgate manages"));
+                }
+                let value = http::HeaderValue::from_str(value.get_ref())
+                    .map_err(|_| cx.at(value, &key, "is not a valid header value"))?;
+                Ok((header, value))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let hsts = raw.hsts.map(|h| HstsConfig {
             max_age: h.max_age,
             include_subdomains: h.include_subdomains,
@@ -543,6 +810,8 @@ impl Config {
                 })
             })
             .transpose()?;
+        let timeouts = cx.timeouts(raw.timeouts)?;
+        let limits = cx.limits(raw.limits)?;
         Ok(Self {
             path: path.to_owned(),
             custody,
@@ -557,7 +826,10 @@ impl Config {
             process,
             redirects,
             hsts,
+            response_headers,
             access_log,
+            timeouts,
+            limits,
         })
     }
 }
@@ -645,10 +917,8 @@ impl Context<'_> {
                 return Err(self.at(id, "tls.default_certificate", "is not a certificate id"));
             }
         }
-        let handshake_timeout = raw.handshake_timeout.unwrap_or(Duration::from_secs(10));
-        if handshake_timeout.is_zero() {
-            return Err(self.error(None, "tls.handshake_timeout must be greater than zero"));
-        }
+        let handshake_timeout = timeout_in_range(raw.handshake_timeout.unwrap_or(Duration::from_secs(10)))
+            .map_err(|why| self.error(None, format!("tls.handshake_timeout {why}")))?;
         Ok(TlsConfig {
             min_version,
             session_resumption: raw.session_resumption.unwrap_or(true),
@@ -659,13 +929,77 @@ impl Context<'_> {
         })
     }
 
+    fn timeouts(&self, raw: RawTimeouts) -> Result<TimeoutsConfig> {
+        let defaults = TimeoutsConfig::default();
+        let positive = |key: &str, value: Option<Duration>, default: Duration| {
+            timeout_in_range(value.unwrap_or(default)).map_err(|why| self.error(None, format!("timeouts.{key} {why}")))
+        };
+        Ok(TimeoutsConfig {
+            header_read: positive("header_read", raw.header_read, defaults.header_read)?,
+            idle: positive("idle", raw.idle, defaults.idle)?,
+            request: positive("request", raw.request, defaults.request)?,
+            h2_keep_alive_interval: positive(
+                "h2_keep_alive_interval",
+                raw.h2_keep_alive_interval,
+                defaults.h2_keep_alive_interval,
+            )?,
+            h2_keep_alive_timeout: positive(
+                "h2_keep_alive_timeout",
+                raw.h2_keep_alive_timeout,
+                defaults.h2_keep_alive_timeout,
+            )?,
+            drain: positive("drain", raw.drain, defaults.drain)?,
+        })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<LimitsConfig> {
+        let defaults = LimitsConfig::default();
+        // Upper bounds keep every value within what hyper, h2 and tokio accept without panicking (a tokio
+        // semaphore holds at most `usize::MAX >> 3` permits, h2 settings are u32).
+        let within = |key: &str, value: &Option<Spanned<u64>>, default: u64, max: u64| match value {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.at(v, &format!("limits.{key}"), format!("must be between 1 and {max}"))),
+        };
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        Ok(LimitsConfig {
+            max_connections: size(within(
+                "max_connections",
+                &raw.max_connections,
+                defaults.max_connections as u64,
+                10_000_000,
+            )?),
+            max_header_count: size(within(
+                "max_header_count",
+                &raw.max_header_count,
+                defaults.max_header_count as u64,
+                10_000,
+            )?),
+            max_header_bytes: size(within(
+                "max_header_bytes",
+                &raw.max_header_bytes,
+                defaults.max_header_bytes as u64,
+                1024 * 1024,
+            )?),
+            max_uri_bytes: size(within("max_uri_bytes", &raw.max_uri_bytes, defaults.max_uri_bytes as u64, 65_534)?),
+            max_body_bytes: within("max_body_bytes", &raw.max_body_bytes, defaults.max_body_bytes, u64::MAX)?,
+            h2_max_concurrent_streams: u32::try_from(within(
+                "h2_max_concurrent_streams",
+                &raw.h2_max_concurrent_streams,
+                u64::from(defaults.h2_max_concurrent_streams),
+                10_000,
+            )?)
+            .unwrap_or(u32::MAX),
+        })
+    }
+
     fn socket_addr(&self, key: &str, value: &Spanned<String>) -> Result<SocketAddr> {
         value.get_ref().parse().map_err(|_| {
             self.at(value, key, format!("{:?} is not an IP address and port, e.g. 127.0.0.1:8443", value.get_ref()))
         })
     }
 
-    fn route(&self, index: usize, raw: RawRoute) -> Result<RouteConfig> {
+    fn route(&self, index: usize, mut raw: RawRoute, base: &Path) -> Result<RouteConfig> {
         let key = |field: &str| format!("route[{index}].{field}");
         let host = match &raw.host {
             None => None,
@@ -680,32 +1014,25 @@ impl Context<'_> {
             Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
             Some(p) => return Err(self.at(p, &key("path"), "must begin with '/'")),
         };
-        let action = match (raw.upstream, raw.respond) {
+        let action = match (raw.upstream.take(), raw.respond.take()) {
             (Some(_), Some(r)) => {
                 return Err(self.at(&r, &key("respond"), "a route has either `upstream` or `respond`, not both"))
             }
             (None, None) => {
                 return Err(self.error(None, format!("route[{index}] needs `upstream` or `respond`")));
             }
-            (Some(upstream), None) => {
-                let span = upstream.span();
-                let urls = match upstream.into_inner() {
-                    OneOrMany::One(url) => vec![url],
-                    OneOrMany::Many(urls) => urls,
-                };
-                if urls.is_empty() {
-                    return Err(self.error(Some(span), format!("{}: lists no URL", key("upstream"))));
-                }
-                let urls = urls
-                    .iter()
-                    .map(|url| {
-                        parse_upstream(url)
-                            .map_err(|why| self.error(Some(span.clone()), format!("{}: {why}", key("upstream"))))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                RouteAction::Upstream(urls)
-            }
+            (Some(upstream), None) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, base)?),
             (None, Some(respond)) => {
+                let upstream_only = [
+                    ("balance", raw.balance.as_ref().map(Spanned::span)),
+                    ("retries", raw.retries.as_ref().map(Spanned::span)),
+                    ("ca", raw.ca.as_ref().map(Spanned::span)),
+                    ("outlier", raw.outlier.as_ref().map(Spanned::span)),
+                    ("health_check", raw.health_check.as_ref().map(Spanned::span)),
+                ];
+                if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
+                    return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
+                }
                 let span = respond.span();
                 let r = respond.into_inner();
                 let status = http::StatusCode::from_u16(r.status)
@@ -721,23 +1048,167 @@ impl Context<'_> {
         };
         Ok(RouteConfig { host, path, action, response_timeout: raw.timeout })
     }
+
+    fn upstream_group(
+        &self,
+        index: usize,
+        upstream: Spanned<OneOrMany>,
+        raw: &RawRoute,
+        base: &Path,
+    ) -> Result<UpstreamGroupConfig> {
+        let key = |field: &str| format!("route[{index}].{field}");
+        let span = upstream.span();
+        let urls = match upstream.into_inner() {
+            OneOrMany::One(url) => vec![url],
+            OneOrMany::Many(urls) => urls,
+        };
+        if urls.is_empty() {
+            return Err(self.error(Some(span), format!("{}: lists no URL", key("upstream"))));
+        }
+        let mut upstreams = Vec::with_capacity(urls.len());
+        for url in &urls {
+            let url = parse_upstream(url)
+                .map_err(|why| self.error(Some(span.clone()), format!("{}: {why}", key("upstream"))))?;
+            if upstreams.contains(&url) {
+                // Listed twice, it would share one name in logs and metrics but not its state.
+                return Err(self.error(Some(span), format!("{}: {url} is listed twice", key("upstream"))));
+            }
+            upstreams.push(url);
+        }
+        let balance = match &raw.balance {
+            None => Balance::default(),
+            Some(b) => match b.get_ref().as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "least_requests" => Balance::LeastRequests,
+                _ => return Err(self.at(b, &key("balance"), "must be \"round_robin\" or \"least_requests\"")),
+            },
+        };
+        let retries = match &raw.retries {
+            None => DEFAULT_RETRIES,
+            Some(r) if *r.get_ref() > MAX_RETRIES => {
+                return Err(self.at(r, &key("retries"), format_args!("must be at most {MAX_RETRIES}")))
+            }
+            Some(r) => *r.get_ref(),
+        };
+        let ca = match &raw.ca {
+            None => None,
+            Some(ca) if ca.get_ref().trim().is_empty() => {
+                return Err(self.at(ca, &key("ca"), "must name a PEM file of CA certificates"))
+            }
+            Some(ca) => Some(base.join(ca.get_ref())),
+        };
+        if ca.is_none() && upstreams.iter().any(|u| u.scheme == UpstreamScheme::Https) {
+            return Err(self.error(
+                Some(span),
+                format!(
+                    "{}: an https upstream needs `ca`, a PEM file of the CAs that sign its certificate \
+                     (the system's are usually in /etc/ssl/certs/ca-certificates.crt)",
+                    key("upstream")
+                ),
+            ));
+        }
+        let outlier = match &raw.outlier {
+            None => OutlierConfig::default(),
+            Some(o) => self.outlier(o, &key("outlier"))?,
+        };
+        let health_check = raw.health_check.as_ref().map(|h| self.health_check(h, &key("health_check"))).transpose()?;
+        Ok(UpstreamGroupConfig { upstreams, balance, retries, ca, outlier, health_check })
+    }
+
+    fn outlier(&self, raw: &Spanned<RawOutlier>, key: &str) -> Result<OutlierConfig> {
+        let defaults = OutlierConfig::default();
+        let o = raw.get_ref();
+        let config = OutlierConfig {
+            consecutive_failures: o.consecutive_failures.unwrap_or(defaults.consecutive_failures),
+            base_ejection_time: o.base_ejection_time.unwrap_or(defaults.base_ejection_time),
+            max_ejection_time: o.max_ejection_time.unwrap_or(defaults.max_ejection_time),
+        };
+        if config.base_ejection_time.is_zero() {
+            return Err(self.at(raw, key, "base_ejection_time must be greater than zero"));
+        }
+        if config.max_ejection_time < config.base_ejection_time {
+            return Err(self.at(raw, key, "max_ejection_time must be at least base_ejection_time"));
+        }
+        Ok(config)
+    }
+
+    fn health_check(&self, raw: &Spanned<RawHealthCheck>, key: &str) -> Result<HealthCheckConfig> {
+        let h = raw.get_ref();
+        let path = match h.path.parse::<http::uri::PathAndQuery>() {
+            Ok(path) if h.path.starts_with('/') => path,
+            _ => return Err(self.at(raw, key, "path must be a path beginning with '/', e.g. \"/healthz\"")),
+        };
+        let interval = h.interval.unwrap_or(Duration::from_secs(5));
+        let timeout = h.timeout.unwrap_or(Duration::from_secs(1));
+        if interval.is_zero() || timeout.is_zero() {
+            return Err(self.at(raw, key, "interval and timeout must be greater than zero"));
+        }
+        if interval > MAX_HEALTH_CHECK_INTERVAL {
+            return Err(self.at(raw, key, "interval must be at most 1h"));
+        }
+        let healthy_threshold = h.healthy_threshold.unwrap_or(2);
+        let unhealthy_threshold = h.unhealthy_threshold.unwrap_or(3);
+        if healthy_threshold == 0 || unhealthy_threshold == 0 {
+            return Err(self.at(raw, key, "healthy_threshold and unhealthy_threshold must be at least 1"));
+        }
+        let expect_status = match &h.expect_status {
+            None => 200..=399,
+            Some(range) => parse_status_range(range).ok_or_else(|| {
+                self.at(
+                    raw,
+                    key,
+                    "expect_status must be a status (200) or an inclusive range (\"200-399\") within 100-599",
+                )
+            })?,
+        };
+        Ok(HealthCheckConfig { path, interval, timeout, healthy_threshold, unhealthy_threshold, expect_status })
+    }
+}
+
+/// `200` or `"200-399"`, within 100..=599.
+fn parse_status_range(range: &StatusRange) -> Option<std::ops::RangeInclusive<u16>> {
+    let (low, high) = match range {
+        StatusRange::One(status) => (*status, *status),
+        StatusRange::Range(text) => match text.split_once('-') {
+            Some((low, high)) => (low.trim().parse().ok()?, high.trim().parse().ok()?),
+            None => {
+                let status = text.trim().parse().ok()?;
+                (status, status)
+            }
+        },
+    };
+    (100 <= low && low <= high && high <= 599).then_some(low..=high)
+}
+
+/// The longest timeout accepted: deadlines are computed as `now + timeout`, which must not overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A client-side timeout must be positive and at most [`MAX_TIMEOUT`].
+fn timeout_in_range(value: Duration) -> std::result::Result<Duration, &'static str> {
+    if value.is_zero() {
+        Err("must be greater than zero")
+    } else if value > MAX_TIMEOUT {
+        Err("must be at most 365 days")
+    } else {
+        Ok(value)
+    }
 }
 
 /// Validates an upstream URL. The error never repeats the URL, which may carry a secret.
 fn parse_upstream(url: &str) -> std::result::Result<UpstreamUrl, String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err("https upstreams are not supported yet; use http://host:port".to_owned());
+    let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (UpstreamScheme::Http, rest, 80)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (UpstreamScheme::Https, rest, 443)
     } else {
-        return Err("must be an http:// URL, e.g. http://127.0.0.1:8080".to_owned());
+        return Err("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080".to_owned());
     };
     let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
     if authority.contains('@') {
         return Err("the URL carries credentials (user:password@...); sealgate refuses them in proxy.toml".to_owned());
     }
     if !(path.is_empty() || path == "/") {
-        return Err("must be http://host:port with no path, query or fragment".to_owned());
+        return Err("must be http(s)://host:port with no path, query or fragment".to_owned());
     }
     let authority: http::uri::Authority = authority.parse().map_err(|_| "has an invalid host or port".to_owned())?;
     if authority.host().is_empty() {
@@ -745,9 +1216,9 @@ fn parse_upstream(url: &str) -> std::result::Result<UpstreamUrl, String> {
     }
     let authority = match authority.port_u16() {
         Some(_) => authority,
-        None => format!("{}:80", authority.host()).parse().map_err(|_| "has an invalid host".to_owned())?,
+        None => format!("{}:{default_port}", authority.host()).parse().map_err(|_| "has an invalid host".to_owned())?,
     };
-    Ok(UpstreamUrl { authority })
+    Ok(UpstreamUrl { scheme, authority })
 }
 
 #[cfg(test)]
@@ -811,9 +1282,13 @@ bind = "127.0.0.1:8443"
         let config = parse(&text).unwrap();
         assert_eq!(config.routes[0].host.as_deref(), Some("*.example.com"));
         match &config.routes[0].action {
-            RouteAction::Upstream(urls) => {
-                assert_eq!(urls[0].to_string(), "http://127.0.0.1:8080");
-                assert_eq!(urls[1].to_string(), "http://localhost:80");
+            RouteAction::Upstream(group) => {
+                assert_eq!(group.upstreams[0].to_string(), "http://127.0.0.1:8080");
+                assert_eq!(group.upstreams[1].to_string(), "http://localhost:80");
+                assert_eq!(group.balance, Balance::RoundRobin);
+                assert_eq!(group.retries, DEFAULT_RETRIES);
+                assert_eq!(group.outlier, OutlierConfig::default());
+                assert!(group.health_check.is_none() && group.ca.is_none());
             }
             other => panic!("{other:?}"),
         }
@@ -838,6 +1313,88 @@ bind = "127.0.0.1:8443"
             let err = parse(&format!("{MINIMAL}\n[[route]]\n{route}\n")).unwrap_err().to_string();
             assert!(err.contains(needle), "{route}: {err}");
         }
+    }
+
+    fn group(route: &str) -> Result<UpstreamGroupConfig> {
+        match parse(&format!("{MINIMAL}\n[[route]]\n{route}\n"))?.routes.remove(0).action {
+            RouteAction::Upstream(group) => Ok(group),
+            RouteAction::Respond(_) => panic!("not an upstream route"),
+        }
+    }
+
+    #[test]
+    fn upstream_groups_parse_with_every_key() {
+        let g = group(
+            r#"upstream = ["https://app.internal", "http://10.0.0.2:8080"]
+balance = "least_requests"
+retries = 2
+ca = "upstream-ca.pem"
+outlier = { consecutive_failures = 3, base_ejection_time = "2s", max_ejection_time = "1m" }
+health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", healthy_threshold = 1, unhealthy_threshold = 2, expect_status = "200-299" }"#,
+        )
+        .unwrap();
+        assert_eq!(g.upstreams[0].to_string(), "https://app.internal:443");
+        assert_eq!(g.upstreams[0].scheme, UpstreamScheme::Https);
+        assert_eq!(g.upstreams[1].scheme, UpstreamScheme::Http);
+        assert_eq!((g.balance, g.retries), (Balance::LeastRequests, 2));
+        assert_eq!(g.ca.as_deref(), Some(Path::new("/etc/sealgate/upstream-ca.pem")));
+        assert_eq!(g.outlier.consecutive_failures, 3);
+        assert_eq!(g.outlier.base_ejection_time, Duration::from_secs(2));
+        assert_eq!(g.outlier.max_ejection_time, Duration::from_secs(60));
+        let h = g.health_check.unwrap();
+        assert_eq!(h.path, "/healthz?full=1");
+        assert_eq!((h.interval, h.timeout), (Duration::from_secs(2), Duration::from_millis(500)));
+        assert_eq!((h.healthy_threshold, h.unhealthy_threshold, h.expect_status), (1, 2, 200..=299));
+
+        let h = group("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = 204 }")
+            .unwrap()
+            .health_check
+            .unwrap();
+        assert_eq!(
+            (h.interval, h.timeout, h.healthy_threshold, h.unhealthy_threshold),
+            (Duration::from_secs(5), Duration::from_secs(1), 2, 3)
+        );
+        assert_eq!(h.expect_status, 204..=204);
+    }
+
+    #[test]
+    fn upstream_group_errors_name_the_key() {
+        for (route, needle) in [
+            ("upstream = \"https://a\"", "needs `ca`"),
+            ("upstream = [\"http://a:1\", \"http://a:1\"]", "listed twice"),
+            ("upstream = \"http://a\"\nbalance = \"random\"", "route[0].balance"),
+            ("upstream = \"http://a\"\nretries = 6", "at most 5"),
+            ("upstream = \"http://a\"\nretries = -1", "expected u32"),
+            ("upstream = \"http://a\"\noutlier = { base_ejection_time = \"0s\" }", "greater than zero"),
+            (
+                "upstream = \"http://a\"\noutlier = { base_ejection_time = \"1m\", max_ejection_time = \"1s\" }",
+                "at least",
+            ),
+            ("upstream = \"http://a\"\noutlier = { consecutive = 1 }", "consecutive"),
+            ("upstream = \"http://a\"\nhealth_check = { interval = \"1s\" }", "path"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"healthz\" }", "route[0].health_check: path"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", timeout = \"0s\" }", "greater than zero"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", interval = \"2h\" }", "at most 1h"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", healthy_threshold = 0 }", "at least 1"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = \"399-200\" }", "expect_status"),
+            ("upstream = \"http://a\"\nhealth_check = { path = \"/\", expect_status = 42 }", "expect_status"),
+            ("respond = { status = 200 }\nretries = 1", "route[0].retries: only an `upstream` route"),
+            ("respond = { status = 200 }\nhealth_check = { path = \"/\" }", "route[0].health_check"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[[route]]\n{route}\n")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{route}: {err}");
+            assert!(err.position.is_some(), "{route}: {err}");
+        }
+    }
+
+    #[test]
+    fn https_upstreams_default_to_port_443_and_keep_refusing_credentials() {
+        let g = group("upstream = \"https://10.0.0.1\"\nca = \"ca.pem\"").unwrap();
+        assert_eq!(g.upstreams[0].authority, "10.0.0.1:443");
+        let err = parse(&format!("{MINIMAL}\n[[route]]\nupstream = \"https://u:hunter2@a\"\nca = \"ca.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("credentials") && !err.contains("hunter2"), "{err}");
     }
 
     #[test]
@@ -873,6 +1430,76 @@ bind = "127.0.0.1:8443"
     }
 
     #[test]
+    fn timeouts_and_limits_have_safe_defaults_and_parse() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.timeouts, TimeoutsConfig::default());
+        assert_eq!(config.limits, LimitsConfig::default());
+        assert_eq!(config.limits.max_header_count, DEFAULT_MAX_HEADER_COUNT);
+        let text = format!(
+            "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\n\
+             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\ndrain = \"30s\"\n\
+             [limits]\nmax_connections = 50_000\nmax_header_count = 64\nmax_header_bytes = 16384\n\
+             max_uri_bytes = 4096\nmax_body_bytes = 1_048_576\nh2_max_concurrent_streams = 250\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(
+            config.timeouts,
+            TimeoutsConfig {
+                header_read: Duration::from_secs(2),
+                idle: Duration::from_secs(90),
+                request: Duration::from_secs(300),
+                h2_keep_alive_interval: Duration::from_secs(15),
+                h2_keep_alive_timeout: Duration::from_secs(5),
+                drain: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(
+            config.limits,
+            LimitsConfig {
+                max_connections: 50_000,
+                max_header_count: 64,
+                max_header_bytes: 16384,
+                max_uri_bytes: 4096,
+                max_body_bytes: 1_048_576,
+                h2_max_concurrent_streams: 250,
+            }
+        );
+    }
+
+    #[test]
+    fn timeouts_and_limits_out_of_range_are_refused() {
+        for (section, needle, line) in [
+            ("[timeouts]\nidle = \"0s\"", "timeouts.idle must be greater than zero", None),
+            ("[timeouts]\nrequest = \"0ms\"", "timeouts.request", None),
+            ("[timeouts]\nheader_read = \"400y\"", "timeouts.header_read must be at most 365 days", None),
+            ("[tls]\nhandshake_timeout = \"500000000000y\"", "tls.handshake_timeout must be at most", None),
+            ("[timeouts]\nslow = \"1s\"", "slow", Some(10)),
+            ("[limits]\nmax_connections = 0", "limits.max_connections: must be between 1 and", Some(10)),
+            ("[limits]\nmax_connections = 100000000", "limits.max_connections", Some(10)),
+            ("[limits]\nmax_uri_bytes = 70000", "limits.max_uri_bytes: must be between 1 and 65534", Some(10)),
+            ("[limits]\nmax_header_bytes = 2000000", "limits.max_header_bytes", Some(10)),
+            ("[limits]\nh2_max_concurrent_streams = 0", "limits.h2_max_concurrent_streams", Some(10)),
+            ("[limits]\nmax_body_bytes = -1", "expected u64", Some(10)),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{section}\n")).unwrap_err();
+            assert!(err.message.contains(needle), "{section}: {err}");
+            if line.is_some() {
+                assert_eq!(err.position.map(|p| p.0), line, "{section}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn response_headers_are_validated() {
+        let ok = parse(&format!("{MINIMAL}\n[response_headers]\nX-Frame-Options = \"DENY\"\n")).unwrap();
+        assert_eq!(ok.response_headers[0].0, "x-frame-options");
+        let framing = parse(&format!("{MINIMAL}\n[response_headers]\nTransfer-Encoding = \"chunked\"\n"));
+        assert!(framing.unwrap_err().to_string().contains("response_headers.Transfer-Encoding"));
+        let bad = parse(&format!("{MINIMAL}\n[response_headers]\n\"bad name\" = \"x\"\n"));
+        assert!(bad.unwrap_err().to_string().contains("not a valid header name"));
+    }
+
+    #[test]
     fn bad_bind_addresses_are_named() {
         let err = parse(&MINIMAL.replace("127.0.0.1:8443", "localhost")).unwrap_err().to_string();
         assert!(err.contains("listener[0].bind"), "{err}");
@@ -891,9 +1518,21 @@ mod readme {
         let block = section.split("```toml\n").nth(1).and_then(|b| b.split("```").next()).expect("a toml block");
         let config = Config::parse(block, Path::new("/srv/proxy.toml")).unwrap();
         assert_eq!(config.routes.len(), 1);
+        let RouteAction::Upstream(group) = &config.routes[0].action else { panic!("an upstream route") };
+        assert_eq!(group.upstreams.len(), 2);
+        assert_eq!(group.upstreams[1].scheme, UpstreamScheme::Https);
+        assert_eq!(group.ca.as_deref(), Some(Path::new("/srv/upstream-ca.pem")));
+        assert_eq!((group.balance, group.retries), (Balance::RoundRobin, DEFAULT_RETRIES));
+        assert_eq!(group.outlier, OutlierConfig::default(), "the reference shows the defaults");
+        let checks = group.health_check.as_ref().expect("the reference shows health checks");
+        assert_eq!((checks.interval, checks.timeout), (Duration::from_secs(5), Duration::from_secs(1)));
+        assert_eq!(checks.expect_status, 200..=399);
         assert_eq!(config.tls.key_exchange.len(), 3);
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
+        // The reference shows the defaults.
+        assert_eq!(config.timeouts, TimeoutsConfig::default());
+        assert_eq!(config.limits, LimitsConfig::default());
     }
 }
 

@@ -90,6 +90,12 @@ impl Holder {
     /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it).
     fn reload_after(&self, changed_at: Option<Instant>) -> Result<ApplyReport, ExportError> {
         let now = OffsetDateTime::now_utc();
+        if let Err(insecure) = crate::hygiene::refuse_world_writable_export(&self.export) {
+            self.metrics.reload(false);
+            tracing::error!(error = %insecure, "refusing to read the custody export; keeping the current certificates");
+            let path = insecure.path.clone();
+            return Err(ExportError::Io { path, source: std::io::Error::other(insecure) });
+        }
         let snapshot = snapshot::read_export(&self.export, &self.grantee, now);
         // Reading decrypted keys on this thread: wipe what the ciphers and parsers left in its stack.
         crate::secret::scrub_stack();

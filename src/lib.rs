@@ -13,6 +13,7 @@ pub mod audit;
 pub mod check;
 pub mod config;
 pub mod custody;
+pub mod daemon;
 pub mod holder;
 pub mod hygiene;
 pub mod keyring;

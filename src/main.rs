@@ -76,9 +76,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// How long `sealgate run` lets in-flight requests finish after SIGTERM or SIGINT.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-
 fn run(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -91,6 +88,10 @@ fn run(path: &std::path::Path) -> ExitCode {
     // Before any key is read: no core dumps, not dumpable, memory locked.
     let hardened = sealgate::hygiene::harden(&config.process);
     tracing::info!(?hardened, "process hygiene");
+    match sealgate::server::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(?limit, "open files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit to its hard limit"),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(threads) = config.runtime.worker_threads {
@@ -104,17 +105,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let server = match sealgate::server::start(config).await {
-            Ok(server) => server,
+        match sealgate::daemon::run(path, config).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(%error, "cannot start");
-                return ExitCode::FAILURE;
+                ExitCode::FAILURE
             }
-        };
-        let signal = wait_for_signal().await;
-        tracing::info!(signal, "shutting down");
-        server.shutdown(SHUTDOWN_GRACE).await;
-        ExitCode::SUCCESS
+        }
     })
 }
 
@@ -127,20 +124,5 @@ fn init_logging(config: &Config) {
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
     }
 }

@@ -28,6 +28,57 @@ pub enum HandshakeFailure {
     Io,
 }
 
+/// Why a connection was refused as soon as it was accepted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionRefusal {
+    /// `limits.max_connections` connections were already open.
+    MaxConnections,
+}
+
+/// Which deadline closed a connection after its handshake.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionTimeout {
+    /// HTTP/1: a request head did not arrive in `timeouts.header_read` (also the keep-alive pause).
+    HeaderRead,
+    /// No request in flight for `timeouts.idle`.
+    Idle,
+    /// HTTP/2: a keep-alive PING was not acknowledged in `timeouts.h2_keep_alive_timeout`.
+    KeepAlive,
+}
+
+/// Why a request was refused by a limit or a framing check (the answers sealgate gives itself, beyond those
+/// hyper gives before a request reaches it).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum RequestRefusal {
+    /// 414: the request target is longer than `limits.max_uri_bytes`.
+    UriTooLong,
+    /// 431: more header fields than `limits.max_header_count`.
+    TooManyHeaders,
+    /// 413: the body is larger than `limits.max_body_bytes` (declared or streamed).
+    BodyTooLarge,
+    /// 408: the body did not arrive within `timeouts.request`.
+    Timeout,
+    /// 400: ambiguous message framing (`Transfer-Encoding`, `Content-Length`, look-alike header names).
+    Framing,
+    /// 400: the client's body was malformed or cut short.
+    BadBody,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: ConnectionRefusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    timeout: ConnectionTimeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestRefusalLabels {
+    reason: RequestRefusal,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     reason: HandshakeFailure,
@@ -58,6 +109,64 @@ struct StateLabels {
     state: &'static str,
 }
 
+/// Labels of an upstream: the route's index in the file and the upstream's URL. Both come from the
+/// configuration, so the number of series is bounded by it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    route: usize,
+    upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamResultLabels {
+    route: usize,
+    upstream: String,
+    result: &'static str,
+}
+
+/// How one attempt to an upstream ended: the `result` label (`ok`, `error`, `timeout`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum UpstreamResult {
+    /// Response headers arrived (whatever the status).
+    Ok,
+    /// The connection failed: refused, reset, closed before the response, TLS refused.
+    Error,
+    /// Connecting or the response headers took too long.
+    Timeout,
+}
+
+impl UpstreamResult {
+    const ALL: [Self; 3] = [Self::Ok, Self::Error, Self::Timeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+        }
+    }
+}
+
+/// One upstream's metrics, resolved once when the proxy is built so that recording on the request path is an
+/// atomic increment (no label hashing, no allocation).
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    results: [Counter; 3],
+    healthy: Gauge,
+}
+
+impl UpstreamMetrics {
+    /// An attempt ended with `result`.
+    pub fn attempt(&self, result: UpstreamResult) {
+        self.results[result as usize].inc();
+    }
+
+    /// Whether the upstream currently receives traffic (passes its health checks and is not ejected).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.set(i64::from(healthy));
+    }
+}
+
 /// Every metric sealgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -71,6 +180,12 @@ pub struct Metrics {
     refused: Family<CheckLabels, Gauge>,
     grants: Family<StateLabels, Gauge>,
     retirement_latency: Histogram,
+    upstream_requests: Family<UpstreamResultLabels, Counter>,
+    upstream_healthy: Family<UpstreamLabels, Gauge>,
+    connections_refused: Family<RefusalLabels, Counter>,
+    accept_errors: Counter,
+    connection_timeouts: Family<TimeoutLabels, Counter>,
+    requests_refused: Family<RequestRefusalLabels, Counter>,
 }
 
 impl fmt::Debug for Metrics {
@@ -102,6 +217,12 @@ impl Metrics {
             retirement_latency: Histogram::new([
                 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
             ]),
+            upstream_requests: Family::default(),
+            upstream_healthy: Family::default(),
+            connections_refused: Family::default(),
+            accept_errors: Counter::default(),
+            connection_timeouts: Family::default(),
+            requests_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
@@ -130,7 +251,50 @@ impl Metrics {
             "Time from a grant's end becoming visible (file event, or its not_after) to its keys dropped and table swapped",
             metrics.retirement_latency.clone(),
         );
+        registry.register(
+            "upstream_requests",
+            "Attempts sent to each upstream (a retry is another attempt), by how they ended",
+            metrics.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_healthy",
+            "1 while an upstream receives traffic: it passes its health checks and is not ejected",
+            metrics.upstream_healthy.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted, by reason",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (out of file descriptors, above all); each backs off",
+            metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "Connections closed by a deadline after their handshake, by deadline",
+            metrics.connection_timeouts.clone(),
+        );
+        registry.register(
+            "requests_refused",
+            "Requests refused by a limit or a framing check, by reason",
+            metrics.requests_refused.clone(),
+        );
         Self { registry, ..metrics }
+    }
+
+    /// The metrics of `upstream` in route `route`, created (healthy) if new. A proxy built again for the same
+    /// configuration gets the same series.
+    pub fn upstream(&self, route: usize, upstream: &str) -> UpstreamMetrics {
+        let results = UpstreamResult::ALL.map(|result| {
+            let labels = UpstreamResultLabels { route, upstream: upstream.to_owned(), result: result.label() };
+            self.upstream_requests.get_or_create(&labels).clone()
+        });
+        let healthy =
+            self.upstream_healthy.get_or_create(&UpstreamLabels { route, upstream: upstream.to_owned() }).clone();
+        healthy.set(1);
+        UpstreamMetrics { results, healthy }
     }
 
     /// Renders the Prometheus text exposition format.
@@ -160,6 +324,26 @@ impl Metrics {
     /// Number of open connections.
     pub fn connections_open(&self) -> i64 {
         self.connections_open.get()
+    }
+
+    /// A connection was closed as soon as it was accepted.
+    pub fn connection_refused(&self, reason: ConnectionRefusal) {
+        self.connections_refused.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    /// An accept failed.
+    pub fn accept_failed(&self) {
+        self.accept_errors.inc();
+    }
+
+    /// A deadline closed a connection.
+    pub fn connection_timed_out(&self, timeout: ConnectionTimeout) {
+        self.connection_timeouts.get_or_create(&TimeoutLabels { timeout }).inc();
+    }
+
+    /// A request was refused by a limit or a framing check.
+    pub fn request_refused(&self, reason: RequestRefusal) {
+        self.requests_refused.get_or_create(&RequestRefusalLabels { reason }).inc();
     }
 
     /// A response was sent.

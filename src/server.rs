@@ -5,19 +5,28 @@
 //! chosen by ALPN (`h2` or HTTP/1.1), never by sniffing. From then on the connection knows which certificate
 //! and grant it was made with, and watches that grant: when the grant ends, the connection is dropped at once,
 //! whatever it is doing (idle, mid-body, streams open, mid-handshake).
+//!
+//! Connection-level limits live here: at most `limits.max_connections` connections (more are accepted and closed
+//! at once), the handshake deadline, hyper's HTTP/1 header-read deadline and HTTP/2 keep-alive pings, header
+//! size and HTTP/2 stream bounds, and the idle timer (a connection with no request in flight for
+//! `timeouts.idle` is closed). Request-level limits are in [`crate::proxy::limits`].
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -26,11 +35,11 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::admin;
 use crate::audit::{Audit, AuditEvent};
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
 use crate::custody::snapshot::ExportError;
 use crate::custody::watch::ExportWatcher;
 use crate::holder::Holder;
-use crate::metrics::{HandshakeFailure, Metrics};
+use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics};
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::registry::ConnectionRegistry;
 use crate::tls::{CertificateStore, TlsError, TlsPolicy, ALPN_H2};
@@ -50,6 +59,9 @@ pub enum ServerError {
     /// The audit log is configured but cannot be written.
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    /// A route's upstreams cannot be set up (an unreadable `ca` file, above all).
+    #[error(transparent)]
+    Upstream(#[from] crate::proxy::upstream::UpstreamError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -79,9 +91,106 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
+    shared: Arc<Shared>,
+    current: tokio::sync::Mutex<Current>,
+}
+
+/// The configuration in force and the TLS listeners it opened.
+struct Current {
+    config: Config,
+    listeners: Vec<OpenListener>,
+}
+
+/// A TLS listener: the address it was configured with, the address it got, and the signal that closes it.
+struct OpenListener {
+    configured: SocketAddr,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// What a reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// TLS listeners opened (bound addresses).
+    pub opened: Vec<SocketAddr>,
+    /// TLS listeners closed (their connections go on).
+    pub closed: Vec<SocketAddr>,
+    /// Sections that changed but only take effect at the next start.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Current {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Current").field("listeners", &self.listeners.len()).finish_non_exhaustive()
+    }
 }
 
 impl RunningServer {
+    /// The TLS listeners open now (a reload may have changed them).
+    pub async fn listeners(&self) -> Vec<SocketAddr> {
+        self.current.lock().await.listeners.iter().map(|l| l.addr).collect()
+    }
+
+    /// Applies a new configuration without dropping a connection: routes, upstreams, limits, timeouts, HSTS and
+    /// the access log (reopened, which also serves log rotation) take effect at once; TLS listeners are opened and
+    /// closed as the configuration says, unchanged ones untouched. Sections that cannot change while running
+    /// (custody, TLS policy, admin, audit, process, runtime, log, redirects) are reported in
+    /// [`Reloaded::need_restart`]. On any error nothing changes.
+    pub async fn reload(&self, config: Config) -> Result<Reloaded> {
+        let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
+        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)?;
+        let mut current = self.current.lock().await;
+        let mut reloaded =
+            Reloaded { need_restart: restart_only_changes(&current.config, &config), ..Default::default() };
+
+        // Open the new listeners first: if one cannot be bound, close those just opened and change nothing.
+        let mut opened = Vec::new();
+        for listener in &config.listeners {
+            if current.listeners.iter().any(|l| l.configured == listener.bind) {
+                continue;
+            }
+            match open_listener(listener.bind, &self.shared, &self.holder, &self.tracker).await {
+                Ok(open) => opened.push(open),
+                Err(error) => {
+                    opened.iter().for_each(|l: &OpenListener| l.stop.cancel());
+                    return Err(error);
+                }
+            }
+        }
+        let (kept, closed): (Vec<_>, Vec<_>) = std::mem::take(&mut current.listeners)
+            .into_iter()
+            .partition(|l| config.listeners.iter().any(|c| c.bind == l.configured));
+        for listener in &closed {
+            tracing::info!(addr = %listener.addr, "listener removed from the configuration: closed");
+            listener.stop.cancel();
+        }
+        reloaded.opened = opened.iter().map(|l| l.addr).collect();
+        reloaded.closed = closed.iter().map(|l| l.addr).collect();
+        current.listeners = kept.into_iter().chain(opened).collect();
+
+        let settings = Settings::new(&config, proxy);
+        let (old, new) = (self.shared.settings.load().max_connections, settings.max_connections);
+        if new > old {
+            self.shared.connections.add_permits(new - old);
+        } else if new < old {
+            // Only permits not in use can be taken back; connections above the new limit finish normally.
+            self.shared.connections.forget_permits(old - new);
+        }
+        self.shared.settings.store(Arc::new(settings));
+        current.config = config;
+        if !reloaded.need_restart.is_empty() {
+            tracing::warn!(sections = ?reloaded.need_restart, "these changes take effect at the next start");
+        }
+        tracing::info!(opened = ?reloaded.opened, closed = ?reloaded.closed, "configuration reloaded");
+        Ok(reloaded)
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then closes every connection.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();
@@ -99,13 +208,38 @@ impl RunningServer {
 struct Shared {
     store: Arc<CertificateStore>,
     registry: Arc<ConnectionRegistry>,
-    proxy: Arc<Proxy>,
     metrics: Arc<Metrics>,
-    handshake_timeout: Duration,
-    http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    /// What a configuration reload changes, swapped as a whole.
+    settings: ArcSwap<Settings>,
+    /// One permit per open client connection, across all listeners.
+    connections: Arc<Semaphore>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
+}
+
+/// The reloadable part of the configuration. A connection takes the settings current when it is accepted for its
+/// connection-level behaviour (timeouts, HTTP settings); every request takes the current proxy, so that a reload
+/// changes routes and upstreams for connections already open too.
+struct Settings {
+    proxy: Arc<Proxy>,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    max_connections: usize,
+}
+
+impl Settings {
+    fn new(config: &Config, proxy: Proxy) -> Self {
+        Self {
+            proxy: Arc::new(proxy),
+            handshake_timeout: config.tls.handshake_timeout,
+            idle_timeout: config.timeouts.idle,
+            http1: http1_builder(&config.limits, &config.timeouts),
+            http2: http2_builder(&config.limits, &config.timeouts),
+            max_connections: config.limits.max_connections,
+        }
+    }
 }
 
 /// Reads the export, binds every listener and starts serving.
@@ -136,37 +270,27 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         tracing::warn!(export = %config.custody.export.display(), "no association can be served yet; not accepting connections");
     }
 
-    let mut http1 = http1::Builder::new();
-    http1.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30)).keep_alive(true);
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
-    http2.timer(TokioTimer::new()).adaptive_window(true).max_concurrent_streams(100);
-
     let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
+    let proxy = Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)?;
     let shared = Arc::new(Shared {
         registry,
-        proxy: Arc::new(Proxy::new(&config, Arc::clone(&store), Arc::clone(&metrics), access_log)),
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
-        handshake_timeout: config.tls.handshake_timeout,
-        http1,
-        http2,
+        settings: ArcSwap::from_pointee(Settings::new(&config, proxy)),
+        connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
     });
 
     let tracker = TaskTracker::new();
     tracker.spawn(Arc::clone(&holder).follow(watcher, config.custody.rescan_interval, shutdown.clone()));
-    let mut tls_addrs = Vec::new();
+    let mut listeners = Vec::new();
     for listener in &config.listeners {
-        let socket = bind(listener.bind).await?;
-        let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: listener.bind, source })?;
-        tracing::info!(%addr, "listening for TLS");
-        tls_addrs.push(addr);
-        let listening = Listening { addr, socket: Some(socket), serving: holder.serving() };
-        tracker.spawn(accept_loop(listening, Arc::clone(&shared), tracker.clone()));
+        listeners.push(open_listener(listener.bind, &shared, &holder, &tracker).await?);
     }
+    let tls_addrs = listeners.iter().map(|l| l.addr).collect();
     let mut redirect_addrs = Vec::new();
     for redirect in &config.redirects {
         let socket = bind(redirect.bind).await?;
@@ -186,7 +310,97 @@ pub async fn start(config: Config) -> Result<RunningServer> {
             Some(addr)
         }
     };
-    Ok(RunningServer { tls_addrs, redirect_addrs, admin_addr, holder, metrics, shutdown, hard_stop, tracker })
+    Ok(RunningServer {
+        tls_addrs,
+        redirect_addrs,
+        admin_addr,
+        holder,
+        metrics,
+        shutdown,
+        hard_stop,
+        tracker,
+        shared,
+        current: tokio::sync::Mutex::new(Current { config, listeners }),
+    })
+}
+
+/// Binds a TLS listener and starts accepting on it.
+async fn open_listener(
+    configured: SocketAddr,
+    shared: &Arc<Shared>,
+    holder: &Holder,
+    tracker: &TaskTracker,
+) -> Result<OpenListener> {
+    let socket = bind(configured).await?;
+    let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })?;
+    tracing::info!(%addr, "listening for TLS");
+    let stop = shared.shutdown.child_token();
+    let listening = Listening { addr, socket: Some(socket), serving: holder.serving(), stop: stop.clone() };
+    tracker.spawn(accept_loop(listening, Arc::clone(shared), tracker.clone()));
+    Ok(OpenListener { configured, addr, stop })
+}
+
+/// HTTP/2: streams the client reset before sealgate accepted them, beyond which the connection is closed with
+/// GOAWAY (the "rapid reset" attack, CVE-2023-44487). h2's own default, set here so that a change of default
+/// cannot lift it.
+pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// HTTP/2: streams sealgate reset because of the client's protocol errors, beyond which the connection is closed
+/// with GOAWAY (RUSTSEC-2024-0003, "MadeYouReset"). hyper's default is 1024; a well-behaved client causes none.
+pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 64;
+
+/// The HTTP/1 connection settings. hyper restarts the header-read timer every time the connection waits for a
+/// request head (the first one and every keep-alive one), so it also bounds the pause between requests.
+fn http1_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http1::Builder {
+    let mut http1 = http1::Builder::new();
+    // The header-read timeout is silently off without a timer.
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read)
+        .keep_alive(true)
+        .max_header_size(limits.max_header_bytes);
+    // Setting `max_headers` moves hyper's header parser from the stack to a per-request heap buffer: only when the
+    // limit differs from hyper's own.
+    if limits.max_header_count != DEFAULT_MAX_HEADER_COUNT {
+        http1.max_headers(limits.max_header_count);
+    }
+    http1
+}
+
+/// The HTTP/2 connection settings. h2 bounds CONTINUATION frames by itself, from the header list size: a header
+/// block may span at most max(5, 1.25 * max_header_bytes / 16 KiB) frames before the connection is closed with
+/// ENHANCE_YOUR_CALM.
+fn http2_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http2::Builder<TokioExecutor> {
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        // Validated to at most 1 MiB.
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+        .keep_alive_interval(timeouts.h2_keep_alive_interval)
+        .keep_alive_timeout(timeouts.h2_keep_alive_timeout)
+        // RFC 8441 extended CONNECT: WebSocket over HTTP/2 (see `proxy::upgrade`).
+        .enable_connect_protocol();
+    http2
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and returns the new soft limit.
+///
+/// Every client connection and every upstream connection is a file descriptor; the usual soft limit (1024) would
+/// cap a proxy at a few hundred clients, far below `limits.max_connections`. The hard limit is what the
+/// administrator allows (systemd's `LimitNOFILE=`, a container's ulimit), so raising the soft limit to it needs
+/// no privilege and overrides no policy. Call it once, at start.
+pub fn raise_open_files_limit() -> std::io::Result<Option<u64>> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return Ok(limit.current);
+    }
+    setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, maximum: limit.maximum })?;
+    Ok(limit.maximum)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener> {
@@ -198,6 +412,8 @@ struct Listening {
     addr: SocketAddr,
     socket: Option<TcpListener>,
     serving: watch::Receiver<bool>,
+    /// Closes this listener: at shutdown, or when a reload removes it.
+    stop: CancellationToken,
 }
 
 impl Listening {
@@ -242,24 +458,34 @@ impl Listening {
 async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: TaskTracker) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(5);
+    let stop = listening.stop.clone();
     loop {
-        if !listening.ready(&shared.shutdown).await {
+        if !listening.ready(&stop).await {
             return;
         }
         let Listening { socket: Some(socket), serving, .. } = &mut listening else { continue };
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = serving.changed() => continue,
             accepted = socket.accept() => accepted,
         };
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+                    // Closing at once (rather than leaving it in the kernel's backlog) tells the client, or its load
+                    // balancer, to go elsewhere now.
+                    shared.metrics.connection_refused(ConnectionRefusal::MaxConnections);
+                    tracing::debug!(%peer, "connection refused: limits.max_connections reached");
+                    drop(tcp);
+                    continue;
+                };
                 // Latency matters more than packet count for TLS records and HTTP responses.
                 let _ = tcp.set_nodelay(true);
-                tracker.spawn(serve_connection(Arc::clone(&shared), tcp, peer));
+                tracker.spawn(serve_connection(Arc::clone(&shared), tcp, peer, permit));
             }
             Err(error) => {
+                shared.metrics.accept_failed();
                 tracing::warn!(%error, ?backoff, "accept failed; backing off");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -268,9 +494,11 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
     }
 }
 
-/// One client connection, from the first byte to the close.
-async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let deadline = Instant::now() + shared.handshake_timeout;
+/// One client connection, from the first byte to the close. It holds `_permit` (its place under
+/// `limits.max_connections`) until then.
+async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+    let settings = shared.settings.load_full();
+    let deadline = Instant::now() + settings.handshake_timeout;
     let _count = shared.metrics.connection_opened();
 
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -312,27 +540,64 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
     let sni = sni.map(Arc::<str>::from);
-    let info = Arc::new(ConnectionInfo { peer, sni, certificate, tls_version, cipher });
-    let proxy = Arc::clone(&shared.proxy);
+    let info = Arc::new(ConnectionInfo {
+        peer,
+        sni,
+        certificate,
+        tls_version,
+        cipher,
+        grant_ended: grant_ended.clone(),
+        hard_stop: shared.hard_stop.clone(),
+        tunnel: std::sync::Mutex::new(None),
+    });
+    let upgraded = Arc::clone(&info);
+    let activity = Arc::new(Activity::new());
+    let requests = Arc::clone(&activity);
+    let current = Arc::clone(&shared);
     let service = service_fn(move |request| {
-        let proxy = Arc::clone(&proxy);
+        // The proxy current when the request arrives: a reload applies to connections already open.
+        let proxy = current.settings.load_full().proxy.clone();
         let info = Arc::clone(&info);
-        async move { Ok::<_, Infallible>(proxy.handle(request, &info).await) }
+        let in_flight = requests.request_started();
+        async move {
+            let response = proxy.handle(request, &info).await;
+            Ok::<_, Infallible>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
+        }
     });
     let io = TokioIo::new(tls);
+    let watch =
+        Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        drive(shared.http2.serve_connection(io, service), &shared, &grant_ended, peer).await;
+        drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
     } else {
-        drive(shared.http1.serve_connection(io, service).with_upgrades(), &shared, &grant_ended, peer).await;
+        drive(settings.http1.serve_connection(io, service).with_upgrades(), watch, ConnectionTimeout::HeaderRead).await;
+        // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
+        // stop; the connection stays counted (and registered) until then.
+        if let Some(tunnel) = upgraded.take_tunnel() {
+            let _ = tunnel.await;
+        }
     }
 }
 
-/// Runs an HTTP connection until it ends, its grant ends (dropped at once), or the server shuts down (drained
-/// gracefully, then dropped at the hard stop).
-async fn drive<C>(connection: C, shared: &Shared, grant_ended: &CancellationToken, peer: SocketAddr)
+/// What a connection watches besides its own I/O.
+struct Watch<'a> {
+    shared: &'a Shared,
+    grant_ended: &'a CancellationToken,
+    activity: &'a Activity,
+    /// `timeouts.idle` as it was when the connection was accepted.
+    idle: Duration,
+    peer: SocketAddr,
+}
+
+/// Runs an HTTP connection until it ends, its grant ends (dropped at once), the server shuts down (drained
+/// gracefully, then dropped at the hard stop), or it has no request in flight for `timeouts.idle` (drained, then
+/// dropped if it stays idle for another such period). `hyper_timeout` names the deadline hyper enforces itself
+/// (HTTP/1: header read; HTTP/2: keep-alive ping), for the metrics.
+async fn drive<C>(connection: C, watch: Watch<'_>, hyper_timeout: ConnectionTimeout)
 where
     C: Drain,
 {
+    let Watch { shared, grant_ended, activity, idle, peer } = watch;
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -348,9 +613,100 @@ where
                 _ = shared.hard_stop.cancelled() => return,
             }
         }
+        _ = activity.idle_for(idle) => {
+            tracing::debug!(%peer, "closing connection: idle");
+            shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
+            connection.as_mut().drain();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = grant_ended.cancelled() => return,
+                _ = shared.hard_stop.cancelled() => return,
+                _ = activity.idle_for(idle) => return,
+            }
+        }
     };
     if let Err(error) = result {
+        if error.is_timeout() {
+            shared.metrics.connection_timed_out(hyper_timeout);
+        }
         tracing::debug!(%peer, %error, "connection ended with an error");
+    }
+}
+
+/// What a connection is doing, for its idle timer: how many requests are in flight, and since when none is.
+/// Updated with two atomic operations per request; the timer wakes at most twice per idle period.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `epoch` to the end of the last request (0: the connection has had none).
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { epoch: Instant::now(), in_flight: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
+    }
+
+    /// A request arrived; it is in flight until the guard is dropped (when its response has been sent).
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Completes once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        let mut deadline = Instant::now() + limit;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            // Acquire pairs with the Release in `InFlight::drop`: a count of 0 comes with its `idle_since_ms`.
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                deadline = Instant::now() + limit;
+                continue;
+            }
+            let expires = self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed)) + limit;
+            if Instant::now() >= expires {
+                return;
+            }
+            deadline = expires;
+        }
+    }
+}
+
+/// Keeps a request counted as in flight.
+#[derive(Debug)]
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now = u64::try_from(activity.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.idle_since_ms.store(now, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper has sent it and dropped it.
+#[derive(Debug)]
+struct InFlightBody<B> {
+    inner: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -398,4 +754,25 @@ fn classify(error: &std::io::Error) -> HandshakeFailure {
 fn handshake_failed(shared: &Shared, peer: SocketAddr, reason: HandshakeFailure, detail: &dyn std::fmt::Display) {
     shared.metrics.handshake_failed(reason);
     tracing::debug!(%peer, ?reason, %detail, "TLS handshake failed");
+}
+
+/// The sections of `new` that differ from `old` and cannot change while running.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    // The TLS handshake timeout is reloadable; the rest of the TLS policy is built into every certificate's
+    // configuration.
+    let tls_policy = |c: &Config| crate::config::TlsConfig { handshake_timeout: Duration::ZERO, ..c.tls.clone() };
+    [
+        ("custody", old.custody == new.custody),
+        ("tls", tls_policy(old) == tls_policy(new)),
+        ("admin", old.admin == new.admin),
+        ("audit", old.audit == new.audit),
+        ("process", old.process == new.process),
+        ("runtime", old.runtime == new.runtime),
+        ("log", old.log == new.log),
+        ("redirect", old.redirects == new.redirects),
+    ]
+    .into_iter()
+    .filter(|(_, same)| !same)
+    .map(|(name, _)| name)
+    .collect()
 }

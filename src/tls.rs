@@ -102,6 +102,9 @@ impl TlsPolicy {
             .with_cert_resolver(Arc::new(RefuseAll));
         template.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         template.max_early_data_size = 0;
+        // The server's cipher suite order (the provider's: AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305, all AEAD
+        // with forward secrecy) rather than the client's, as auditors such as testssl.sh expect.
+        template.ignore_client_order = true;
         template.send_half_rtt_data = false;
         template.session_storage = Arc::new(NoServerSessionStorage {});
         if !config.session_resumption {

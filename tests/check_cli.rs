@@ -80,7 +80,7 @@ fn an_invalid_configuration_exits_2_naming_the_file() {
 }
 
 #[test]
-fn an_unreadable_export_exits_2_naming_the_file() {
+fn an_absent_export_holds_nothing_and_exits_1_saying_so() {
     let dir = TempDir::new().unwrap();
     let config = dir.path().join("proxy.toml");
     std::fs::write(
@@ -89,7 +89,22 @@ fn an_unreadable_export_exits_2_naming_the_file() {
     )
     .unwrap();
     let output = run(&config);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-export does not exist"), "{stderr}");
+    assert!(stdout(&output).contains("0 served, 0 refused"), "{}", stdout(&output));
+}
+
+#[test]
+fn an_unparseable_export_exits_2_naming_the_file() {
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, "[custody]\nexport = \"export\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n")
+        .unwrap();
+    std::fs::create_dir(dir.path().join("export")).unwrap();
+    std::fs::write(dir.path().join("export/associations.toml"), "format = 1\n").unwrap();
+    let output = run(&config);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("no-export/associations.toml"), "{stderr}");
+    assert!(stderr.contains("export/associations.toml"), "{stderr}");
 }

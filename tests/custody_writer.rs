@@ -685,3 +685,36 @@ fn the_committed_demo_export_is_consistent() {
     let not_after = leaf.validity().not_after.to_datetime();
     assert!(not_after > OffsetDateTime::now_utc() + Duration::days(5 * 365), "regenerate certs-example: {not_after}");
 }
+
+#[test]
+fn the_local_ca_names_a_crl_in_certificates_issued_after_it_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let (ok, stdout, stderr) = sealgate(dir.path(), args);
+        assert!(ok, "{args:?}: {stderr}");
+        stdout
+    };
+    let crl_of = |id: &str| {
+        run(&["associate", id, "--export", "export", "--grantee", "holder"]);
+        let pem = fs::read(export_paths(&dir.path().join("export"), id).certificate_pem).unwrap();
+        let der = CertificateDer::pem_slice_iter(&pem).next().unwrap().unwrap();
+        let (_, certificate) = x509_parser::parse_x509_certificate(&der).unwrap();
+        certificate.extensions().iter().find_map(|extension| match extension.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::CRLDistributionPoints(points) => Some(format!("{points:?}")),
+            _ => None,
+        })
+    };
+    run(&["issue", "--id", "c-before", "--name", "a.example.test"]);
+    assert_eq!(crl_of("c-before"), None);
+
+    run(&["ca", "--crl-url", "http://crl.example.test/ca.crl"]);
+    run(&["issue", "--id", "c-after", "--name", "a.example.test"]);
+    let points = crl_of("c-after").expect("a CRL distribution point");
+    assert!(points.contains("http://crl.example.test/ca.crl"), "{points}");
+
+    let (ok, _, stderr) = sealgate(dir.path(), &["ca", "--crl-url", "ftp://nope"]);
+    assert!(!ok && stderr.contains("http(s) URL"), "{stderr}");
+    run(&["ca", "--no-crl-url"]);
+    run(&["issue", "--id", "c-cleared", "--name", "a.example.test"]);
+    assert_eq!(crl_of("c-cleared"), None);
+}

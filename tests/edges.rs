@@ -44,10 +44,11 @@ async fn plain_http_is_redirected_to_https_with_308() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hsts_is_sent_on_every_response_when_configured() {
+async fn hsts_and_configured_headers_are_sent_on_every_response() {
     let f = Fixture::new();
     f.serve("c-a", &["app.example.test"]);
-    let hsts = "[hsts]\nmax_age = \"365days\"\ninclude_subdomains = true\n\n[admin]";
+    let hsts = "[hsts]\nmax_age = \"365days\"\ninclude_subdomains = true\n\n\
+                [response_headers]\nX-Content-Type-Options = \"nosniff\"\nX-Frame-Options = \"DENY\"\n\n[admin]";
     let routes = "[[route]]\npath = \"/ok\"\nrespond = { status = 200 }\n";
     let server = start_server(f.dir.path(), &f.config(routes).replace("[admin]", hsts)).await;
     let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
@@ -60,6 +61,8 @@ async fn hsts_is_sent_on_every_response_when_configured() {
         let response = h2.send_request(get_h2(host, path)).await.unwrap();
         assert_eq!(response.status(), status);
         assert_eq!(response.headers()["strict-transport-security"], "max-age=31536000; includeSubDomains");
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(response.headers()["x-frame-options"], "DENY");
     }
 
     let plain = Fixture::new();

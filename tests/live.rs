@@ -194,8 +194,9 @@ async fn a_deleted_and_recreated_export_directory_is_followed() {
     assert!(eventually(APPLY_DEADLINE, || handshake_fails(addr, "a.example.test", f.client(&[]))).await);
 
     // Recreated as it was: the old grant stays retired.
-    copy_tree(&f.export, &live);
+    // Counted before the copy: the copy's own events may be read before the count would be taken after it.
     let before = reloads(&server);
+    copy_tree(&f.export, &live);
     assert!(wait_until(APPLY_DEADLINE, || reloads(&server) > before).await, "the recreated directory is read");
     assert!(handshake_fails(addr, "a.example.test", f.client(&[])).await, "a retired grant never comes back");
 
@@ -306,4 +307,23 @@ async fn renewals_every_100ms_under_load_fail_no_request() {
     }
     assert!(distinct >= 3, "new connections saw the renewals ({distinct} distinct certificates)");
     assert!(ok.load(Ordering::Relaxed) > 50, "the clients were busy");
+}
+
+/// An export that does not exist yet reads as empty: the server starts not ready, and serves once it appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_starts_before_its_export_exists() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let later = f.dir.path().join("later");
+    let config =
+        config_text(&later, GRANTEE, HELLO).replacen("\n\n[[listener]]", &format!("\n{NO_RESCAN}\n\n[[listener]]"), 1);
+    let server = start_server(f.dir.path(), &config).await;
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await.0, 503);
+    assert!(tokio::net::TcpStream::connect(server.tls_addrs[0]).await.is_err(), "nothing to serve: not listening");
+
+    copy_tree(&f.export, &later);
+    let addr = server.tls_addrs[0];
+    assert!(eventually(APPLY_DEADLINE, || leaf_is(addr, &f, "a.example.test", "c-a")).await, "served once it exists");
+    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
 }

@@ -95,8 +95,9 @@ fn a_world_writable_configuration_or_export_is_refused() {
         assert!(status.success());
     }
     std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let config_path = config(dir.path(), &export, "");
-    let out = Command::new(BINARY).args(["check", "--config"]).arg(&config_path).output().unwrap();
+    let out = Command::new(BINARY).args(["run", "--config"]).arg(&config_path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("world-writable") && stderr.contains("export"), "{stderr}");

@@ -32,7 +32,7 @@ use grants::Grants;
 /// The whole export could not be read; nothing in it can be judged.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// `associations.toml` cannot be read, or the `grants/` directory exists but cannot be listed.
+    /// `associations.toml` exists but cannot be read, or the `grants/` directory exists but cannot be listed.
     #[error("{path}: {source}")]
     Io {
         /// The file or directory.
@@ -267,7 +267,12 @@ impl fmt::Display for Refusal {
 
 /// Reads the export at `export` as the holder `grantee`, judging lapses at `now`.
 ///
-/// Fails only when the export as a whole cannot be judged: `associations.toml` is missing, unreadable or does
+/// What is absent is read as empty, as FORMAT.md's "a grant is retired when its file is gone" asks: a missing
+/// export directory holds no grants and no associations (every held grant is gone), a missing
+/// `associations.toml` associates nothing, a missing `grants/` holds no grants. The custody system writes every
+/// file atomically, so absence is a state, never a write in progress.
+///
+/// Fails only when the export as a whole cannot be judged: `associations.toml` exists but cannot be read or does
 /// not parse, or `grants/` exists but cannot be listed (judging then would take every grant for gone). Anything
 /// wrong with one association refuses that association alone.
 ///
@@ -293,9 +298,14 @@ pub fn read_export(export: &Path, grantee: &str, now: OffsetDateTime) -> Result<
     Ok(Snapshot { export: export.to_owned(), read_at: now, grants: grants.statuses(now), associations: outcomes })
 }
 
-/// Reads and parses `associations.toml`; either failure makes the whole export unjudgeable.
+/// Reads and parses `associations.toml`; an absent file associates nothing, any other failure makes the whole
+/// export unjudgeable.
 fn read_associations(path: &Path) -> Result<Associations> {
-    let bytes = std::fs::read(path).map_err(|source| ExportError::Io { path: path.to_owned(), source })?;
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Associations::default()),
+        Err(source) => return Err(ExportError::Io { path: path.to_owned(), source }),
+    };
     Associations::parse(&bytes).map_err(|source| ExportError::Format { path: path.to_owned(), source })
 }
 

@@ -149,6 +149,12 @@ struct CaArgs {
     /// Write the CA certificate to this file (atomically) instead of printing it.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
+    /// Write this CRL distribution point URL into every certificate the local CA issues from now on.
+    #[arg(long, value_name = "URL", conflicts_with = "no_crl_url")]
+    crl_url: Option<String>,
+    /// Stop writing a CRL distribution point into new certificates.
+    #[arg(long)]
+    no_crl_url: bool,
 }
 
 /// Why a command failed: the custody operation, or reading an input file.
@@ -301,6 +307,13 @@ fn list(custody: &Custody) -> Result<(), ToolError> {
 }
 
 fn ca(custody: &Custody, args: CaArgs) -> Result<(), ToolError> {
+    if let Some(url) = &args.crl_url {
+        custody.set_crl_url(Some(url))?;
+        eprintln!("new certificates will name the CRL at {url}");
+    } else if args.no_crl_url {
+        custody.set_crl_url(None)?;
+        eprintln!("new certificates will name no CRL");
+    }
     let pem = custody.ca_certificate_pem()?;
     match args.out {
         Some(path) => {

@@ -454,13 +454,30 @@ impl Custody {
 
     // -----------------------------------------------------------------------------------------------------------
 
+    /// Sets (or clears) the CRL distribution point URL that the local CA writes into the certificates it issues
+    /// from now on (an `http://` or `https://` URL).
+    pub fn set_crl_url(&self, url: Option<&str>) -> Result<()> {
+        if let Some(url) = url {
+            let valid = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() <= 2048
+                && url.bytes().all(|b| b.is_ascii_graphic());
+            if !valid {
+                return Err(CustodyError::state(&self.state.ca_crl_url_file(), "the CRL URL must be an http(s) URL"));
+            }
+        }
+        self.local_ca()?;
+        self.state.write_ca_crl_url(url)
+    }
+
     /// The local CA, created on first use.
     fn local_ca(&self) -> Result<LocalCa> {
         if let Some((certificate_pem, sealed)) = self.state.read_ca()? {
             let pkcs8 = self.master.open(KeyRole::Ca, CA_SEAL_ID, &sealed, || {
                 format!("{}: the local CA's key", self.state.ca_key_file().display())
             })?;
-            return LocalCa::load(certificate_pem, &pkcs8);
+            let mut ca = LocalCa::load(certificate_pem, &pkcs8)?;
+            ca.crl_url = self.state.read_ca_crl_url()?;
+            return Ok(ca);
         }
         let (ca, pkcs8) = LocalCa::create(now())?;
         let sealed = self.master.seal(KeyRole::Ca, CA_SEAL_ID, pkcs8.expose())?;

@@ -1,5 +1,6 @@
-//! Forwarding to an upstream: rewriting the request for HTTP/1.1, the upstream connection pool, and mapping
-//! upstream failures to 502 and 504.
+//! Forwarding to an upstream: rewriting the request for HTTP/1.1 (hop-by-hop headers, forwarding headers,
+//! `Host`), and mapping upstream failures to 502 and 504. Which upstream, and how often, is
+//! [`super::upstream`]'s business.
 //!
 //! Bodies are streamed both ways: the client's body is handed to the upstream request as it arrives and the
 //! upstream's body to the client response, so memory stays bounded whatever their size.
@@ -8,13 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use crate::config::{ProxyConfig, UpstreamUrl};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, StatusCode, Uri, Version};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive`, `Proxy-Connection` and the proxy
 /// authentication pair, which belong to this hop only).
@@ -108,7 +104,7 @@ fn join_cookies(headers: &mut HeaderMap) {
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    /// The upstream could not be reached (connection refused, reset, closed before answering).
+    /// The upstream could not be reached (connection refused, reset, closed before answering, TLS refused).
     #[error("upstream {upstream} unreachable: {source}")]
     Unreachable {
         /// The upstream.
@@ -141,80 +137,68 @@ impl ForwardError {
             Self::Request(_) | Self::InvalidHost => StatusCode::BAD_REQUEST,
         }
     }
-}
 
-/// The pooled HTTP/1.1 client that talks to upstreams.
-#[derive(Debug, Clone)]
-pub struct UpstreamClient {
-    client: Client<HttpConnector, Incoming>,
-    connect_timeout: Duration,
-    preserve_host: bool,
-}
-
-impl UpstreamClient {
-    /// A client with the `[proxy]` settings.
-    pub fn new(config: &ProxyConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .build(connector);
-        Self { client, connect_timeout: config.connect_timeout, preserve_host: config.preserve_host }
-    }
-
-    /// Sends `request` to `upstream` and waits up to `timeout` for the response headers.
-    pub async fn forward(
-        &self,
-        request: Request<Incoming>,
-        upstream: &UpstreamUrl,
-        client: ClientSide<'_>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let request = self.upstream_request(request, upstream, client)?;
-        let name = || upstream.to_string();
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Err(_) => return Err(ForwardError::Timeout { upstream: name(), timeout }),
-            Ok(Err(e)) if is_timeout(&e) => {
-                return Err(ForwardError::Timeout { upstream: name(), timeout: self.connect_timeout })
-            }
-            Ok(Err(source)) => return Err(ForwardError::Unreachable { upstream: name(), source }),
-            Ok(Ok(response)) => response,
-        };
-        let (mut parts, body) = response.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body))
-    }
-
-    /// Rewrites a client request (HTTP/1.1 or HTTP/2) as an HTTP/1.1 request to `upstream`.
-    fn upstream_request(
-        &self,
-        request: Request<Incoming>,
-        upstream: &UpstreamUrl,
-        client: ClientSide<'_>,
-    ) -> Result<Request<Incoming>, ForwardError> {
-        let (mut parts, body) = request.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = Uri::builder().scheme("http").authority(upstream.authority.clone()).path_and_query(path).build()?;
-        let from_http2 = parts.version == Version::HTTP_2;
-        parts.version = Version::HTTP_11;
-        remove_hop_by_hop(&mut parts.headers);
-        if from_http2 {
-            join_cookies(&mut parts.headers);
+    /// The upstream that failed, when one was tried.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            Self::Unreachable { upstream, .. } | Self::Timeout { upstream, .. } => Some(upstream),
+            Self::Request(_) | Self::InvalidHost => None,
         }
-        let host = if self.preserve_host { client.authority } else { upstream.authority.as_str() };
-        let host = HeaderValue::from_str(host).map_err(|_| ForwardError::InvalidHost)?;
-        parts.headers.insert(header::HOST, host);
-        set_forwarded(&mut parts.headers, client);
-        Ok(Request::from_parts(parts, body))
     }
+}
+
+/// Rewrites a client request's (HTTP/1.1 or HTTP/2) head for HTTP/1.1 upstreams, once for every attempt:
+/// hop-by-hop headers removed, HTTP/2 cookies joined, `Host` set to the client's when `preserve_host` (else
+/// each attempt sets its upstream's), forwarding headers set, version HTTP/1.1.
+pub fn rewrite_head(
+    parts: &mut http::request::Parts,
+    client: ClientSide<'_>,
+    preserve_host: bool,
+) -> Result<(), ForwardError> {
+    let from_http2 = parts.version == Version::HTTP_2;
+    parts.version = Version::HTTP_11;
+    remove_hop_by_hop(&mut parts.headers);
+    super::upgrade::restore_request_headers(&parts.extensions, &mut parts.headers);
+    if from_http2 {
+        join_cookies(&mut parts.headers);
+    }
+    if preserve_host {
+        let host = HeaderValue::from_str(client.authority).map_err(|_| ForwardError::InvalidHost)?;
+        parts.headers.insert(header::HOST, host);
+    } else {
+        parts.headers.remove(header::HOST);
+    }
+    set_forwarded(&mut parts.headers, client);
+    Ok(())
+}
+
+/// One attempt's request: `method` and `path` to `scheme://authority`, with `headers` as [`rewrite_head`] left
+/// them and `host` (the upstream's own `Host`, when the client's is not preserved).
+pub fn upstream_request<B>(
+    method: Method,
+    target: (Scheme, Authority, PathAndQuery),
+    mut headers: HeaderMap,
+    host: Option<HeaderValue>,
+    body: B,
+) -> Result<Request<B>, ForwardError> {
+    let (scheme, authority, path) = target;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path);
+    if let Some(host) = host {
+        headers.insert(header::HOST, host);
+    }
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from_parts(uri).map_err(http::Error::from)?;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Ok(request)
 }
 
 /// Whether a client error is a connect timeout (a connect error whose cause is `TimedOut`).
-fn is_timeout(error: &hyper_util::client::legacy::Error) -> bool {
+pub fn is_timeout(error: &hyper_util::client::legacy::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {

@@ -1,40 +1,52 @@
 //! The HTTP side: what happens to a request once a TLS connection carries it.
 //!
+//! - [`limits`]: request limits and framing checks, before anything else;
 //! - [`routes`]: which route answers a host and path;
-//! - [`forward`]: forwarding to upstreams (headers, pool, 502/504);
-//! - [`respond`]: answers sealgate writes itself.
+//! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
+//! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
+//! - [`respond`]: answers sealgate writes itself;
+//! - [`upgrade`]: WebSocket tunnels (HTTP/1.1 upgrade, HTTP/2 extended CONNECT); other upgrades refused.
 //!
 //! Before routing, every request's `Host` (HTTP/1.1) or `:authority` (HTTP/2) must be a name the connection's
 //! certificate is served for *and* that is still served: a client that reuses a connection for another name
 //! (HTTP/2 connection coalescing, or a forged `Host`) gets 421 and retries on a connection of its own.
 
 pub mod forward;
+pub mod limits;
 pub mod respond;
 pub mod routes;
+pub mod upgrade;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
-use crate::config::{Config, HstsConfig, UpstreamUrl};
+use crate::config::{Config, HstsConfig};
 use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
-use forward::{ClientSide, UpstreamClient};
+use forward::ClientSide;
+use limits::{LimitError, Limits};
 use routes::{Action, RouteTable};
+use tokio_util::sync::CancellationToken;
+use upgrade::{Kind, UpgradeHeaders};
+use upstream::{AnsweredBy, ResponseBody, UpstreamError};
 
 /// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The body of every response sealgate sends (counted for the access log when it is enabled).
-pub type ProxyBody = LoggedBody<ResponseBody>;
+pub type ProxyBody = LoggedBody<ReplyBody>;
+
+pub use limits::RequestBody;
 
 /// What the proxy knows of the connection a request came on.
 #[derive(Debug)]
@@ -49,36 +61,56 @@ pub struct ConnectionInfo {
     pub tls_version: &'static str,
     /// The negotiated cipher suite, e.g. `TLS13_AES_128_GCM_SHA256`.
     pub cipher: &'static str,
+    /// Fires when the certificate's grant ends: tunnels close with the connection.
+    pub grant_ended: CancellationToken,
+    /// Fires at the server's hard stop.
+    pub hard_stop: CancellationToken,
+    /// An HTTP/1.1 connection's WebSocket tunnel, once upgraded: the connection task waits for it (so that the
+    /// connection is counted, and closed with its grant, for as long as the tunnel lives).
+    pub tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl ConnectionInfo {
+    /// Takes the tunnel the connection was upgraded to, if any.
+    pub fn take_tunnel(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.tunnel.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
 }
 
 /// Routes and forwards requests.
+///
+/// A proxy owns its routes' upstream state and background tasks (health checks): building one starts them,
+/// dropping it stops them, so a proxy can be replaced by a new one for a configuration reload.
 #[derive(Debug)]
 pub struct Proxy {
     routes: RouteTable,
-    client: UpstreamClient,
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
     hsts: Option<HeaderValue>,
+    response_headers: Vec<(header::HeaderName, HeaderValue)>,
     access_log: Option<Arc<AccessLog>>,
+    limits: Limits,
 }
 
 impl Proxy {
     /// A proxy for `config`'s routes. `certificates` tells which names are still served; `access_log` receives
-    /// one line per request.
+    /// one line per request. Health checks start here, so a configuration with health checks needs a Tokio
+    /// runtime; a CA file that cannot be read fails.
     pub fn new(
         config: &Config,
         certificates: Arc<CertificateStore>,
         metrics: Arc<Metrics>,
         access_log: Option<Arc<AccessLog>>,
-    ) -> Self {
-        Self {
-            routes: RouteTable::new(&config.routes, config.proxy.response_timeout),
-            client: UpstreamClient::new(&config.proxy),
+    ) -> Result<Self, UpstreamError> {
+        Ok(Self {
+            routes: RouteTable::new(&config.routes, &config.proxy, &metrics)?,
             certificates,
             metrics,
             hsts: config.hsts.as_ref().map(HstsConfig::header_value),
+            response_headers: config.response_headers.clone(),
             access_log,
-        }
+            limits: Limits::new(&config.limits, &config.timeouts),
+        })
     }
 
     /// Answers one request.
@@ -90,20 +122,48 @@ impl Proxy {
         if let Some(hsts) = &self.hsts {
             response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
+        for (name, value) in &self.response_headers {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
-            record.upstream = upstream.map(|u| u.authority.to_string());
+            record.upstream = upstream;
             (log, record, started.0)
         });
         response.map(|body| LoggedBody::new(body, pending))
     }
 
-    /// Answers one request; also says which upstream, if any, was asked.
-    async fn answer<'a>(
-        &'a self,
+    /// Answers one request; also says which upstream, if any, answered or failed.
+    async fn answer(
+        &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-    ) -> (Response<ResponseBody>, Option<&'a UpstreamUrl>) {
+    ) -> (Response<ReplyBody>, Option<String>) {
+        let version = request.version();
+        let mut request = match self.limits.admit(request) {
+            Ok(request) => request,
+            Err(error) => return (self.refuse(&error, version, connection), None),
+        };
+        let switch = match upgrade::classify(&request) {
+            Kind::Plain => None,
+            Kind::Refused(status) => {
+                tracing::debug!(peer = %connection.peer, method = %request.method(), "upgrade or CONNECT refused");
+                return (self.close_after(respond::error(status), version), None);
+            }
+            Kind::WebSocket(upgrade) => {
+                request.extensions_mut().insert(UpgradeHeaders { upgrade: upgrade.clone(), key: None });
+                Some(Switch { upgrade, key: None, client: hyper::upgrade::on(&mut request), http1: true })
+            }
+            Kind::WebSocketOverH2 => match upgrade::h2_to_h1(&mut request) {
+                Some(key) => Some(Switch {
+                    upgrade: HeaderValue::from_static("websocket"),
+                    key: Some(key),
+                    client: hyper::upgrade::on(&mut request),
+                    http1: false,
+                }),
+                None => return (respond::error(StatusCode::INTERNAL_SERVER_ERROR), None),
+            },
+        };
         let Some(authority) = request_authority(&request).map(str::to_owned) else {
             return (respond::error(StatusCode::BAD_REQUEST), None);
         };
@@ -124,18 +184,83 @@ impl Proxy {
         match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
-                let upstream = upstreams.pick();
                 let client = ClientSide { peer: connection.peer, authority: &authority };
-                let response = match self.client.forward(request, upstream, client, route.response_timeout).await {
-                    Ok(response) => response.map(Either::Left),
-                    Err(error) => {
-                        tracing::warn!(route = route.index, %error, "upstream request failed");
-                        respond::error(error.status())
+                match upstreams.forward(request, client, route.response_timeout).await {
+                    Ok(response) => {
+                        let upstream = response.extensions().get::<AnsweredBy>().map(|a| a.0.to_string());
+                        (self.switch_or_pass(response, switch, connection), upstream)
                     }
-                };
-                (response, Some(upstream))
+                    Err(error) => match LimitError::find_in(&error) {
+                        // The client's body was refused on its way upstream: the client's fault, not the upstream's.
+                        Some(limit) => (self.refuse(limit, version, connection), None),
+                        None => {
+                            tracing::warn!(route = route.index, %error, "upstream request failed");
+                            (respond::error(error.status()), error.upstream().map(str::to_owned))
+                        }
+                    },
+                }
             }
         }
+    }
+
+    /// Passes an upstream response on, or, for an upgrade the upstream agreed to, answers the client's switch and
+    /// starts the tunnel.
+    fn switch_or_pass(
+        &self,
+        mut response: Response<ResponseBody>,
+        switch: Option<Switch>,
+        connection: &ConnectionInfo,
+    ) -> Response<ReplyBody> {
+        let Some(switch) = switch else {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                tracing::warn!("upstream switched protocols without being asked; refusing its answer");
+                return respond::error(StatusCode::BAD_GATEWAY);
+            }
+            return response.map(Either::Left);
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream declined the upgrade: its answer is an ordinary response.
+            return response.map(Either::Left);
+        }
+        if !upgrade::upstream_switched(&response, &switch.upgrade, switch.key.as_ref()) {
+            tracing::warn!("upstream switched to another protocol than the one asked for");
+            return respond::error(StatusCode::BAD_GATEWAY);
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        let (mut head, _) = response.into_parts();
+        forward::remove_hop_by_hop(&mut head.headers);
+        let mut status = head.status;
+        upgrade::client_head(&mut head.headers, &mut status, switch.http1.then_some(&switch.upgrade));
+        let closing = [connection.grant_ended.clone(), connection.hard_stop.clone()];
+        let tunnel = tokio::spawn(upgrade::tunnel(switch.client, upstream, closing));
+        if switch.http1 {
+            *connection.tunnel.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tunnel);
+        }
+        let mut reply = Response::new(Either::Right(Full::new(Bytes::new())));
+        *reply.status_mut() = status;
+        *reply.headers_mut() = head.headers;
+        reply
+    }
+
+    /// HTTP/1: closes the connection after this answer.
+    fn close_after(&self, mut response: Response<ReplyBody>, version: Version) -> Response<ReplyBody> {
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Answers a request refused by a limit or a framing check. An HTTP/1 connection is closed after the answer:
+    /// the rest of the request (a body not read, or framed in a way sealgate does not trust) must not be read as
+    /// the next request, nor drained at the client's pace. (HTTP/2 streams end on their own.)
+    fn refuse(&self, error: &LimitError, version: Version, connection: &ConnectionInfo) -> Response<ReplyBody> {
+        tracing::debug!(peer = %connection.peer, %error, "request refused");
+        self.metrics.request_refused(error.reason());
+        let mut response = respond::error(error.status());
+        if version < Version::HTTP_2 {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Whether `host` may be answered on a connection made with `connection.certificate`: the certificate is
@@ -144,6 +269,15 @@ impl Proxy {
     fn is_served_on(&self, host: &str, connection: &ConnectionInfo) -> bool {
         names::any_covers(&connection.certificate.server_names, host) && self.certificates.serves(host)
     }
+}
+
+/// An upgrade in progress: what was asked upstream and the client's side of the tunnel.
+struct Switch {
+    upgrade: HeaderValue,
+    key: Option<HeaderValue>,
+    client: hyper::upgrade::OnUpgrade,
+    /// HTTP/1.1 upgrade (`101`) rather than HTTP/2 extended CONNECT (`200`).
+    http1: bool,
 }
 
 /// The access log record of a request, to be completed when its response ends.

@@ -6,7 +6,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::routes::FixedResponse;
-use super::ResponseBody as ProxyBody;
+use super::ReplyBody as ProxyBody;
 
 /// The answer of a `respond` route.
 pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
@@ -24,6 +24,10 @@ pub fn error(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::MISDIRECTED_REQUEST => {
             "misdirected request: this connection's certificate does not serve this host\n"
         }
+        StatusCode::REQUEST_TIMEOUT => "request timeout: the request was not received in time\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload too large\n",
+        StatusCode::URI_TOO_LONG => "uri too long\n",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request header fields too large\n",
         StatusCode::BAD_GATEWAY => "bad gateway: the upstream is unreachable\n",
         StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the upstream did not answer in time\n",
         _ => status.canonical_reason().unwrap_or("error"),

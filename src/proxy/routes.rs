@@ -5,13 +5,14 @@
 //! wildcard, then any), then the longest path prefix, then the first in the file: the order nginx users know
 //! from `server_name` and `location`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
-use crate::config::{RouteAction, RouteConfig, UpstreamUrl};
+use super::upstream::{UpstreamError, UpstreamGroup};
+use crate::config::{ProxyConfig, RouteAction, RouteConfig};
+use crate::metrics::Metrics;
 use crate::names;
 
 /// A route ready to serve.
@@ -23,15 +24,15 @@ pub struct Route {
     path: String,
     /// What the route does.
     pub action: Action,
-    /// Time allowed for the upstream to answer with headers.
+    /// Time allowed for the upstreams to answer with headers, every attempt included.
     pub response_timeout: Duration,
 }
 
 /// What a route does.
 #[derive(Debug)]
 pub enum Action {
-    /// Forward to one of these upstreams, round robin.
-    Upstream(Upstreams),
+    /// Forward to one of these upstreams (boxed: the group, with its pool, is several times a fixed answer's size).
+    Upstream(Box<UpstreamGroup>),
     /// Answer directly.
     Respond(FixedResponse),
 }
@@ -45,22 +46,6 @@ pub struct FixedResponse {
     pub body: Bytes,
     /// `Content-Type`.
     pub content_type: HeaderValue,
-}
-
-/// A route's upstreams with their round-robin position.
-#[derive(Debug)]
-pub struct Upstreams {
-    urls: Vec<UpstreamUrl>,
-    next: AtomicUsize,
-}
-
-impl Upstreams {
-    /// The next upstream in round-robin order.
-    pub fn pick(&self) -> &UpstreamUrl {
-        // `urls` is never empty: the configuration refuses a route with no upstream.
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.urls.len();
-        &self.urls[i]
-    }
 }
 
 impl Route {
@@ -82,31 +67,34 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Builds the table; `default_timeout` applies to routes that set none.
-    pub fn new(routes: &[RouteConfig], default_timeout: Duration) -> Self {
+    /// Builds the table, with each upstream route's pool, balancer and health checks (started here, stopped
+    /// when the table is dropped); `[proxy]` settings apply to routes that set none.
+    pub fn new(routes: &[RouteConfig], proxy: &ProxyConfig, metrics: &Metrics) -> Result<Self, UpstreamError> {
         let routes = routes
             .iter()
             .enumerate()
-            .map(|(index, r)| Route {
-                index,
-                host: r.host.clone(),
-                path: r.path.clone(),
-                action: match &r.action {
-                    RouteAction::Upstream(urls) => {
-                        Action::Upstream(Upstreams { urls: urls.clone(), next: AtomicUsize::new(0) })
-                    }
-                    RouteAction::Respond(response) => Action::Respond(FixedResponse {
-                        status: response.status,
-                        body: Bytes::from(response.body.clone()),
-                        // The configuration checked that the content type is a valid header value.
-                        content_type: HeaderValue::from_str(&response.content_type)
-                            .unwrap_or(HeaderValue::from_static("text/plain")),
-                    }),
-                },
-                response_timeout: r.response_timeout.unwrap_or(default_timeout),
+            .map(|(index, r)| {
+                Ok(Route {
+                    index,
+                    host: r.host.clone(),
+                    path: r.path.clone(),
+                    action: match &r.action {
+                        RouteAction::Upstream(group) => {
+                            Action::Upstream(Box::new(UpstreamGroup::new(index, group, proxy, metrics)?))
+                        }
+                        RouteAction::Respond(response) => Action::Respond(FixedResponse {
+                            status: response.status,
+                            body: Bytes::from(response.body.clone()),
+                            // The configuration checked that the content type is a valid header value.
+                            content_type: HeaderValue::from_str(&response.content_type)
+                                .unwrap_or(HeaderValue::from_static("text/plain")),
+                        }),
+                    },
+                    response_timeout: r.response_timeout.unwrap_or(proxy.response_timeout),
+                })
             })
-            .collect();
-        Self { routes }
+            .collect::<Result<_, UpstreamError>>()?;
+        Ok(Self { routes })
     }
 
     /// The route for a normalised `host` and a request `path`.
@@ -136,7 +124,7 @@ mod tests {
         let text =
             format!("[custody]\nexport = \"e\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n{routes}");
         let config = Config::parse(&text, Path::new("proxy.toml")).unwrap();
-        RouteTable::new(&config.routes, Duration::from_secs(1))
+        RouteTable::new(&config.routes, &config.proxy, &Metrics::new()).unwrap()
     }
 
     fn index(table: &RouteTable, host: &str, path: &str) -> Option<usize> {
@@ -184,10 +172,10 @@ respond = { status = 200 }
     }
 
     #[test]
-    fn round_robin_cycles() {
-        let t = table("[[route]]\nupstream = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\n");
-        let Action::Upstream(upstreams) = &t.find("h", "/").unwrap().action else { panic!() };
-        let picks: Vec<_> = (0..4).map(|_| upstreams.pick().authority.port_u16().unwrap()).collect();
-        assert_eq!(picks, [1, 2, 1, 2]);
+    fn route_timeouts_default_to_the_proxy_response_timeout() {
+        let t = table("[[route]]\nupstream = \"http://127.0.0.1:1\"\n[[route]]\npath = \"/x\"\nupstream = \"http://127.0.0.1:1\"\ntimeout = \"3s\"\n");
+        assert_eq!(t.find("h", "/").unwrap().response_timeout, Duration::from_secs(60));
+        assert_eq!(t.find("h", "/x").unwrap().response_timeout, Duration::from_secs(3));
+        assert!(matches!(t.find("h", "/").unwrap().action, Action::Upstream(_)));
     }
 }

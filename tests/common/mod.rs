@@ -2,6 +2,9 @@
 //! HTTP/1.1 and HTTP/2 clients (hyper), and a real upstream (a hyper server) that records what it receives.
 #![allow(dead_code)]
 
+pub mod h2raw;
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -123,6 +126,8 @@ pub struct Recorded {
     pub headers: http::HeaderMap,
     /// Number of body bytes.
     pub body_len: u64,
+    /// The SNI of the TLS connection it came on (TLS upstreams only).
+    pub sni: Option<String>,
 }
 
 /// A real upstream: a hyper HTTP/1.1 server on loopback that records every request and answers
@@ -175,6 +180,7 @@ impl Upstream {
                                 version: parts.version,
                                 headers: parts.headers,
                                 body_len,
+                                sni: None,
                             };
                             let mut response = respond(&record);
                             if response.body().clone().collect().await.unwrap().to_bytes().is_empty() {
@@ -340,4 +346,121 @@ impl Fixture {
 /// Whether a handshake for `sni` fails, whether by an alert or because nothing listens any more.
 pub async fn handshake_fails(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> bool {
     connect(addr, sni, config).await.is_err()
+}
+
+/// What an asynchronous upstream does with a request: answer it, or close the connection without an answer
+/// (`None`).
+pub type Reply = Option<Response<Full<Bytes>>>;
+
+impl Upstream {
+    /// Starts an upstream that records each request (body read in full) as soon as it arrives, then answers what
+    /// the future `respond` returns (an empty body becomes `upstream: <path>`), or closes the connection.
+    pub async fn start_async<F, Fut>(respond: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Reply> + Send + 'static,
+    {
+        Self::serve(None, respond).await
+    }
+
+    /// [`Upstream::start_async`] over TLS with `tls` (its `sni` recorded).
+    pub async fn start_tls<F, Fut>(tls: Arc<rustls::ServerConfig>, respond: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Reply> + Send + 'static,
+    {
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(tls)), respond).await
+    }
+
+    async fn serve<F, Fut>(tls: Option<tokio_rustls::TlsAcceptor>, respond: F) -> Self
+    where
+        F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Reply> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let respond = Arc::new(respond);
+        let log = Arc::clone(&recorded);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (log, respond, tls) = (Arc::clone(&log), Arc::clone(&respond), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_recorded(TokioIo::new(tcp), None, log, respond).await,
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(tcp).await else { return };
+                            let sni = stream.get_ref().1.server_name().map(str::to_owned);
+                            serve_recorded(TokioIo::new(stream), sni, log, respond).await
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, recorded }
+    }
+
+    /// Number of requests received.
+    pub fn count(&self) -> usize {
+        self.recorded.lock().unwrap().len()
+    }
+
+    /// Number of requests received with `method` for a path starting with `prefix`.
+    pub fn count_of(&self, method: &str, prefix: &str) -> usize {
+        self.recorded.lock().unwrap().iter().filter(|r| r.method == method && r.uri.path().starts_with(prefix)).count()
+    }
+}
+
+async fn serve_recorded<I, F, Fut>(io: I, sni: Option<String>, log: Arc<Mutex<Vec<Recorded>>>, respond: Arc<F>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    F: Fn(Recorded) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (log, respond, sni) = (Arc::clone(&log), Arc::clone(&respond), sni.clone());
+        async move {
+            let (parts, mut body) = request.into_parts();
+            let mut body_len = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+                    body_len += data.len() as u64;
+                }
+            }
+            let record = Recorded {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: parts.headers,
+                body_len,
+                sni,
+            };
+            let uri = record.uri.clone();
+            log.lock().unwrap().push(record.clone());
+            let Some(mut response) = respond(record).await else {
+                // An error from the service makes hyper close the connection without writing a response.
+                return Err::<Response<Full<Bytes>>, _>(std::io::Error::other("no answer"));
+            };
+            if response.body().clone().collect().await.unwrap().to_bytes().is_empty() {
+                *response.body_mut() = Full::new(Bytes::from(format!("upstream: {uri}")));
+            }
+            Ok(response)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+}
+
+/// A `GET` of `path` on the admin endpoint at `admin`.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder().uri(path).header("host", "admin").body(Full::new(Bytes::new())).unwrap();
+    text(sender.send_request(request).await.unwrap()).await
+}
+
+/// A TLS connection to the server's first listener for `sni`, offering `alpn`, trusting the fixture's CA.
+pub async fn tls_to(f: &Fixture, server: &RunningServer, sni: &str, alpn: &[u8]) -> TlsStream<TcpStream> {
+    connect(server.tls_addrs[0], sni, f.client(&[alpn])).await.unwrap()
 }

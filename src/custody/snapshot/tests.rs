@@ -596,9 +596,28 @@ fn an_unusable_associations_file_fails_the_whole_read() {
         assert!(matches!(err, ExportError::Format { .. }), "{err:?}");
         assert!(err.to_string().starts_with(&path.display().to_string()), "{err}");
     }
+    // Present but unreadable (here: a directory) is not absent.
     std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
     let err = read_export(fixture.dir.path(), GRANTEE, now()).unwrap_err();
     assert!(matches!(err, ExportError::Io { .. }) && err.to_string().contains("associations.toml"), "{err}");
+}
+
+#[test]
+fn an_absent_associations_file_associates_nothing() {
+    let fixture = Fixture::served();
+    fixture.write();
+    std::fs::remove_file(fixture.path("associations.toml")).unwrap();
+    let snapshot = read_export(fixture.dir.path(), GRANTEE, now()).unwrap();
+    assert!(snapshot.associations.is_empty());
+    assert_eq!(snapshot.grants.len(), 1, "the grants are still read");
+}
+
+#[test]
+fn an_absent_export_directory_holds_nothing() {
+    let fixture = Fixture::served();
+    let snapshot = read_export(&fixture.dir.path().join("not-there"), GRANTEE, now()).unwrap();
+    assert!(snapshot.associations.is_empty() && snapshot.grants.is_empty());
 }
 
 #[test]

@@ -24,6 +24,8 @@ pub(super) struct LocalCa {
     /// The CA certificate.
     pub certificate_pem: String,
     issuer: Issuer<'static, EcdsaSigner>,
+    /// CRL distribution point written into every certificate issued, if set (`sealgate custody ca --crl-url`).
+    pub crl_url: Option<String>,
 }
 
 /// The CA certificate's parameters. Also used to rebuild the issuer when the CA is loaded: rcgen takes the
@@ -46,7 +48,7 @@ impl LocalCa {
         let mut params = ca_params(now - Duration::hours(1), now + CA_LIFETIME);
         params.serial_number = Some(random_serial()?);
         let certificate = params.self_signed(&signer).map_err(|source| certificate_error("local CA", source))?;
-        let ca = Self { certificate_pem: certificate.pem(), issuer: Issuer::new(params, signer) };
+        let ca = Self { certificate_pem: certificate.pem(), issuer: Issuer::new(params, signer), crl_url: None };
         Ok((ca, pkcs8))
     }
 
@@ -55,7 +57,7 @@ impl LocalCa {
         let signer = EcdsaSigner::from_pkcs8(pkcs8)?;
         // The validity of the issuer's parameters is not used when signing other certificates.
         let params = ca_params(OffsetDateTime::UNIX_EPOCH, OffsetDateTime::UNIX_EPOCH);
-        Ok(Self { certificate_pem, issuer: Issuer::new(params, signer) })
+        Ok(Self { certificate_pem, issuer: Issuer::new(params, signer), crl_url: None })
     }
 
     /// Signs a TLS server certificate for `names` (already validated) over `public_key`, returning its PEM.
@@ -85,6 +87,9 @@ impl LocalCa {
         params.serial_number = Some(random_serial()?);
         params.not_before = not_before;
         params.not_after = not_after;
+        if let Some(url) = &self.crl_url {
+            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint { uris: vec![url.clone()] }];
+        }
         let certificate =
             params.signed_by(public_key, &self.issuer).map_err(|source| certificate_error(&what(), source))?;
         Ok(certificate.pem())

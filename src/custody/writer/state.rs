@@ -68,6 +68,24 @@ impl StateDir {
         self.ca_dir().join("private-key.sealed")
     }
 
+    /// The CRL distribution point URL the local CA writes into certificates, if one was set.
+    pub fn ca_crl_url_file(&self) -> PathBuf {
+        self.ca_dir().join("crl-url")
+    }
+
+    /// Reads the CA's CRL URL.
+    pub fn read_ca_crl_url(&self) -> Result<Option<String>> {
+        let path = self.ca_crl_url_file();
+        let Some(bytes) = fsio::read_optional(&path)? else { return Ok(None) };
+        let url = String::from_utf8(bytes).map_err(|_| CustodyError::state(&path, "is not UTF-8"))?;
+        Ok(Some(url.trim().to_owned()).filter(|u| !u.is_empty()))
+    }
+
+    /// Stores (or, with `None`, clears) the CA's CRL URL.
+    pub fn write_ca_crl_url(&self, url: Option<&str>) -> Result<()> {
+        self.write(&self.ca_crl_url_file(), url.unwrap_or_default().as_bytes())
+    }
+
     fn certificates_dir(&self) -> PathBuf {
         self.root.join("certificates")
     }

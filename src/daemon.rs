@@ -1,0 +1,139 @@
+//! `sealgate run` as a long-lived process: start, then obey signals and the configuration file until told to stop.
+//!
+//! - SIGTERM or SIGINT: stop accepting, let in-flight requests finish within `timeouts.drain`, close the rest.
+//! - SIGHUP, or the configuration file changing on disk: read it again and apply what can change while running
+//!   ([`RunningServer::reload`]). A file that does not load is refused with its error and the running
+//!   configuration stays.
+//!
+//! The configuration file is watched through its directory (editors and Kubernetes ConfigMap volumes replace
+//! files rather than write them), and only a change of its contents triggers a reload.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::server::{self, RunningServer, ServerError};
+
+/// Quiet time after a change to the configuration's directory before the file is read: editors write in bursts.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Runs the server until SIGTERM or SIGINT, then drains it.
+pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
+    let mut drain = config.timeouts.drain;
+    let server = server::start(config).await?;
+    let mut file = ConfigFile::new(path);
+    let (mut term, mut int, mut hup) =
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+            (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+            _ => {
+                tracing::error!("cannot install signal handlers; stopping");
+                server.shutdown(drain).await;
+                return Ok(());
+            }
+        };
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                if let Some(applied) = reload(&server, &mut file, "SIGHUP").await {
+                    drain = applied;
+                }
+            }
+            _ = file.changed() => {
+                if file.contents_changed() {
+                    if let Some(applied) = reload(&server, &mut file, "the file changed").await {
+                        drain = applied;
+                    }
+                }
+            }
+        }
+    };
+    tracing::info!(signal, ?drain, "shutting down: no new connections; draining in-flight requests");
+    server.shutdown(drain).await;
+    Ok(())
+}
+
+/// Reloads from the file; returns the new drain deadline when the new configuration was applied.
+async fn reload(server: &RunningServer, file: &mut ConfigFile, why: &str) -> Option<Duration> {
+    file.remember_contents();
+    let config = match Config::load(&file.path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, why, "new configuration refused; the running one stays");
+            return None;
+        }
+    };
+    let drain = config.timeouts.drain;
+    match server.reload(config).await {
+        Ok(_) => Some(drain),
+        Err(error) => {
+            tracing::error!(%error, why, "new configuration could not be applied; the running one stays");
+            None
+        }
+    }
+}
+
+/// The configuration file, watched through its directory.
+struct ConfigFile {
+    path: PathBuf,
+    /// SHA-256 of the contents last loaded (or refused), to tell a real change from a touch.
+    last: Option<[u8; 32]>,
+    changed: Arc<Notify>,
+    _watcher: Option<RecommendedWatcher>,
+}
+
+impl ConfigFile {
+    fn new(path: &Path) -> Self {
+        let changed = Arc::new(Notify::new());
+        let notify = Arc::clone(&changed);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                notify.notify_one();
+            }
+        })
+        .and_then(|mut watcher| {
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            watcher.watch(dir, RecursiveMode::NonRecursive).map(|()| watcher)
+        });
+        let watcher = match watcher {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot watch the configuration file; SIGHUP reloads it");
+                None
+            }
+        };
+        let mut file = Self { path: path.to_owned(), last: None, changed, _watcher: watcher };
+        file.remember_contents();
+        file
+    }
+
+    /// Waits for a change in the file's directory, then for it to settle.
+    async fn changed(&self) {
+        self.changed.notified().await;
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => continue,
+                _ = tokio::time::sleep(SETTLE) => return,
+            }
+        }
+    }
+
+    fn digest(&self) -> Option<[u8; 32]> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref().try_into().ok()
+    }
+
+    fn contents_changed(&self) -> bool {
+        self.digest() != self.last
+    }
+
+    fn remember_contents(&mut self) {
+        self.last = self.digest();
+    }
+}

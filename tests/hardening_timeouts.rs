@@ -1,0 +1,301 @@
+//! Deadlines on clients: the TLS handshake, HTTP/1 request heads (slowloris), idle connections, whole requests
+//! (slow bodies) and HTTP/2 keep-alive pings. Timeouts are configured short (300 ms); every test waits on a
+//! condition with a generous deadline and checks that the close came no earlier than configured.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::h2raw::{self, Event, H2};
+use common::raw::{self, RawUpstream};
+use common::*;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+const HOST: &str = "app.example.test";
+/// The configured timeout of every test here.
+const SHORT: Duration = Duration::from_millis(300);
+/// No close may come earlier than this (timer granularity).
+const NOT_BEFORE: Duration = Duration::from_millis(250);
+/// Generous, for a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+fn assert_closed_in_time(took: Option<Duration>, what: &str) {
+    let took = took.unwrap_or_else(|| panic!("{what}: not closed within {DEADLINE:?}"));
+    assert!(took >= NOT_BEFORE, "{what}: closed after {took:?}, before the configured {SHORT:?}");
+}
+
+async fn server_with(f: &Fixture, routes: &str, extra: &str) -> sealgate::server::RunningServer {
+    f.serve("c-app", &[HOST]);
+    f.start(&format!("{routes}\n{extra}\n")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_the_tls_handshake_is_closed_at_the_deadline() {
+    let f = Fixture::new();
+    let server = server_with(&f, HELLO, "[tls]\nhandshake_timeout = \"300ms\"").await;
+    let addr = server.tls_addrs[0];
+    let silent = async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        raw::tcp_closed_within(&mut tcp, DEADLINE).await
+    };
+    // A handshake record announcing a 512-byte ClientHello, of which only the first bytes come.
+    let half_hello = async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0x5a]).await.unwrap();
+        raw::tcp_closed_within(&mut tcp, DEADLINE).await
+    };
+    let (silent, half_hello) = tokio::join!(silent, half_hello);
+    assert_closed_in_time(silent, "a client that sends nothing");
+    assert_closed_in_time(half_hello, "a client that sends half a ClientHello");
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(raw::metric(admin, "sealgate_tls_handshake_failures_total{reason=\"Timeout\"}").await, 2.0);
+    // A real client is unaffected.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let reply = raw::exchange(&mut tls, format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(), DEADLINE).await;
+    assert_eq!(reply.status(), Some(200));
+}
+
+/// Writes `head` and then one more header byte every 50 ms (a slowloris), until the server closes; returns
+/// how long after `head` the close came.
+async fn trickle(tls: tokio_rustls::client::TlsStream<TcpStream>, head: &[u8]) -> Option<Duration> {
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    writer.write_all(head).await.unwrap();
+    let start = Instant::now();
+    let drip = tokio::spawn(async move {
+        while start.elapsed() < DEADLINE {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if writer.write_all(b"a").await.is_err() || writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        match tokio::time::timeout_at(start + DEADLINE, reader.read(&mut buf)).await {
+            Err(_) => break None,
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(start.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    };
+    drip.abort();
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_heads_trickled_byte_by_byte_are_cut_at_header_read_on_every_request() {
+    let f = Fixture::new();
+    // A long idle timer, so that only the header-read deadline can close these connections.
+    let server = server_with(&f, HELLO, "[timeouts]\nheader_read = \"300ms\"\nidle = \"60s\"").await;
+    let slow_head = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ");
+
+    // The first request of a connection.
+    let tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    assert_closed_in_time(trickle(tls, slow_head.as_bytes()).await, "a slowloris first request");
+
+    // A keep-alive request: hyper restarts the deadline for every head.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+    assert_eq!(raw::read_response(&mut tls, DEADLINE).await.status(), Some(200));
+    assert_closed_in_time(trickle(tls, slow_head.as_bytes()).await, "a slowloris keep-alive request");
+
+    // The same deadline bounds the keep-alive pause between two requests.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+    assert_eq!(raw::read_response(&mut tls, DEADLINE).await.status(), Some(200));
+    assert_closed_in_time(raw::closed_within(&mut tls, DEADLINE).await, "an idle keep-alive connection");
+
+    let admin = server.admin_addr.unwrap();
+    let timeouts = raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"HeaderRead\"}").await;
+    assert_eq!(timeouts, 3.0);
+}
+
+/// An upstream that answers every request slowly: the head after `step`, then half the body, then the rest
+/// after another `step`.
+async fn slow_upstream(step: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while raw::find(&head, b"\r\n\r\n").is_none() {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                tokio::time::sleep(step).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nsl").await;
+                tokio::time::sleep(step).await;
+                let _ = tcp.write_all(b"ow").await;
+            });
+        }
+    });
+    addr
+}
+
+async fn h2_client(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> (hyper::client::conn::http2::SendRequest<Full<Bytes>>, tokio::task::JoinHandle<()>) {
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    (sender, tokio::spawn(async move { drop(connection.await) }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let f = Fixture::new();
+    let slow = slow_upstream(Duration::from_millis(800)).await;
+    let routes = format!("[[route]]\npath = \"/slow\"\nupstream = \"http://{slow}\"\n{HELLO}");
+    // hyper's header-read deadline is long here, so that only the idle timer can close an HTTP/1 connection.
+    let server = server_with(&f, &routes, "[timeouts]\nidle = \"300ms\"\nheader_read = \"60s\"").await;
+
+    // HTTP/2: after a request, no stream is open.
+    let (mut h2, connection) = h2_client(tls_to(&f, &server, HOST, b"h2").await).await;
+    let (status, _) = text(h2.send_request(get_h2(HOST, "/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let start = Instant::now();
+    assert!(tokio::time::timeout(DEADLINE, connection).await.is_ok(), "an idle HTTP/2 connection stays open");
+    assert_closed_in_time(Some(start.elapsed()), "an idle HTTP/2 connection");
+
+    // HTTP/1: after a response, no request is in flight.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+    assert_eq!(raw::read_response(&mut tls, DEADLINE).await.status(), Some(200));
+    assert_closed_in_time(raw::closed_within(&mut tls, DEADLINE).await, "an idle HTTP/1 connection");
+
+    // A connection that has never sent a request is idle too.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    assert_closed_in_time(raw::closed_within(&mut tls, DEADLINE).await, "a connection that never sends");
+
+    // Busy: waiting 800 ms for the upstream's head, then 800 ms for the rest of its body, with a 300 ms idle
+    // timer. Both protocols, both connections stay open throughout: a request is in flight until its response
+    // has been sent, not just until its head has.
+    let (mut h2, _connection) = h2_client(tls_to(&f, &server, HOST, b"h2").await).await;
+    let (status, body) = text(h2.send_request(get_h2(HOST, "/slow")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let reply =
+        raw::exchange(&mut tls, format!("GET /slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(), DEADLINE).await;
+    assert_eq!(reply.status(), Some(200), "{reply:?}");
+    assert!(reply.bytes.ends_with(b"slow"), "{reply:?}");
+
+    let admin = server.admin_addr.unwrap();
+    assert!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Idle\"}").await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_still_arriving_at_the_request_deadline_gets_408() {
+    let f = Fixture::new();
+    let stalled = RawUpstream::start().await;
+    let trickled = RawUpstream::start().await;
+    let over_h2 = RawUpstream::start().await;
+    let slow = slow_upstream(Duration::from_millis(400)).await;
+    let routes = format!(
+        "[[route]]\npath = \"/stalled\"\nupstream = \"{}\"\n[[route]]\npath = \"/trickled\"\nupstream = \"{}\"\n\
+         [[route]]\npath = \"/h2\"\nupstream = \"{}\"\n[[route]]\npath = \"/slow\"\nupstream = \"http://{slow}\"\n",
+        stalled.url(),
+        trickled.url(),
+        over_h2.url()
+    );
+    let server = server_with(&f, &routes, "[timeouts]\nrequest = \"300ms\"").await;
+
+    // A body that stops after 10 of its 100 bytes.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let start = Instant::now();
+    let head = format!("POST /stalled HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 100\r\n\r\n0123456789");
+    let reply = raw::exchange(&mut tls, head.as_bytes(), DEADLINE).await;
+    assert_eq!(reply.status(), Some(408), "{reply:?}");
+    assert!(reply.closed, "the connection is closed after a 408");
+    assert_closed_in_time(Some(start.elapsed()), "a stalled body");
+
+    // A body that keeps coming, one byte every 50 ms: the deadline is on the whole request, not between reads.
+    let tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let head = format!("POST /trickled HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let drip = tokio::spawn(async move {
+        while writer.write_all(b"1\r\na\r\n").await.is_ok() && start.elapsed() < DEADLINE {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, reader.read_to_end(&mut answer)).await;
+    drip.abort();
+    assert!(answer.starts_with(b"HTTP/1.1 408 "), "{}", String::from_utf8_lossy(&answer));
+    assert_closed_in_time(Some(start.elapsed()), "a trickled body");
+
+    // HTTP/2: DATA stops after 10 of 100 bytes.
+    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    let mut frames = h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS,
+        1,
+        &h2raw::request_block("POST", HOST, "/h2", &[(b"content-length", b"100")]),
+    );
+    frames.extend(h2raw::frame(h2raw::DATA, 0, 1, b"0123456789"));
+    let start = Instant::now();
+    h2.send(&frames).await;
+    let outcome = h2.outcome(1, DEADLINE).await;
+    assert!(matches!(outcome, Some(Event::Headers { status: Some(408), .. })), "{outcome:?}");
+    assert_closed_in_time(Some(start.elapsed()), "a stalled HTTP/2 body");
+
+    // The upstreams saw the heads and the bytes that came, then an aborted request: never a complete one.
+    for upstream in [&stalled, &trickled, &over_h2] {
+        assert!(wait_until(DEADLINE, || !upstream.requests().is_empty()).await, "the head was forwarded");
+        upstream.assert_unambiguous("a timed-out body");
+        assert!(upstream.requests().iter().all(|r| !r.complete && r.body.len() <= 10), "{:?}", upstream.requests());
+    }
+
+    // The deadline covers the request, not the response: an upstream taking 800 ms to answer is not cut.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let reply =
+        raw::exchange(&mut tls, format!("GET /slow HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(), DEADLINE).await;
+    assert_eq!(reply.status(), Some(200), "{reply:?}");
+
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(raw::metric(admin, "sealgate_requests_refused_total{reason=\"Timeout\"}").await, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_keep_alive_pings_close_a_dead_peer_and_keep_a_live_one() {
+    let f = Fixture::new();
+    let server = server_with(
+        &f,
+        HELLO,
+        "[timeouts]\nidle = \"60s\"\nh2_keep_alive_interval = \"100ms\"\nh2_keep_alive_timeout = \"200ms\"",
+    )
+    .await;
+
+    // A peer that never acknowledges a PING.
+    let mut dead = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    dead.answer_pings = false;
+    assert!(dead.until(DEADLINE, |e| *e == Event::Ping { ack: false }).await.is_some(), "no PING was sent");
+    let start = Instant::now();
+    let end = dead.until(DEADLINE, |e| matches!(e, Event::GoAway { .. })).await;
+    // Closed (the `until` returns None on a close) or told to go away; either way, soon.
+    assert!(start.elapsed() < DEADLINE, "a dead peer stays connected: {end:?}");
+
+    // A peer that acknowledges them stays, ping after ping.
+    let mut live = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    let mut pings = 0;
+    let third = live
+        .until(DEADLINE, |e| {
+            pings += usize::from(*e == Event::Ping { ack: false });
+            pings == 5 || matches!(e, Event::GoAway { .. })
+        })
+        .await;
+    assert_eq!(third, Some(Event::Ping { ack: false }), "a live peer was closed after {pings} PINGs");
+
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"KeepAlive\"}").await, 1.0);
+}

@@ -1,0 +1,235 @@
+//! Graceful operation: configuration reloads that drop no connection (in process, by SIGHUP and by a change of
+//! the file), and SIGTERM draining in-flight requests within a deadline.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use sealgate::config::Config;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_sealgate");
+
+fn respond(body: &str) -> String {
+    format!("[[route]]\nrespond = {{ status = 200, body = \"{body}\" }}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_routes_and_listeners_without_dropping_connections() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let path = f.dir.path().join("proxy.toml");
+    let server = start_server(f.dir.path(), &f.config(&respond("one"))).await;
+    let first = server.tls_addrs[0];
+    let mut open = http1(connect(first, "a.example.test", f.client(&[])).await.unwrap()).await;
+    assert_eq!(text(open.send_request(get("a.example.test", "/")).await.unwrap()).await.1, "one");
+
+    // New routes, and a second listener.
+    let two_listeners = f.config(&respond("two")).replace(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n",
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nbind = \"127.0.0.2:0\"\n",
+    );
+    let reloaded = server.reload(Config::parse(&two_listeners, &path).unwrap()).await.unwrap();
+    assert_eq!(reloaded.opened.len(), 1);
+    assert!(reloaded.closed.is_empty() && reloaded.need_restart.is_empty(), "{reloaded:?}");
+    open.ready().await.unwrap();
+    let (status, body) = text(open.send_request(get("a.example.test", "/")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "two"), "the open connection sees the new routes");
+    let second = reloaded.opened[0];
+    let mut on_second = http1(connect(second, "a.example.test", f.client(&[])).await.unwrap()).await;
+    assert_eq!(text(on_second.send_request(get("a.example.test", "/")).await.unwrap()).await.1, "two");
+    assert_eq!(server.listeners().await, [first, second], "the unchanged listener kept its socket");
+
+    // The second listener removed: it stops accepting, its open connection goes on.
+    let reloaded = server.reload(Config::parse(&f.config(&respond("three")), &path).unwrap()).await.unwrap();
+    assert_eq!(reloaded.closed, [second]);
+    assert!(eventually(APPLY_DEADLINE, || async { tokio::net::TcpStream::connect(second).await.is_err() }).await);
+    on_second.ready().await.unwrap();
+    assert_eq!(text(on_second.send_request(get("a.example.test", "/")).await.unwrap()).await.1, "three");
+
+    // A configuration that cannot be applied changes nothing.
+    let bad = f.config("[[route]]\nupstream = \"https://127.0.0.1:9\"\nca = \"/nonexistent/ca.pem\"\n");
+    assert!(server.reload(Config::parse(&bad, &path).unwrap()).await.is_err());
+    open.ready().await.unwrap();
+    assert_eq!(text(open.send_request(get("a.example.test", "/")).await.unwrap()).await.1, "three");
+
+    // A section that only applies at the next start is reported.
+    let custody_changed = f.config(&respond("four")).replace("grantee = ", "rescan_interval = \"5s\"\ngrantee = ");
+    let reloaded = server.reload(Config::parse(&custody_changed, &path).unwrap()).await.unwrap();
+    assert_eq!(reloaded.need_restart, ["custody"]);
+}
+
+/// A `sealgate run` child process with its stderr followed.
+struct Daemon {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut daemon = Self { child, lines, port: 0 };
+        let line = daemon.wait_for("listening for TLS");
+        daemon.port = line.rsplit(':').next().unwrap().trim().parse().unwrap();
+        daemon
+    }
+
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        assert!(Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sealgate did not exit within {within:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_config(path: &std::path::Path, text: &str) {
+    // Replace by rename, as editors and configuration management do.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_a_changed_file_reload_and_a_bad_file_is_refused() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let path = f.dir.path().join("proxy.toml");
+    write_config(&path, &f.config(&respond("one")));
+    let mut daemon = Daemon::start(&path);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    let body = || async {
+        let tls = connect(addr, "a.example.test", f.client(&[])).await.unwrap();
+        text(http1(tls).await.send_request(get("a.example.test", "/")).await.unwrap()).await.1
+    };
+    assert_eq!(body().await, "one");
+
+    // A change of the file on disk is applied by itself. The listener keeps its (ephemeral) port because its
+    // configured address is unchanged.
+    write_config(&path, &f.config(&respond("two")));
+    daemon.wait_for("configuration reloaded");
+    assert_eq!(body().await, "two");
+
+    // A bad file is refused with its error; the running configuration stays.
+    write_config(&path, &f.config(&respond("three")).replace("[[route]]", "[[route]]\nbogus = 1"));
+    let line = daemon.wait_for("new configuration refused");
+    assert!(line.contains("proxy.toml") && line.contains("bogus"), "{line}");
+    assert_eq!(body().await, "two");
+
+    // SIGHUP reloads too (here, after the file was fixed without the watcher's help being needed).
+    std::fs::write(&path, f.config(&respond("four"))).unwrap();
+    daemon.signal("HUP");
+    assert!(eventually(APPLY_DEADLINE, || async { body().await == "four" }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    // An upstream that answers after a second.
+    let upstream = Upstream::start_with(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"slow but sure")))
+    })
+    .await;
+    let path = f.dir.path().join("proxy.toml");
+    let config = f.config(&format!("[[route]]\nupstream = \"{}\"\n", upstream.url()));
+    write_config(&path, &config.replace("[admin]", "[timeouts]\ndrain = \"10s\"\n\n[admin]"));
+    let mut daemon = Daemon::start(&path);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+
+    let tls = connect(addr, "a.example.test", f.client(&[])).await.unwrap();
+    let mut sender = http1(tls).await;
+    let in_flight =
+        tokio::spawn(async move { text(sender.send_request(get("a.example.test", "/")).await.unwrap()).await });
+    assert!(wait_until(APPLY_DEADLINE, || !upstream.recorded.lock().unwrap().is_empty()).await);
+    daemon.signal("TERM");
+    daemon.wait_for("shutting down");
+    assert!(
+        eventually(APPLY_DEADLINE, || async { tokio::net::TcpStream::connect(addr).await.is_err() }).await,
+        "no new connections while draining"
+    );
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow but sure"), "the in-flight request finished");
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_what_outlives_the_drain_deadline() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&reached);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let path = f.dir.path().join("proxy.toml");
+    let config = f.config(&format!("[[route]]\nupstream = \"http://{silent_addr}\"\n"));
+    write_config(&path, &config.replace("[admin]", "[timeouts]\ndrain = \"300ms\"\n\n[admin]"));
+    let mut daemon = Daemon::start(&path);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    let tls = connect(addr, "a.example.test", f.client(&[])).await.unwrap();
+    let mut sender = http1(tls).await;
+    let in_flight = tokio::spawn(async move { sender.send_request(get("a.example.test", "/")).await });
+    let upstream_reached = || reached.load(std::sync::atomic::Ordering::SeqCst) > 0;
+    assert!(wait_until(APPLY_DEADLINE, upstream_reached).await, "the request is in flight");
+    let signalled = Instant::now();
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+    assert!(signalled.elapsed() < Duration::from_secs(5), "the drain deadline bounds the exit");
+    assert!(in_flight.await.unwrap().is_err(), "the request that outlived the deadline was cut");
+}
