@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -370,7 +370,7 @@ pub async fn swap_under_load(
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     drop(running);
-    errors.extend(window.errors.lock().unwrap().iter().cloned());
+    errors.extend(window.errors.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned());
     errors.truncate(10);
     json!({
         "seconds": seconds,
@@ -404,7 +404,7 @@ pub async fn retirement(sealgate: &Sealgate, state: &Path, export: &Path, count:
         if let Ok(event) = event {
             for path in event.paths {
                 if let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".toml")) {
-                    seen.lock().unwrap().entry(stem.to_owned()).or_insert(now);
+                    seen.lock().unwrap_or_else(PoisonError::into_inner).entry(stem.to_owned()).or_insert(now);
                 }
             }
         }
@@ -432,7 +432,7 @@ pub async fn retirement(sealgate: &Sealgate, state: &Path, export: &Path, count:
             errors.push(format!("{sni} not served before its retirement: {error}"));
             continue;
         }
-        changes.lock().unwrap().remove(&grant);
+        changes.lock().unwrap_or_else(PoisonError::into_inner).remove(&grant);
         let prober = {
             let (config, sni) = (config.clone(), sni.clone());
             tokio::spawn(async move {
@@ -462,7 +462,7 @@ pub async fn retirement(sealgate: &Sealgate, state: &Path, export: &Path, count:
                 continue;
             }
         };
-        let changed = changes.lock().unwrap().get(&grant).copied();
+        let changed = changes.lock().unwrap_or_else(PoisonError::into_inner).get(&grant).copied();
         match changed {
             Some(changed) => latencies.push(refused.saturating_duration_since(changed).as_secs_f64() * 1e3),
             None => errors.push(format!("{grant}: no file event seen")),

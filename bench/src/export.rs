@@ -121,7 +121,7 @@ pub fn scale(state: &Path, export: &Path, count: usize, swaps: usize, grantee: &
             .collect();
         let mut all = Vec::new();
         for handle in handles {
-            all.extend(handle.join().expect("writer thread")?);
+            all.extend(handle.join().map_err(|_| "an export writer thread panicked".to_owned())??);
         }
         Ok::<_, String>(all)
     })?;
@@ -152,6 +152,9 @@ fn bulk_one(
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("certificate.pem"), pem)?;
     std::fs::write(dir.join("private-key.sealed"), sealed.render())?;
+    let grant_key = SecretKey32::random().map_err(|e| e.to_string())?;
+    let aad = seal::data_key_aad(&grant_id, &id, key_id);
+    let wrapped = seal::wrap_data_key(&grant_key, &data_key, &aad).map_err(|e| format!("{e:?}"))?;
     let grant = Grant {
         grant_id: grant_id.clone(),
         key_id: key_id.to_owned(),
@@ -159,14 +162,11 @@ fn bulk_one(
         grantee: grantee.to_owned(),
         operations: vec!["Decrypt".to_owned()],
         state: GrantState::Active,
-        grant_key: Some(SecretKey32::random().map_err(|e| e.to_string())?),
+        grant_key: Some(grant_key),
         not_after: None,
         created: Some(now),
     };
     std::fs::write(export.join("grants").join(format!("{grant_id}.toml")), grant.render().as_bytes())?;
-    let aad = seal::data_key_aad(&grant_id, &id, key_id);
-    let wrapped = seal::wrap_data_key(grant.grant_key.as_ref().expect("active"), &data_key, &aad)
-        .map_err(|e| format!("{e:?}"))?;
     Ok(AssociationEntry {
         certificate_id: id,
         grant_id,

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,7 +42,7 @@ impl Window {
     fn fail(&self, error: &dyn std::fmt::Display) {
         if self.measuring() {
             self.failed.fetch_add(1, Ordering::Relaxed);
-            let mut errors = self.errors.lock().unwrap();
+            let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
             if errors.len() < 5 {
                 errors.push(error.to_string());
             }
@@ -52,7 +52,7 @@ impl Window {
     /// Counts a failure whether or not the window is measuring.
     pub(crate) fn fail_always(&self, error: &str) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut errors = self.errors.lock().unwrap();
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
         if errors.len() < 5 {
             errors.push(error.to_owned());
         }
@@ -110,7 +110,7 @@ async fn measure(window: &Window, server: Server, timing: Timing) -> Value {
         "server_cpu_us_per_op": if ok > 0 { server_cpu * 1e6 / ok as f64 } else { 0.0 },
         "server_core_util": server_cpu / seconds,
         "client_core_util": (client1 - client0) / seconds,
-        "errors": window.errors.lock().unwrap().clone(),
+        "errors": window.errors.lock().unwrap_or_else(PoisonError::into_inner).clone(),
     })
 }
 
@@ -269,7 +269,10 @@ pub async fn h2(target: Target, connections: usize, streams: usize, timing: Timi
     let window = Arc::new(Window::default());
     let config = client::config(Version::Tls13, &[b"h2"], None);
     let sni = target.snis[0].clone();
-    let uri: http::Uri = format!("https://{}{}", target.host_for(&sni), target.path).parse().expect("a valid URI");
+    let uri: http::Uri = match format!("https://{}{}", target.host_for(&sni), target.path).parse() {
+        Ok(uri) => uri,
+        Err(error) => return json!({"error": format!("host or path: {error}")}),
+    };
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let tls = match client::connect(target.addr, &config, client::server_name(&sni)).await {
@@ -286,7 +289,9 @@ pub async fn h2(target: Target, connections: usize, streams: usize, timing: Timi
             let (window, mut sender, uri) = (window.clone(), sender.clone(), uri.clone());
             tasks.push(tokio::spawn(async move {
                 while !window.stopped() {
-                    let request = http::Request::get(uri.clone()).body(Empty::<Bytes>::new()).expect("a request");
+                    let request = http::Request::get(uri.clone())
+                        .body(Empty::<Bytes>::new())
+                        .expect("a GET with a parsed URI and no headers is always a valid request");
                     let result = async {
                         let response = sender.send_request(request).await?;
                         let status = response.status().as_u16();
@@ -340,6 +345,7 @@ pub async fn download(target: Target, server: Server) -> Value {
                 "mib_per_s": response.body as f64 / (1 << 20) as f64 / seconds,
                 "server_cpu_s": server_cpu,
                 "server_cpu_s_per_gib": if gib > 0.0 { server_cpu / gib } else { 0.0 },
+                "server_core_util": server_cpu / seconds,
                 "client_core_util": client_cpu / seconds,
             })
         }
@@ -360,7 +366,7 @@ pub async fn idle(target: Target, count: usize, parallel: usize, settle: Duratio
     let semaphore = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut tasks = Vec::with_capacity(count);
     for _ in 0..count {
-        let permit = semaphore.clone().acquire_owned().await.expect("semaphore open");
+        let permit = semaphore.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (config, name, request, addr) = (config.clone(), name.clone(), request.clone(), target.addr);
         tasks.push(tokio::spawn(async move {
             let result = async {

@@ -34,7 +34,7 @@ struct Common {
     #[arg(long, default_value = "127.0.0.1:8443")]
     addr: SocketAddr,
     /// SNI name (repeatable: used round robin).
-    #[arg(long, default_value = "bench.test")]
+    #[arg(long, default_value = "bench.test", value_parser = client::parse_sni)]
     sni: Vec<String>,
     /// `Host` header (default: the SNI name).
     #[arg(long)]
@@ -253,6 +253,17 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         count: usize,
     },
+    /// Prints the median of `result.FIELD` over a scenario's measurements for one server (nothing if none).
+    Median {
+        #[arg(long)]
+        raw: PathBuf,
+        #[arg(long)]
+        scenario: String,
+        #[arg(long)]
+        server: String,
+        #[arg(long, default_value = "rate")]
+        field: String,
+    },
     /// Writes latest.md and latest.svg from raw.jsonl and meta.json.
     Report {
         #[arg(long)]
@@ -277,8 +288,8 @@ fn emit(tags: &[String], tool: &str, result: Value) {
     println!("{}", Value::Object(line));
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
 fn main() -> ExitCode {
@@ -294,7 +305,7 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Upstream { addr, big_bytes } => runtime().block_on(upstream::serve(addr, big_bytes))?,
+        Command::Upstream { addr, big_bytes } => runtime()?.block_on(upstream::serve(addr, big_bytes))?,
         Command::GenCert { dir, name } => export::gen_cert(&dir, &name)?,
         Command::ExportScale { state, export, count, swaps, grantee, marker } => {
             let start = std::time::Instant::now();
@@ -314,15 +325,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Command::WaitTls { common, timeout } => {
-            runtime().block_on(load::wait_tls(common.target(), Duration::from_secs_f64(timeout)))?
+            runtime()?.block_on(load::wait_tls(common.target(), Duration::from_secs_f64(timeout)))?
         }
         Command::Handshake { common, concurrency } => {
             let result =
-                runtime().block_on(load::handshakes(common.target(), concurrency, common.timing(), common.server()));
+                runtime()?.block_on(load::handshakes(common.target(), concurrency, common.timing(), common.server()));
             emit(&common.tag, "sgbench", result);
         }
         Command::Keepalive { common, connections, rate } => {
-            let result = runtime().block_on(load::keepalive(
+            let result = runtime()?.block_on(load::keepalive(
                 common.target(),
                 connections,
                 rate,
@@ -333,15 +344,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::H2 { common, connections, streams } => {
             let result =
-                runtime().block_on(load::h2(common.target(), connections, streams, common.timing(), common.server()));
+                runtime()?.block_on(load::h2(common.target(), connections, streams, common.timing(), common.server()));
             emit(&common.tag, "sgbench", result);
         }
         Command::Download { common } => {
-            let result = runtime().block_on(load::download(common.target(), common.server()));
+            let result = runtime()?.block_on(load::download(common.target(), common.server()));
             emit(&common.tag, "sgbench", result);
         }
         Command::Idle { common, count, parallel, settle } => {
-            let result = runtime().block_on(load::idle(
+            let result = runtime()?.block_on(load::idle(
                 common.target(),
                 count,
                 parallel,
@@ -351,7 +362,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             emit(&common.tag, "sgbench", result);
         }
         Command::Probe { common } => {
-            let result = runtime().block_on(load::probe_resumption(common.target()));
+            let result = runtime()?.block_on(load::probe_resumption(common.target()));
             emit(&common.tag, "sgbench", result);
         }
         Command::Exec { common, command } => {
@@ -359,7 +370,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             emit(&common.tag, &tool, result);
         }
         Command::Scale { common, sealgate, count, swaps, pairs, concurrency } => {
-            let result = runtime().block_on(custody_scenarios::scale(
+            let result = runtime()?.block_on(custody_scenarios::scale(
                 &sealgate.sealgate(common.addr),
                 &sealgate.state,
                 count,
@@ -371,7 +382,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             emit(&common.tag, "sgbench", result);
         }
         Command::Swapload { common, sealgate, interval_ms, keepalive, new_connections } => {
-            let result = runtime().block_on(custody_scenarios::swap_under_load(
+            let result = runtime()?.block_on(custody_scenarios::swap_under_load(
                 &sealgate.sealgate(common.addr),
                 &sealgate.state,
                 Duration::from_secs_f64(common.duration),
@@ -382,13 +393,18 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             emit(&common.tag, "sgbench", result);
         }
         Command::Retire { common, sealgate, export, count } => {
-            let result = runtime().block_on(custody_scenarios::retirement(
+            let result = runtime()?.block_on(custody_scenarios::retirement(
                 &sealgate.sealgate(common.addr),
                 &sealgate.state,
                 &export,
                 count,
             ));
             emit(&common.tag, "sgbench", result);
+        }
+        Command::Median { raw, scenario, server, field } => {
+            if let Some(median) = report::median_of(&raw, &scenario, &server, &field)? {
+                println!("{median}");
+            }
         }
         Command::Report { raw, meta, out } => report::write(&raw, &meta, &out)?,
     }

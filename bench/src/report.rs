@@ -192,6 +192,19 @@ fn judge(value: Option<f64>, bound: f64, at_least: bool) -> &'static str {
     }
 }
 
+/// The median of `result.<path>` over the measurements of `scenario` for `server` in `raw` (`bench/run` bases the
+/// constant rate of the latency runs on it).
+pub fn median_of(raw: &Path, scenario: &str, server: &str, path: &str) -> Result<Option<f64>> {
+    let mut values = Vec::new();
+    for line in std::fs::read_to_string(raw)?.lines().filter(|l| !l.trim().is_empty()) {
+        let record: Value = serde_json::from_str(line)?;
+        if record["scenario"] == scenario && record["server"] == server {
+            values.extend(pick(&record["result"], path));
+        }
+    }
+    Ok(median(&values))
+}
+
 /// Writes `latest.md` and `latest.svg` into `out`.
 pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
     let records: Vec<Value> = std::fs::read_to_string(raw)?
@@ -579,13 +592,12 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
             if off { "yes (verified)" } else { "**NO**" }
         )?;
     }
-    let resumed: f64 = data.results("handshake", "sealgate").len() as f64 * 0.0
-        + data
-            .records
-            .iter()
-            .filter(|r| r["scenario"] == "handshake")
-            .filter_map(|r| pick(&r["result"], "resumed"))
-            .sum::<f64>();
+    let resumed: f64 = data
+        .records
+        .iter()
+        .filter(|r| r["scenario"] == "handshake")
+        .filter_map(|r| pick(&r["result"], "resumed"))
+        .sum();
     writeln!(
         md,
         "\nHandshakes the load client saw resumed during the handshake runs: {resumed} (it never offers a session).\n"
