@@ -75,12 +75,13 @@ pub enum FormatError {
     #[error("the file is not UTF-8")]
     NotUtf8,
     /// The `format` field holds another format (or another version).
-    #[error("`format` is {found:?}, expected {expected:?}")]
+    #[error("`format` is {}, expected {expected:?}", describe_format(found.as_deref()))]
     WrongFormat {
         /// What this reader understands.
         expected: &'static str,
-        /// What the file says.
-        found: String,
+        /// What the file says, when it is a format tag (`custody-…/v…`); any other text is not repeated, as it
+        /// could be anything, a misplaced key included.
+        found: Option<String>,
     },
     /// A field breaks a rule of the format.
     #[error("`{field}`: {reason}")]
@@ -98,14 +99,47 @@ impl FormatError {
     }
 
     /// Converts a TOML error into a message with a position and without the file's text (the default
-    /// rendering of a TOML error quotes the offending line, which may hold a secret).
+    /// rendering of a TOML error quotes the offending line, which may hold a secret; serde's own messages quote
+    /// the value they refuse, which [`redact_value`] removes).
     pub fn from_toml(text: &str, error: &toml::de::Error) -> Self {
         let (line, column) = match error.span() {
             Some(span) => line_and_column(text, span.start),
             None => (1, 1),
         };
-        Self::Toml { line, column, message: error.message().trim_end().to_owned() }
+        Self::Toml { line, column, message: redact_value(error.message().trim_end()) }
     }
+}
+
+/// What a wrong `format` is said to be: the tag, quoted, or no more than that it is not one.
+fn describe_format(found: Option<&str>) -> String {
+    found.map_or_else(|| "not a custody format tag".to_owned(), |tag| format!("{tag:?}"))
+}
+
+/// Removes the refused value from serde's messages, keeping its kind and what was expected:
+/// `invalid type: string "…", expected a TOML datetime` becomes `invalid type: string, expected a TOML datetime`
+/// and ``unknown variant `…`, expected `active` or `retired` `` becomes
+/// ``unknown variant, expected `active` or `retired` ``. A value in the wrong field (a grant key swapped with
+/// `created` or `state`) would otherwise reach the error, and from there a log. Other messages (TOML syntax
+/// errors, which never quote the text, and serde's messages that name fields) are kept as they are.
+pub fn redact_value(message: &str) -> String {
+    // What follows the value. The value comes first and may itself contain these words, so the last one counts;
+    // what serde appends (the expected type or variant names) never contains them.
+    fn tail(rest: &str) -> &str {
+        [", expected ", ", there are no "].iter().filter_map(|sep| rest.rfind(sep)).max().map_or("", |at| &rest[at..])
+    }
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let tail = tail(rest);
+            // `string "…"`, ``integer `5` ``, `sequence`: the kind is what precedes any quote.
+            let unexpected = &rest[..rest.len() - tail.len()];
+            let kind = unexpected.split(['"', '`', '\'']).next().unwrap_or_default().trim_end();
+            return format!("{prefix}{kind}{tail}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        return format!("unknown variant{}", tail(rest));
+    }
+    message.to_owned()
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -133,10 +167,14 @@ fn check_id(field: &'static str, id: &str) -> Result<(), FormatError> {
 
 fn check_format(expected: &'static str, found: &str) -> Result<(), FormatError> {
     if found == expected {
-        Ok(())
-    } else {
-        Err(FormatError::WrongFormat { expected, found: found.chars().take(64).collect() })
+        return Ok(());
     }
+    // A tag of this format family (another version, another file's format) is worth repeating; '-' is outside
+    // standard base64 and a key in hex has no '-', so no key can look like one.
+    let is_tag = found.starts_with("custody-")
+        && found.len() <= 64
+        && found.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-/._".contains(&b));
+    Err(FormatError::WrongFormat { expected, found: is_tag.then(|| found.to_owned()) })
 }
 
 /// Decodes standard, padded base64 (RFC 4648 section 4).
@@ -581,7 +619,59 @@ mod tests {
     fn wrong_format_is_named() {
         let text = grant_text("").replace("custody-grant/v1", "custody-grant/v2");
         let err = Grant::parse(text.as_bytes(), "g-1").unwrap_err();
-        assert_eq!(err, FormatError::WrongFormat { expected: GRANT_FORMAT, found: "custody-grant/v2".to_owned() });
+        assert_eq!(
+            err,
+            FormatError::WrongFormat { expected: GRANT_FORMAT, found: Some("custody-grant/v2".to_owned()) }
+        );
+        assert_eq!(err.to_string(), "`format` is \"custody-grant/v2\", expected \"custody-grant/v1\"");
+    }
+
+    /// Regression (found while writing `fuzz/` and `tests/properties.rs`): serde's messages quote the value they
+    /// refuse, so a grant key swapped with `created` (or written into `state` or `operations`) reached the error,
+    /// and from there the grant's refusal, `sealgate check` and the audit log.
+    #[test]
+    fn a_key_in_the_wrong_field_is_not_quoted() {
+        for (text, expected) in [
+            (grant_text(&format!("created = \"{KEY_B64}\"\n")), "invalid type: string, expected a TOML datetime"),
+            (
+                grant_text("").replace("state = \"active\"", &format!("state = \"{KEY_B64}\"")),
+                "unknown variant, expected `active` or `retired`",
+            ),
+            (
+                grant_text("").replace("operations = [\"Decrypt\"]", &format!("operations = \"{KEY_B64}\"")),
+                "invalid type: string, expected a sequence",
+            ),
+        ] {
+            let err = Grant::parse(text.as_bytes(), "g-1").unwrap_err().to_string();
+            assert!(!err.contains("cbVN"), "{err}");
+            assert!(err.ends_with(expected), "{err}");
+        }
+        // A key in `format` (beside a valid `grant_key`) is not repeated either.
+        let text = grant_text(&format!("grant_key = \"{KEY_B64}\"\n"))
+            .replace("format = \"custody-grant/v1\"", &format!("format = \"{KEY_B64}\""));
+        let err = Grant::parse(text.as_bytes(), "g-1").unwrap_err();
+        assert_eq!(err, FormatError::WrongFormat { expected: GRANT_FORMAT, found: None });
+        assert_eq!(err.to_string(), "`format` is not a custody format tag, expected \"custody-grant/v1\"");
+    }
+
+    #[test]
+    fn redaction_keeps_the_kind_and_the_expectation() {
+        for (message, redacted) in [
+            (
+                "invalid type: string \"a, expected b\", expected a sequence",
+                "invalid type: string, expected a sequence",
+            ),
+            ("invalid type: integer `5`, expected a string", "invalid type: integer, expected a string"),
+            ("invalid type: sequence, expected a string", "invalid type: sequence, expected a string"),
+            ("invalid value: string \"x\"", "invalid value: string"),
+            ("unknown variant `x`, expected `active` or `retired`", "unknown variant, expected `active` or `retired`"),
+            ("unknown variant `x`, there are no variants", "unknown variant, there are no variants"),
+            ("unknown variant `x` oops", "unknown variant"),
+            ("missing field `grant_id`", "missing field `grant_id`"),
+            ("duplicate key", "duplicate key"),
+        ] {
+            assert_eq!(redact_value(message), redacted);
+        }
     }
 
     #[test]
