@@ -436,6 +436,11 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
         };
         let failed = pick(result, "failed").unwrap_or(0.0) + pick(result, "bad_status").unwrap_or(0.0);
         let mut notes = Vec::new();
+        if let (Some(open), Some(opened)) = (pick(result, "still_open"), pick(result, "connections")) {
+            if open < opened {
+                notes.push(format!("the server closed {} idle connections: not comparable", opened - open));
+            }
+        }
         if failed > 0.0 {
             notes.push(format!("{failed} failed"));
         }
