@@ -89,10 +89,7 @@ pub fn render_table(snapshot: &Snapshot) -> String {
 fn row(outcome: &AssociationOutcome) -> ([String; 5], Option<String>) {
     let names = if outcome.server_names.is_empty() { "-".to_owned() } else { outcome.server_names.join(",") };
     let not_after = outcome.certificate_not_after.map_or_else(|| "-".to_owned(), rfc3339);
-    let detail = match &outcome.result {
-        Err(refusal) if !refusal.detail.is_empty() => Some(printable(&refusal.detail)),
-        _ => None,
-    };
+    let detail = outcome.refusal().filter(|r| !r.detail.is_empty()).map(|r| printable(&r.detail));
     let cells = [&outcome.certificate_id, &outcome.grant_id, &names, &not_after, &outcome.outcome()];
     (cells.map(|cell| printable(cell)), detail)
 }
@@ -135,7 +132,7 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::custody::snapshot::{reason, Check, Refusal, VerifiedCertificate};
+    use crate::custody::snapshot::{reason, Check, Refusal, Verdict, VerifiedCertificate};
     use crate::secret::SecretBytes;
 
     fn verified() -> VerifiedCertificate {
@@ -159,13 +156,14 @@ mod tests {
         certificate_id: &str,
         names: &[&str],
         not_after: Option<OffsetDateTime>,
-        result: Result<VerifiedCertificate, Refusal>,
+        result: Verdict,
     ) -> AssociationOutcome {
         AssociationOutcome {
             certificate_id: certificate_id.into(),
             grant_id: "g-1".into(),
             server_names: names.iter().map(|n| n.to_string()).collect(),
             certificate_not_after: not_after,
+            inputs: [0; 32],
             result,
         }
     }
@@ -181,19 +179,23 @@ mod tests {
                     "c-ecdsa",
                     &["localhost", "*.example.test"],
                     Some(datetime!(2126-11-04 13:25:27 UTC)),
-                    Ok(verified()),
+                    Verdict::Served(verified()),
                 ),
                 outcome(
                     "c-old",
                     &[],
                     None,
-                    Err(Refusal::new(Check::Grant, reason::GRANT_RETIRED, "/export/grants/g-1.toml: retired")),
+                    Verdict::Refused(Refusal::new(
+                        Check::Grant,
+                        reason::GRANT_RETIRED,
+                        "/export/grants/g-1.toml: retired",
+                    )),
                 ),
                 outcome(
                     "c-bad\nid",
                     &["wide.example.test"],
                     Some(datetime!(2027-01-01 00:00 +01:00)),
-                    Err(Refusal::new(Check::ServerNames, reason::NAME_NOT_COVERED, "")),
+                    Verdict::Refused(Refusal::new(Check::ServerNames, reason::NAME_NOT_COVERED, "")),
                 ),
             ],
         };

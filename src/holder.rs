@@ -1,8 +1,10 @@
 //! The holder: reads the custody export, applies it to the keyring and publishes the certificate table, for as
 //! long as the process runs.
 //!
-//! This is the one path from the export to the handshake: export -> [`snapshot`] -> [`Keyring`] ->
-//! [`CertificateStore`]. Each read is applied as a whole and the table swapped in one step. [`Holder::follow`]
+//! This is the one path from the export to the handshake: export -> [`ExportReader`] -> [`Keyring`] ->
+//! [`CertificateStore`]. Each read is applied as a whole and the table swapped in one step. The reader is told
+//! what the keyring serves, so that associations whose files did not change are neither read nor verified
+//! again: a rescan of an unchanged export costs a `stat` per file. [`Holder::follow`]
 //! re-reads on every file event (coalesced over a few milliseconds), retries soon after a read that met a
 //! half-written file, rescans periodically as a backstop, and ends each grant at its `not_after` by timer, with no
 //! file event at all. Every outcome is logged here, naming the certificate, the grant and the check, and never a
@@ -19,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent, PublicKeyFingerprint};
-use crate::custody::snapshot::{self, Check, ExportError, GrantStatus, Refusal};
+use crate::custody::snapshot::{Check, ExportError, ExportReader, GrantStatus, Refusal};
 use crate::custody::watch::ExportWatcher;
 use crate::keyring::{ApplyReport, EndedGrant, Keyring};
 use crate::metrics::Metrics;
@@ -39,6 +41,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(25);
 pub struct Holder {
     export: PathBuf,
     grantee: String,
+    /// Held from a read until it is applied, so that reads are serialised and each one is told what the
+    /// previous one left served. Taken before `keyring`, never while holding it.
+    reader: Mutex<ExportReader>,
+    /// Held briefly (an apply, a lapse, a question): the lapse timer never waits for a read.
     keyring: Mutex<Keyring>,
     store: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
@@ -64,6 +70,7 @@ impl Holder {
     ) -> Self {
         let (serving, _) = watch::channel(false);
         Self {
+            reader: Mutex::new(ExportReader::new(export.clone(), grantee.clone())),
             export,
             grantee,
             keyring: Mutex::new(Keyring::new()),
@@ -89,14 +96,18 @@ impl Holder {
 
     /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it).
     fn reload_after(&self, changed_at: Option<Instant>) -> Result<ApplyReport, ExportError> {
-        let now = OffsetDateTime::now_utc();
         if let Err(insecure) = crate::hygiene::refuse_world_writable_export(&self.export) {
             self.metrics.reload(false);
             tracing::error!(error = %insecure, "refusing to read the custody export; keeping the current certificates");
             let path = insecure.path.clone();
             return Err(ExportError::Io { path, source: std::io::Error::other(insecure) });
         }
-        let snapshot = snapshot::read_export(&self.export, &self.grantee, now);
+        let mut reader = self.reader();
+        // Taken once the lock is ours: lapses are judged at the instant the read starts, not before a wait.
+        let now = OffsetDateTime::now_utc();
+        // The digest of each served generation, asked once per association whose grant passes check 1. A lapse
+        // timer firing in between only ends grants, which the apply below then refuses as retired.
+        let snapshot = reader.read(now, &|certificate_id| self.keyring().inputs_of(certificate_id));
         // Reading decrypted keys on this thread: wipe what the ciphers and parsers left in its stack.
         crate::secret::scrub_stack();
         let snapshot = match snapshot {
@@ -117,6 +128,7 @@ impl Holder {
         self.metrics.reload(true);
         self.publish_metrics(&keyring, &report, now);
         drop(keyring);
+        drop(reader);
         for ended in &report.ended {
             self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
         }
@@ -315,6 +327,12 @@ impl Holder {
         &self.audit
     }
 
+    fn reader(&self) -> MutexGuard<'_, ExportReader> {
+        // The reader's caches cannot be left inconsistent by a panic: each entry is one file read whole, checked
+        // against the file's stamp before every use, and a read cut short only leaves fewer of them.
+        self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn keyring(&self) -> MutexGuard<'_, Keyring> {
         // A panic while holding the lock cannot leave the keyring half-updated in a way that matters more than
         // stopping service would, so a poisoned lock is used as is.
@@ -404,5 +422,86 @@ fn log_refusal(first_time: bool, certificate: &str, grant: &str, refusal: &Refus
         tracing::warn!(certificate, grant, check, refusal = %refusal, "{message}");
     } else {
         tracing::debug!(certificate, grant, check, refusal = %refusal, "{message} (unchanged)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::custody::writer::{AssociateRequest, Custody, IssueRequest, RenewRequest};
+    use crate::tls::TlsPolicy;
+
+    const GRANTEE: &str = "sealgate-test";
+
+    /// A custody state, an export with `c-1` and `c-2` associated (one grant each), and a holder of it.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        custody: Custody,
+        export: PathBuf,
+        holder: Holder,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::TempDir::new().unwrap();
+            let custody = Custody::open(&dir.path().join("state")).unwrap();
+            let export = dir.path().join("export");
+            for id in ["c-1", "c-2"] {
+                let mut request = IssueRequest::new([format!("{id}.example.test")]);
+                request.certificate_id = Some(id.to_owned());
+                custody.issue(&request).unwrap();
+                custody.associate(&AssociateRequest::new(id, &export, GRANTEE)).unwrap();
+            }
+            let text = "[custody]\nexport = \"e\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n";
+            let config = Config::parse(text, std::path::Path::new("proxy.toml")).unwrap();
+            let store = Arc::new(CertificateStore::new(TlsPolicy::new(&config.tls).unwrap()));
+            let holder = Holder::new(
+                export.clone(),
+                GRANTEE.to_owned(),
+                store,
+                Arc::new(Metrics::new()),
+                Arc::new(ConnectionRegistry::default()),
+                Audit::disabled(),
+            );
+            Self { _dir: dir, custody, export, holder }
+        }
+
+        fn last_read(&self) -> crate::custody::snapshot::ReadStats {
+            self.holder.reader().last_read()
+        }
+    }
+
+    #[test]
+    fn a_reload_verifies_only_what_changed_since_the_last_one() {
+        let f = Fixture::new();
+        let report = f.holder.reload().unwrap();
+        assert_eq!(report.loaded.len(), 2);
+        assert_eq!((f.last_read().verified, f.last_read().unchanged), (2, 0));
+
+        // Nothing changed: the keyring's digests match, nothing is decrypted, nothing changes.
+        let report = f.holder.reload().unwrap();
+        assert!(!report.changed() && report.is_settled(), "{report:?}");
+        assert_eq!((f.last_read().verified, f.last_read().unchanged), (0, 2));
+
+        // A renewal: that association alone is verified, and its new generation served.
+        f.custody.renew("c-1", &RenewRequest::reissue()).unwrap();
+        let report = f.holder.reload().unwrap();
+        assert_eq!((report.loaded.len(), report.replaced.len()), (1, 1), "{report:?}");
+        assert_eq!(report.loaded[0].certificate_id, "c-1");
+        assert_eq!((f.last_read().verified, f.last_read().unchanged), (1, 1));
+        assert!(f.holder.is_serving());
+    }
+
+    #[test]
+    fn a_deleted_export_ends_every_grant_through_the_cached_reader() {
+        let f = Fixture::new();
+        f.holder.reload().unwrap();
+        f.holder.reload().unwrap();
+        std::fs::remove_dir_all(&f.export).unwrap();
+        let report = f.holder.reload().unwrap();
+        assert_eq!(report.ended.len(), 2, "{report:?}");
+        assert!(!f.holder.is_serving());
+        assert_eq!(f.holder.next_lapse(), None);
     }
 }

@@ -10,6 +10,10 @@
 //!   connections made with its certificates;
 //! - a retired grant never comes back for the life of the process, whatever a later file says.
 //!
+//! The keyring also remembers, for every served certificate, the inputs digest of the last read that verified it
+//! (or found it unchanged): [`Keyring::inputs_of`] hands it to the [`ExportReader`](crate::custody::snapshot::ExportReader),
+//! which then skips the verification of associations whose inputs did not change.
+//!
 //! Keys live only inside [`CertifiedKey`]s parsed by aws-lc (whose `OPENSSL_free` cleanses memory). The
 //! decrypted PKCS#8 DER that came with a [`VerifiedCertificate`] is dropped (and wiped) as soon as it is taken.
 //! Grant keys and data keys are never held here at all: they live only while a snapshot is being verified.
@@ -23,7 +27,9 @@ use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::custody::snapshot::{Check, GrantStatus, Refusal, Snapshot, VerifiedCertificate};
+use crate::custody::snapshot::{
+    AssociationOutcome, Check, GrantStatus, Refusal, Snapshot, Verdict, VerifiedCertificate,
+};
 
 /// What identifies one *generation* of one association: a renewal (new certificate or key) or a change of
 /// server names makes a new generation; an unchanged re-read keeps the old one. Connections keep this (and not
@@ -44,6 +50,11 @@ pub struct CertificateIdentity {
     pub not_after: OffsetDateTime,
     /// SHA-256 of the leaf.
     pub leaf_sha256: [u8; 32],
+    /// The inputs digest of the association this generation was loaded from (see
+    /// [`AssociationOutcome::inputs`](crate::custody::snapshot::AssociationOutcome::inputs)). A later read may
+    /// verify the same certificate and key from other inputs (a re-wrapped data key, a rewritten grant file) and
+    /// keep this generation: [`Keyring::inputs_of`] gives the latest.
+    pub inputs: [u8; 32],
 }
 
 /// A certificate loaded for serving: its identity, its chain and key, and its grant's end signal.
@@ -173,6 +184,48 @@ struct HeldGrant {
     not_after: Option<OffsetDateTime>,
 }
 
+/// The served set an [`Keyring::apply`] builds, and how it came about.
+struct Next {
+    /// Hashed while it is built (a lookup and an insert per association), sorted once when committed.
+    served: HashMap<String, Arc<LoadedCertificate>>,
+    /// The keyring's inputs, updated in place (most certificates keep their key from one read to the next);
+    /// `commit` drops those no longer served.
+    inputs: HashMap<String, [u8; 32]>,
+    /// How many generations served before go on being served.
+    carried: usize,
+    /// Generations loaded by this apply.
+    loaded: Vec<Arc<LoadedCertificate>>,
+}
+
+impl Next {
+    fn new(inputs: HashMap<String, [u8; 32]>) -> Self {
+        Self { served: HashMap::with_capacity(inputs.len()), inputs, carried: 0, loaded: Vec::new() }
+    }
+
+    /// Goes on serving a generation served before, now known from `inputs`.
+    fn carry(&mut self, certificate_id: String, certificate: Arc<LoadedCertificate>, inputs: [u8; 32]) {
+        self.carried += 1;
+        self.set_inputs(&certificate_id, inputs);
+        self.served.insert(certificate_id, certificate);
+    }
+
+    /// Serves a generation loaded by this apply.
+    fn load(&mut self, certificate_id: String, certificate: Arc<LoadedCertificate>, inputs: [u8; 32]) {
+        self.loaded.push(Arc::clone(&certificate));
+        self.set_inputs(&certificate_id, inputs);
+        self.served.insert(certificate_id, certificate);
+    }
+
+    fn set_inputs(&mut self, certificate_id: &str, inputs: [u8; 32]) {
+        match self.inputs.get_mut(certificate_id) {
+            Some(known) => *known = inputs,
+            None => {
+                self.inputs.insert(certificate_id.to_owned(), inputs);
+            }
+        }
+    }
+}
+
 /// The certificates being served and the grants they were decrypted under.
 #[derive(Default)]
 pub struct Keyring {
@@ -182,6 +235,9 @@ pub struct Keyring {
     grants: HashMap<String, HeldGrant>,
     /// Grants seen retired, lapsed or ended: never served again.
     retired: HashSet<String>,
+    /// By served certificate id, the inputs digest of the last read that verified the served generation or found
+    /// it unchanged.
+    inputs: HashMap<String, [u8; 32]>,
     next_generation: u64,
 }
 
@@ -231,6 +287,14 @@ impl Keyring {
         self.retired.len()
     }
 
+    /// The inputs digest the served generation of `certificate_id` was last verified from (or found unchanged
+    /// against), or `None` when nothing is served for it: the `known` callback of
+    /// [`ExportReader::read`](crate::custody::snapshot::ExportReader::read).
+    pub fn inputs_of(&self, certificate_id: &str) -> Option<[u8; 32]> {
+        // `inputs` only holds served certificates: `commit` and `end_grant` keep it so.
+        self.inputs.get(certificate_id).copied()
+    }
+
     /// Applies a new read of the export.
     pub fn apply(&mut self, snapshot: Snapshot) -> ApplyReport {
         let mut report = ApplyReport::default();
@@ -241,58 +305,88 @@ impl Keyring {
             .filter(|(_, status)| matches!(status, GrantStatus::Unreadable(_)))
             .map(|(id, _)| id.clone())
             .collect();
-
-        let mut served: BTreeMap<String, Arc<LoadedCertificate>> = BTreeMap::new();
+        let mut next = Next::new(std::mem::take(&mut self.inputs));
         for outcome in snapshot.associations {
-            if self.retired.contains(&outcome.grant_id) {
-                report.refused.push((outcome.certificate_id, outcome.grant_id, retired_earlier()));
-                continue;
-            }
-            if served.contains_key(&outcome.certificate_id) {
-                // A duplicate entry: the snapshot refuses it too, but it must never replace the first.
-                continue;
-            }
-            let held = self.served.get(&outcome.certificate_id).filter(|c| c.grant_id == outcome.grant_id).cloned();
-            match outcome.result {
-                Ok(verified) => {
-                    let certificate = match held {
-                        Some(old) if old.is_same(&verified) => old,
-                        _ => self.load(verified),
-                    };
-                    served.insert(outcome.certificate_id, certificate);
-                }
-                Err(refusal) => {
-                    // Grants that ended were handled above, so the grant still holds: a refusal of the new state
-                    // keeps the last good one, unless the grant itself refuses us.
-                    let grant_unreadable =
-                        matches!(snapshot.grants.get(&outcome.grant_id), Some(GrantStatus::Unreadable(_)));
-                    match held {
-                        Some(old) if refusal.check != Check::Grant || grant_unreadable => {
-                            report.kept.push((Arc::clone(&old), refusal));
-                            served.insert(outcome.certificate_id, old);
-                        }
-                        _ => report.refused.push((outcome.certificate_id, outcome.grant_id, refusal)),
-                    }
-                }
-            }
+            self.take(outcome, &snapshot.grants, &mut next, &mut report);
         }
-
-        let previous = std::mem::replace(&mut self.served, served);
-        report.replaced = previous
-            .iter()
-            .filter(|(id, old)| !self.served.get(*id).is_some_and(|new| Arc::ptr_eq(new, old)))
-            .map(|(_, old)| Arc::clone(old))
-            .collect();
-        report.loaded =
-            self.served.values().filter(|new| !previous.values().any(|old| Arc::ptr_eq(old, new))).cloned().collect();
-        let served = &self.served;
-        self.grants.retain(|id, _| served.values().any(|c| &c.grant_id == id));
+        self.commit(next, &mut report);
         for (id, grant) in &mut self.grants {
             if let Some(GrantStatus::Active { not_after, .. }) = snapshot.grants.get(id) {
                 grant.not_after = *not_after;
             }
         }
         report
+    }
+
+    /// Decides what one association's outcome means for the next served set.
+    fn take(
+        &mut self,
+        outcome: AssociationOutcome,
+        grants: &BTreeMap<String, GrantStatus>,
+        next: &mut Next,
+        report: &mut ApplyReport,
+    ) {
+        if self.retired.contains(&outcome.grant_id) {
+            report.refused.push((outcome.certificate_id, outcome.grant_id, retired_earlier()));
+            return;
+        }
+        if next.served.contains_key(&outcome.certificate_id) {
+            // A duplicate entry: the snapshot refuses it too, but it must never replace the first.
+            return;
+        }
+        let held = self.served.get(&outcome.certificate_id).filter(|c| c.grant_id == outcome.grant_id).cloned();
+        match outcome.result {
+            Verdict::Served(verified) => match held {
+                Some(old) if old.is_same(&verified) => next.carry(outcome.certificate_id, old, outcome.inputs),
+                _ => {
+                    let certificate = self.load(verified, outcome.inputs);
+                    next.load(outcome.certificate_id, certificate, outcome.inputs);
+                }
+            },
+            Verdict::Unchanged => match held {
+                Some(old) => next.carry(outcome.certificate_id, old, outcome.inputs),
+                None => report.refused.push((outcome.certificate_id, outcome.grant_id, nothing_held())),
+            },
+            Verdict::Refused(refusal) => {
+                // Grants that ended were handled above, so the grant still holds: a refusal of the new state keeps
+                // the last good one, unless the grant itself refuses us.
+                let grant_unreadable = matches!(grants.get(&outcome.grant_id), Some(GrantStatus::Unreadable(_)));
+                match held {
+                    Some(old) if refusal.check != Check::Grant || grant_unreadable => {
+                        report.kept.push((Arc::clone(&old), refusal));
+                        // The last good generation keeps the inputs it was verified from: the refused ones are
+                        // verified again next time.
+                        let inputs = next.inputs.get(&outcome.certificate_id).copied().unwrap_or(old.inputs);
+                        next.carry(outcome.certificate_id, old, inputs);
+                    }
+                    _ => report.refused.push((outcome.certificate_id, outcome.grant_id, refusal)),
+                }
+            }
+        }
+    }
+
+    /// Makes `next` the served set, reporting the generations loaded and replaced.
+    fn commit(&mut self, next: Next, report: &mut ApplyReport) {
+        let previous = std::mem::replace(&mut self.served, next.served.into_iter().collect());
+        self.inputs = next.inputs;
+        if self.inputs.len() != self.served.len() {
+            let served = &self.served;
+            self.inputs.retain(|id, _| served.contains_key(id));
+        }
+        report.loaded = next.loaded;
+        report.loaded.sort_by(|a, b| a.certificate_id.cmp(&b.certificate_id));
+        // Every generation carried over is served under its own id: when all of them were, none was replaced.
+        if next.carried != previous.len() {
+            let served = &self.served;
+            report.replaced = previous
+                .into_values()
+                .filter(|old| !served.get(&old.certificate_id).is_some_and(|new| Arc::ptr_eq(new, old)))
+                .collect();
+        }
+        if !report.loaded.is_empty() || !report.replaced.is_empty() {
+            let held_grants: HashSet<&str> = self.served.values().map(|c| c.grant_id.as_str()).collect();
+            self.grants.retain(|id, _| held_grants.contains(id.as_str()));
+        }
     }
 
     /// The earliest instant at which a held grant lapses, if any does.
@@ -320,6 +414,7 @@ impl Keyring {
             }
         }
         let now = snapshot.read_at;
+        let refused_by_grant = refused_by_their_grant(snapshot);
         let ending: Vec<(String, GrantEnd)> = self
             .grants
             .keys()
@@ -329,7 +424,9 @@ impl Keyring {
                     Some(GrantStatus::Retired) => Some(GrantEnd::Retired),
                     Some(GrantStatus::Lapsed) => Some(GrantEnd::Lapsed),
                     Some(GrantStatus::Active { not_after: Some(t), .. }) if *t <= now => Some(GrantEnd::Lapsed),
-                    Some(GrantStatus::Active { .. }) => revoked_by_refusal(snapshot, id),
+                    Some(GrantStatus::Active { .. }) => {
+                        refused_by_grant.contains(id.as_str()).then_some(GrantEnd::Revoked)
+                    }
                     Some(GrantStatus::Unreadable(_)) => None,
                 };
                 reason.map(|r| (id.clone(), r))
@@ -348,6 +445,7 @@ impl Keyring {
         self.served.retain(|_, c| c.grant_id != grant_id);
         for certificate in &certificates {
             certificate.drop_key();
+            self.inputs.remove(&certificate.certificate_id);
         }
         let mut not_after = None;
         if let Some(grant) = self.grants.remove(grant_id) {
@@ -357,7 +455,7 @@ impl Keyring {
         EndedGrant { grant_id: grant_id.to_owned(), not_after, reason, certificates }
     }
 
-    fn load(&mut self, verified: VerifiedCertificate) -> Arc<LoadedCertificate> {
+    fn load(&mut self, verified: VerifiedCertificate, inputs: [u8; 32]) -> Arc<LoadedCertificate> {
         self.next_generation += 1;
         let grant = self
             .grants
@@ -373,6 +471,7 @@ impl Keyring {
             not_before: verified.not_before,
             not_after: verified.not_after,
             leaf_sha256: verified.leaf_sha256,
+            inputs,
         };
         Arc::new(LoadedCertificate {
             identity: Arc::new(identity),
@@ -391,15 +490,27 @@ impl LoadedCertificate {
     }
 }
 
-/// A held grant whose file is readable and active but refuses us (another grantee, no `Decrypt`, no key) has
-/// ended for us as surely as a retired one.
-fn revoked_by_refusal(snapshot: &Snapshot, grant_id: &str) -> Option<GrantEnd> {
+/// The grants that refused one of their associations at check 1. A held grant among them whose file is readable
+/// and active (another grantee, no `Decrypt`, no key) has ended for us as surely as a retired one.
+fn refused_by_their_grant(snapshot: &Snapshot) -> HashSet<&str> {
     snapshot
         .associations
         .iter()
-        .filter(|a| a.grant_id == grant_id)
-        .any(|a| matches!(&a.result, Err(r) if r.check == Check::Grant))
-        .then_some(GrantEnd::Revoked)
+        .filter(|a| a.refusal().is_some_and(|r| r.check == Check::Grant))
+        .map(|a| a.grant_id.as_str())
+        .collect()
+}
+
+/// The reader said an association is unchanged from the generation served for it, but none is: the reader and
+/// the keyring disagree. Refused (never served on the reader's word alone); the next read, asked with no digest
+/// for it, verifies it in full.
+fn nothing_held() -> Refusal {
+    Refusal {
+        check: Check::Files,
+        reason: "the association was reported unchanged, but no generation is held for it",
+        detail: "internal inconsistency between the export reader and the keyring; the next read verifies it in full"
+            .to_owned(),
+    }
 }
 
 fn retired_earlier() -> Refusal {
@@ -413,9 +524,8 @@ fn retired_earlier() -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::custody::snapshot::AssociationOutcome;
 
-    use crate::test_util::{active, served, snapshot, verified};
+    use crate::test_util::{active, served, served_from, snapshot, unchanged, verified};
 
     fn refused(certificate_id: &str, grant_id: &str, check: Check) -> AssociationOutcome {
         AssociationOutcome {
@@ -423,7 +533,8 @@ mod tests {
             grant_id: grant_id.to_owned(),
             server_names: Vec::new(),
             certificate_not_after: None,
-            result: Err(Refusal { check, reason: "test", detail: String::new() }),
+            inputs: [0; 32],
+            result: Verdict::Refused(Refusal { check, reason: "test", detail: String::new() }),
         }
     }
 
@@ -554,5 +665,83 @@ mod tests {
         ));
         assert_eq!(report.ended.len(), 1);
         assert_eq!(keyring.served().map(|c| c.certificate_id.as_str()).collect::<Vec<_>>(), ["c-2"]);
+    }
+
+    /// A second verified state of `v`: the same certificate and key, as a read from other inputs would give.
+    fn same_again(v: &VerifiedCertificate) -> VerifiedCertificate {
+        VerifiedCertificate {
+            certificate_id: v.certificate_id.clone(),
+            grant_id: v.grant_id.clone(),
+            grant_not_after: None,
+            server_names: v.server_names.clone(),
+            chain: v.chain.clone(),
+            leaf_sha256: v.leaf_sha256,
+            not_before: v.not_before,
+            not_after: v.not_after,
+            signing_key: Arc::clone(&v.signing_key),
+            private_key: v.private_key.clone(),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_association_keeps_its_generation_and_inputs() {
+        let mut keyring = Keyring::new();
+        assert_eq!(keyring.inputs_of("c-1"), None);
+        keyring.apply(snapshot(&[("g-1", active())], vec![served_from(verified("c-1", "g-1", &["a.test"]), [1; 32])]));
+        let held = Arc::clone(keyring.served().next().unwrap());
+        assert_eq!(held.inputs, [1; 32]);
+        assert_eq!(keyring.inputs_of("c-1"), Some([1; 32]));
+
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![unchanged("c-1", "g-1", [1; 32])]));
+        assert!(!report.changed() && report.refused.is_empty() && report.kept.is_empty(), "{report:?}");
+        assert!(Arc::ptr_eq(keyring.served().next().unwrap(), &held));
+        assert_eq!(keyring.inputs_of("c-1"), Some([1; 32]));
+    }
+
+    #[test]
+    fn unchanged_without_a_held_generation_is_refused_not_served() {
+        let mut keyring = Keyring::new();
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![unchanged("c-1", "g-1", [1; 32])]));
+        assert!(keyring.is_empty());
+        assert_eq!(report.refused.len(), 1);
+        assert!(report.refused[0].2.reason.contains("no generation is held"), "{:?}", report.refused[0]);
+
+        // Held under another grant: not the same association.
+        keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        let report =
+            keyring.apply(snapshot(&[("g-1", active()), ("g-2", active())], vec![unchanged("c-1", "g-2", [1; 32])]));
+        assert_eq!(report.refused.len(), 1);
+        assert_eq!(report.replaced.len(), 1);
+        assert!(keyring.is_empty());
+        assert_eq!(keyring.inputs_of("c-1"), None);
+    }
+
+    #[test]
+    fn the_same_certificate_verified_from_other_inputs_keeps_the_generation_with_the_new_inputs() {
+        let mut keyring = Keyring::new();
+        let v = verified("c-1", "g-1", &["a.test"]);
+        let again = same_again(&v);
+        keyring.apply(snapshot(&[("g-1", active())], vec![served_from(v, [1; 32])]));
+        let generation = keyring.served().next().unwrap().generation;
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served_from(again, [2; 32])]));
+        assert!(!report.changed());
+        let held = keyring.served().next().unwrap();
+        assert_eq!((held.generation, held.inputs), (generation, [1; 32]));
+        assert_eq!(keyring.inputs_of("c-1"), Some([2; 32]), "the next read must find it unchanged");
+    }
+
+    #[test]
+    fn a_refused_new_state_keeps_the_inputs_of_the_last_good_one() {
+        let mut keyring = Keyring::new();
+        keyring.apply(snapshot(&[("g-1", active())], vec![served_from(verified("c-1", "g-1", &["a.test"]), [1; 32])]));
+        let mut refusal = refused("c-1", "g-1", Check::Seal);
+        refusal.inputs = [2; 32];
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![refusal]));
+        assert_eq!(report.kept.len(), 1);
+        assert_eq!(keyring.inputs_of("c-1"), Some([1; 32]), "the refused inputs are verified again next time");
+
+        // Once the grant ends, nothing is known any more.
+        keyring.end_grant("g-1", GrantEnd::Retired);
+        assert_eq!(keyring.inputs_of("c-1"), None);
     }
 }

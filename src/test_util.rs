@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
-use crate::custody::snapshot::{AssociationOutcome, GrantStatus, Snapshot, VerifiedCertificate};
+use crate::custody::snapshot::{AssociationOutcome, GrantStatus, Snapshot, Verdict, VerifiedCertificate};
 use crate::secret::SecretBytes;
 
 /// A self-signed ECDSA certificate for `names`, verified as if read from an export, valid from now.
@@ -60,13 +60,32 @@ pub fn snapshot(grants: &[(&str, GrantStatus)], associations: Vec<AssociationOut
     }
 }
 
-/// A served outcome.
+/// A served outcome, whose inputs digest is the leaf's hash (distinct for every [`verified`] certificate).
 pub fn served(v: VerifiedCertificate) -> AssociationOutcome {
+    let inputs = v.leaf_sha256;
+    served_from(v, inputs)
+}
+
+/// A served outcome with the given inputs digest.
+pub fn served_from(v: VerifiedCertificate, inputs: [u8; 32]) -> AssociationOutcome {
     AssociationOutcome {
         certificate_id: v.certificate_id.clone(),
         grant_id: v.grant_id.clone(),
         server_names: v.server_names.clone(),
         certificate_not_after: Some(v.not_after),
-        result: Ok(v),
+        inputs,
+        result: Verdict::Served(v),
+    }
+}
+
+/// An outcome the reader found unchanged, with the given inputs digest.
+pub fn unchanged(certificate_id: &str, grant_id: &str, inputs: [u8; 32]) -> AssociationOutcome {
+    AssociationOutcome {
+        certificate_id: certificate_id.to_owned(),
+        grant_id: grant_id.to_owned(),
+        server_names: Vec::new(),
+        certificate_not_after: None,
+        inputs,
+        result: Verdict::Unchanged,
     }
 }

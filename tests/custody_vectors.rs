@@ -11,7 +11,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
 use sealgate::custody::format::{self, Associations, Grant};
 use sealgate::custody::seal;
-use sealgate::custody::snapshot::{read_export, AssociationOutcome, Snapshot};
+use sealgate::custody::snapshot::{read_export, AssociationOutcome, Snapshot, Verdict};
 use time::OffsetDateTime;
 
 const GRANTEE: &str = "sealgate-vectors";
@@ -77,7 +77,7 @@ fn served_certificates_have_the_expected_names_and_keys() {
     let mut served = 0;
     for want in expected().iter().filter(|e| str_field(e, "outcome") == "served") {
         let id = str_field(want, "certificate_id");
-        let verified = outcomes[id].result.as_ref().unwrap();
+        let Verdict::Served(verified) = &outcomes[id].result else { panic!("{id} is not served") };
         let names: Vec<&str> = want["server_names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(verified.server_names, names, "{id}");
 

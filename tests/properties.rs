@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use sealgate::config::Config;
 use sealgate::custody::format::{encode_base64, Associations, Grant, SealedKey};
 use sealgate::custody::seal::{data_key_aad, unwrap_data_key};
-use sealgate::custody::snapshot::{read_export, GrantStatus};
+use sealgate::custody::snapshot::{read_export, GrantStatus, Verdict};
 use time::macros::datetime;
 
 const GRANTEE: &str = "sealgate-vectors";
@@ -512,13 +512,15 @@ proptest! {
                 prop_assert_eq!(Some(snapshot.associations.len()), entries);
                 for outcome in &snapshot.associations {
                     match &outcome.result {
-                        Ok(verified) => {
+                        Verdict::Served(verified) => {
                             prop_assert!(!verified.server_names.is_empty());
                             let grant = snapshot.grants.get(&verified.grant_id);
                             let active = matches!(grant, Some(GrantStatus::Active { grantee, .. }) if grantee == GRANTEE);
                             prop_assert!(active, "{} served under a grant that is not active for us", outcome.certificate_id);
                         }
-                        Err(refusal) => {
+                        // A fresh read knows of no served generation: nothing can be found unchanged.
+                        Verdict::Unchanged => prop_assert!(false, "{} unchanged in a fresh read", outcome.certificate_id),
+                        Verdict::Refused(refusal) => {
                             prop_assert!(!refusal.reason.is_empty());
                             prop_assert!(!refusal.check.label().is_empty());
                             let outcome_text = outcome.outcome();

@@ -23,7 +23,7 @@
 use libfuzzer_sys::fuzz_target;
 use sealgate::custody::format::{encode_base64, Associations, Grant};
 use sealgate::custody::seal::{data_key_aad, unwrap_data_key};
-use sealgate::custody::snapshot::{read_export, GrantStatus};
+use sealgate::custody::snapshot::{read_export, GrantStatus, Verdict};
 use time::macros::datetime;
 
 const MAX_FILES: usize = 32;
@@ -156,14 +156,16 @@ fuzz_target!(|data: &[u8]| {
             let mut texts = Vec::new();
             for outcome in &snapshot.associations {
                 match &outcome.result {
-                    Err(refusal) => {
+                    Verdict::Refused(refusal) => {
                         assert!(!refusal.reason.is_empty(), "a refusal without a reason");
                         assert!(!refusal.check.label().is_empty(), "a refusal without a check label");
                         assert!(outcome.outcome().starts_with("refused: "));
                         assert!(outcome.outcome().ends_with(&format!("({})", refusal.check.label())));
                         texts.push(refusal.to_string());
                     }
-                    Ok(verified) => {
+                    // A fresh read knows of no served generation: nothing can be found unchanged.
+                    Verdict::Unchanged => panic!("unchanged in a fresh read"),
+                    Verdict::Served(verified) => {
                         assert!(!verified.server_names.is_empty(), "served for no name");
                         assert!(!verified.chain.is_empty());
                         assert!(!verified.private_key.is_empty());

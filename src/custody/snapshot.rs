@@ -1,10 +1,13 @@
 //! One consistent read of a custody export, with the holder's five checks (FORMAT.md, "What a holder must
 //! check") applied to every association.
 //!
-//! A [`Snapshot`] says, for every association, either "served" with the verified certificate and its key, or
-//! "refused" with the check that failed. It has no memory of earlier reads: deciding what a refusal means for an
-//! association that is already being served (keep the last good state, or end service because the grant is gone)
-//! is the keyring's job.
+//! A [`Snapshot`] says, for every association, either "served" with the verified certificate and its key,
+//! "unchanged" (served by the generation the caller already holds, see [`ExportReader`]), or "refused" with the
+//! check that failed. Deciding what a refusal means for an association that is already being served (keep the
+//! last good state, or end service because the grant is gone) is the keyring's job.
+//!
+//! [`read_export`] reads an export once, from scratch. [`ExportReader`] reads it again and again, caching files
+//! and skipping the verification of associations whose inputs did not change.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -15,19 +18,23 @@ use rustls::sign::SigningKey;
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 
-use super::format::{layout, AssociationEntry, Associations, FormatError};
+use super::format::FormatError;
 use crate::names;
 use crate::secret::SecretBytes;
 
+mod cache;
 mod certificate;
 mod checks;
 mod grants;
+mod inputs;
 mod parallel;
+mod reader;
+#[cfg(test)]
+mod reader_tests;
 #[cfg(test)]
 mod tests;
 
-use certificate::{CertificateFiles, Leaf};
-use grants::Grants;
+pub use reader::{ExportReader, ReadStats};
 
 /// The whole export could not be read; nothing in it can be judged.
 #[derive(Debug, thiserror::Error)]
@@ -97,21 +104,46 @@ pub struct AssociationOutcome {
     pub server_names: Vec<String>,
     /// The leaf certificate's `not_after`, once its file was read. For reports only.
     pub certificate_not_after: Option<OffsetDateTime>,
-    /// Served with this certificate, or refused.
-    pub result: std::result::Result<VerifiedCertificate, Refusal>,
+    /// SHA-256 over everything checks 2 to 5 depend on: the holder, the association entry, and the bytes of the
+    /// grant file, the certificate and the sealed key (each as far as it could be read). Two reads with the same
+    /// inputs reach the same verdict in checks 2 to 5; see [`ExportReader::read`].
+    pub inputs: [u8; 32],
+    /// Served with this certificate, unchanged, or refused.
+    pub result: Verdict,
+}
+
+/// The verdict on one association.
+#[derive(Debug)]
+pub enum Verdict {
+    /// All five checks passed: serve this certificate.
+    Served(VerifiedCertificate),
+    /// Check 1 passed now, and the inputs are those of the generation the caller already serves: keep serving
+    /// it. Checks 2 to 5 were not run again and nothing was decrypted.
+    Unchanged,
+    /// A check failed.
+    Refused(Refusal),
 }
 
 impl AssociationOutcome {
-    /// Whether the association passed all five checks.
+    /// Whether the association is to be served: it passed all five checks, or is unchanged.
     pub fn is_served(&self) -> bool {
-        self.result.is_ok()
+        matches!(self.result, Verdict::Served(_) | Verdict::Unchanged)
     }
 
-    /// `served`, or the refusal's [`Refusal::outcome`]: the wording of `sealgate check` and `expected.toml`.
+    /// The refusal, when the association was refused.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match &self.result {
+            Verdict::Refused(refusal) => Some(refusal),
+            Verdict::Served(_) | Verdict::Unchanged => None,
+        }
+    }
+
+    /// `served` (also for an unchanged association), or the refusal's [`Refusal::outcome`]: the wording of
+    /// `sealgate check` and `expected.toml`.
     pub fn outcome(&self) -> String {
         match &self.result {
-            Ok(_) => "served".to_owned(),
-            Err(refusal) => refusal.outcome(),
+            Verdict::Served(_) | Verdict::Unchanged => "served".to_owned(),
+            Verdict::Refused(refusal) => refusal.outcome(),
         }
     }
 }
@@ -222,6 +254,9 @@ pub mod reason {
     pub const NO_DECRYPT: &str = "the grant does not allow Decrypt";
     /// Check 1: an active grant without `grant_key`.
     pub const NO_GRANT_KEY: &str = "the grant holds no grant_key";
+    /// Check 1: the grant file changed (or vanished) between check 1 and the unwrapping of the data key, within
+    /// one read: its state is unknown for this read (the snapshot reports it unreadable), retry.
+    pub const GRANT_CHANGED: &str = "the grant file changed during the read";
 
     /// Check 2.
     pub const KEY_ID_MISMATCH: &str = "the grant's key_id differs from the sealed key's";
@@ -265,7 +300,8 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Reads the export at `export` as the holder `grantee`, judging lapses at `now`.
+/// Reads the export at `export` as the holder `grantee`, judging lapses at `now`, from scratch: a fresh
+/// [`ExportReader`] that knows of no served generation, so that every association is verified in full.
 ///
 /// What is absent is read as empty, as FORMAT.md's "a grant is retired when its file is gone" asks: a missing
 /// export directory holds no grants and no associations (every held grant is gone), a missing
@@ -276,128 +312,11 @@ impl fmt::Display for Refusal {
 /// not parse, or `grants/` exists but cannot be listed (judging then would take every grant for gone). Anything
 /// wrong with one association refuses that association alone.
 ///
-/// Every grant file is read and parsed once, whatever number of associations name it; grant keys and data keys
-/// are dropped (and wiped) before this returns. Associations are judged on up to one thread per core (the
-/// calling thread among them): parsing and validating private keys dominates a cold start. This blocks; call it
-/// from a blocking context.
+/// Grant keys and data keys are dropped (and wiped) as soon as each association has been verified.
+/// Associations are judged on up to one thread per core (the calling thread among them): parsing and
+/// validating private keys dominates a cold start. This blocks; call it from a blocking context.
 pub fn read_export(export: &Path, grantee: &str, now: OffsetDateTime) -> Result<Snapshot> {
-    let associations_path = export.join(layout::ASSOCIATIONS);
-    let associations = read_associations(&associations_path)?;
-    let grants = Grants::read(&export.join(layout::GRANTS_DIR))?;
-    let reader = Reader {
-        grantee,
-        now,
-        grants: &grants,
-        associations_path: &associations_path,
-        certificates_dir: export.join(layout::CERTIFICATES_DIR),
-    };
-    // Ids and duplicates depend on file order; the checks proper are independent and run in parallel.
-    let mut claimed = HashSet::with_capacity(associations.entries.len());
-    let claims: Vec<_> = associations.entries.iter().map(|entry| (entry, claim(entry, &mut claimed))).collect();
-    let outcomes = parallel::map(&claims, |(entry, claim)| reader.judge(entry, claim));
-    Ok(Snapshot { export: export.to_owned(), read_at: now, grants: grants.statuses(now), associations: outcomes })
-}
-
-/// Reads and parses `associations.toml`; an absent file associates nothing, any other failure makes the whole
-/// export unjudgeable.
-fn read_associations(path: &Path) -> Result<Associations> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Associations::default()),
-        Err(source) => return Err(ExportError::Io { path: path.to_owned(), source }),
-    };
-    Associations::parse(&bytes).map_err(|source| ExportError::Format { path: path.to_owned(), source })
-}
-
-/// What one read needs to judge associations: the holder, the instant, and the grants read once.
-struct Reader<'a> {
-    grantee: &'a str,
-    now: OffsetDateTime,
-    grants: &'a Grants,
-    associations_path: &'a Path,
-    certificates_dir: PathBuf,
-}
-
-/// What became known about an association before its outcome was decided, for reports of refusals.
-struct Known {
-    server_names: Vec<String>,
-    not_after: Option<OffsetDateTime>,
-}
-
-impl Known {
-    /// The entry's own `server_names`, normalised, before any file is read.
-    fn from_entry(entry: &AssociationEntry) -> Self {
-        let server_names = entry.server_names.as_deref().map(normalized_names).unwrap_or_default();
-        Self { server_names, not_after: None }
-    }
-
-    /// Adds what the leaf says: its validity, and its DNS names when the entry named none.
-    fn learn(&mut self, entry: &AssociationEntry, leaf: &Leaf) {
-        self.not_after = Some(leaf.not_after);
-        if entry.server_names.is_none() {
-            self.server_names = leaf.dns_names.clone();
-        }
-    }
-}
-
-impl Reader<'_> {
-    /// Judges one entry, whose [`claim`] has been decided.
-    fn judge(&self, entry: &AssociationEntry, claim: &Result<(), Refusal>) -> AssociationOutcome {
-        let mut known = Known::from_entry(entry);
-        let result = claim.clone().and_then(|()| self.verify(entry, &mut known));
-        let (server_names, certificate_not_after) = match &result {
-            Ok(verified) => (verified.server_names.clone(), Some(verified.not_after)),
-            Err(_) => (known.server_names, known.not_after),
-        };
-        AssociationOutcome {
-            certificate_id: entry.certificate_id.clone(),
-            grant_id: entry.grant_id.clone(),
-            server_names,
-            certificate_not_after,
-            result,
-        }
-    }
-
-    /// FORMAT.md's five checks, in order, for an entry whose ids are valid.
-    fn verify(&self, entry: &AssociationEntry, known: &mut Known) -> Result<VerifiedCertificate, Refusal> {
-        let grant = self.grants.authorize(&entry.grant_id, self.grantee, self.now)?;
-        let files = CertificateFiles::read(&self.certificates_dir, &entry.certificate_id)?;
-        known.learn(entry, &files.leaf);
-        checks::key_ids(&grant, &files)?;
-        let private_key = checks::open_seals(&grant, entry, self.associations_path, &files)?;
-        let signing_key = checks::key_matches(&private_key, &files)?;
-        let server_names = checks::server_names(entry.server_names.as_deref(), &files.leaf)?;
-        Ok(VerifiedCertificate {
-            certificate_id: entry.certificate_id.clone(),
-            grant_id: entry.grant_id.clone(),
-            grant_not_after: grant.grant.not_after,
-            server_names,
-            leaf_sha256: files.leaf.sha256,
-            not_before: files.leaf.not_before,
-            not_after: files.leaf.not_after,
-            chain: files.chain,
-            signing_key,
-            private_key,
-        })
-    }
-}
-
-/// Refuses an entry whose ids are invalid (they must never become paths) or whose certificate an earlier entry
-/// already associates (a second association must not compete with the first); otherwise records its
-/// certificate id in `claimed`.
-fn claim<'e>(entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> Result<(), Refusal> {
-    for (field, id) in [("certificate_id", &entry.certificate_id), ("grant_id", &entry.grant_id)] {
-        if !super::format::is_valid_id(id) {
-            let detail = format!("`{field}` {id:?} does not match [A-Za-z0-9_-]{{1,128}}");
-            return Err(Refusal::new(Check::Files, reason::INVALID_ID, detail));
-        }
-    }
-    if !claimed.insert(&entry.certificate_id) {
-        let detail =
-            format!("an earlier [[association]] entry names {}; only the first is judged", entry.certificate_id);
-        return Err(Refusal::new(Check::Files, reason::DUPLICATE, detail));
-    }
-    Ok(())
+    ExportReader::new(export.to_owned(), grantee.to_owned()).read(now, &|_| None)
 }
 
 /// Normalises names and drops repeats, keeping the first occurrence's place.

@@ -1,12 +1,13 @@
-//! `certificates/<certificate_id>/`: the chain and the sealed key, read and parsed but not judged.
+//! `certificates/<certificate_id>/`: the chain and the sealed key, parsed but not judged.
 //!
-//! A file that is missing or does not parse refuses its association under [`Check::Files`]; checks 2 to 5 then
-//! work on what is extracted here.
+//! Both files are public (the key is sealed), so what is parsed out of them is cached across reads. A file that
+//! is missing or does not parse refuses its association under [`Check::Files`]; checks 2 to 5 then work on what
+//! is extracted here.
 
-use std::io::ErrorKind;
+use std::ffi::OsStr;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::digest::{digest, SHA256};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -14,27 +15,14 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use super::cache::{self, sha256};
 use super::{reason, Check, Refusal};
 use crate::custody::format::{layout, FormatError, SealedKey};
 
-/// Why a certificate directory's file is unusable. Messages name the file and the rule; certificate files are
-/// public, but PEM and DER are still never quoted (a misplaced private key block must not reach a log).
+/// Why a certificate directory's file does not parse. Messages name the file and the rule; certificate files
+/// are public, but PEM and DER are still never quoted (a misplaced private key block must not reach a log).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum FileError {
-    /// The file does not exist (or is a dangling link).
-    #[error("{}: no such file", path.display())]
-    Missing {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The file exists but cannot be read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the operating system said.
-        source: std::io::Error,
-    },
     /// `certificate.pem` has no `CERTIFICATE` block.
     #[error("{}: holds no CERTIFICATE block", path.display())]
     NoCertificate {
@@ -69,7 +57,7 @@ pub(super) enum FileError {
     },
 }
 
-/// What the checks need of the leaf certificate, copied out of the parse so that the chain can be moved.
+/// What the checks need of the leaf certificate, copied out of its X.509 parse.
 pub(super) struct Leaf {
     /// DNS subjectAltNames, normalised, repeats dropped.
     pub(super) dns_names: Vec<String>,
@@ -80,41 +68,110 @@ pub(super) struct Leaf {
     pub(super) sha256: [u8; 32],
 }
 
-/// One certificate directory, read and parsed.
-pub(super) struct CertificateFiles {
-    pub(super) certificate_path: PathBuf,
-    pub(super) sealed_key_path: PathBuf,
+/// A parsed `certificate.pem`.
+pub(super) struct Chain {
     /// Leaf first, then intermediates, all X.509.
     pub(super) chain: Vec<CertificateDer<'static>>,
     pub(super) leaf: Leaf,
-    pub(super) sealed_key: SealedKey,
 }
 
-impl CertificateFiles {
-    /// Reads `certificates_dir/<certificate_id>/`. `certificate_id` must be a valid id.
-    pub(super) fn read(certificates_dir: &Path, certificate_id: &str) -> Result<Self, Refusal> {
-        let dir = certificates_dir.join(certificate_id);
-        let certificate_path = dir.join(layout::CERTIFICATE_PEM);
-        let sealed_key_path = dir.join(layout::SEALED_KEY);
-        let (chain, leaf) = read_chain(&certificate_path)
-            .map_err(|e| Refusal::new(Check::Files, reason::CERTIFICATE_FILE, e.to_string()))?;
-        let sealed_key = read_sealed_key(&sealed_key_path, certificate_id)
-            .map_err(|e| Refusal::new(Check::Files, reason::SEALED_KEY_FILE, e.to_string()))?;
-        Ok(Self { certificate_path, sealed_key_path, chain, leaf, sealed_key })
+/// A cached `certificate.pem`: its chain, or why it is unusable (the message of a [`FileError`]).
+pub(super) type ParsedChain = Result<Chain, String>;
+/// A cached `private-key.sealed`: the sealed key, or why it is unusable (the message of a [`FileError`]).
+pub(super) type ParsedSealedKey = Result<SealedKey, String>;
+
+/// The paths of one certificate directory.
+pub(super) struct CertificatePaths {
+    pub(super) certificate: PathBuf,
+    pub(super) sealed_key: PathBuf,
+}
+
+impl CertificatePaths {
+    /// `certificates_dir/<certificate_id>/`'s two files. `certificate_id` must be a valid id.
+    pub(super) fn new(certificates_dir: &Path, certificate_id: &str) -> Self {
+        Self {
+            certificate: file_path(certificates_dir, certificate_id, layout::CERTIFICATE_PEM),
+            sealed_key: file_path(certificates_dir, certificate_id, layout::SEALED_KEY),
+        }
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, FileError> {
-    std::fs::read(path).map_err(|source| match source.kind() {
-        ErrorKind::NotFound => FileError::Missing { path: path.to_owned() },
-        _ => FileError::Io { path: path.to_owned(), source },
-    })
+/// `dir/<id>/<name>`, in one allocation: every read builds two of these per association.
+fn file_path(dir: &Path, id: &str, name: &str) -> PathBuf {
+    let mut path = PathBuf::with_capacity(dir.as_os_str().len() + id.len() + name.len() + 2);
+    path.push(dir);
+    path.push(id);
+    path.push(name);
+    path
 }
 
-/// Reads `certificate.pem`: every `CERTIFICATE` block, each an X.509 certificate, the first being the leaf.
-fn read_chain(path: &Path) -> Result<(Vec<CertificateDer<'static>>, Leaf), FileError> {
-    let pem = read_file(path)?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
+/// One certificate directory, parsed: what checks 2 to 5 work on.
+pub(super) struct CertificateFiles<'a> {
+    pub(super) certificate_path: &'a Path,
+    pub(super) sealed_key_path: &'a Path,
+    /// Leaf first, then intermediates, all X.509.
+    pub(super) chain: &'a [CertificateDer<'static>],
+    pub(super) leaf: &'a Leaf,
+    pub(super) sealed_key: &'a SealedKey,
+}
+
+/// What one read found at a certificate directory's path.
+pub(super) enum Found<'a, T> {
+    /// The cached parse: the file's content, or why it does not parse.
+    Cached(&'a Result<T, String>),
+    /// The I/O error that kept the file from being read (`NotFound` for a missing file or a dangling link).
+    Unreadable(&'a io::Error),
+    /// The path was not refreshed in this read; cannot happen for an entry whose files were asked for.
+    NotRead,
+}
+
+impl<'a> CertificateFiles<'a> {
+    /// Puts together what was found at `paths`, refusing under [`Check::Files`] when either file is missing,
+    /// unreadable or does not parse (the certificate first).
+    pub(super) fn new(
+        paths: &'a CertificatePaths,
+        chain: Found<'a, Chain>,
+        sealed_key: Found<'a, SealedKey>,
+    ) -> Result<Self, Refusal> {
+        let chain = usable(&paths.certificate, chain)
+            .map_err(|detail| Refusal::new(Check::Files, reason::CERTIFICATE_FILE, detail))?;
+        let sealed_key = usable(&paths.sealed_key, sealed_key)
+            .map_err(|detail| Refusal::new(Check::Files, reason::SEALED_KEY_FILE, detail))?;
+        Ok(Self {
+            certificate_path: &paths.certificate,
+            sealed_key_path: &paths.sealed_key,
+            chain: &chain.chain,
+            leaf: &chain.leaf,
+            sealed_key,
+        })
+    }
+}
+
+/// The parsed file, or why it is unusable.
+fn usable<'a, T>(path: &Path, found: Found<'a, T>) -> Result<&'a T, String> {
+    match found {
+        Found::Cached(Ok(parsed)) => Ok(parsed),
+        Found::Cached(Err(message)) => Err(message.clone()),
+        Found::Unreadable(error) if cache::is_missing(error) => Err(format!("{}: no such file", path.display())),
+        Found::Unreadable(error) => Err(format!("{}: {error}", path.display())),
+        Found::NotRead => Err(format!("{}: was not read", path.display())),
+    }
+}
+
+/// Parses `certificate.pem`: every `CERTIFICATE` block, each an X.509 certificate, the first being the leaf.
+pub(super) fn parse_chain(path: &Path, pem: &[u8]) -> ParsedChain {
+    read_chain(path, pem).map(|(chain, leaf)| Chain { chain, leaf }).map_err(|e| e.to_string())
+}
+
+/// Parses `private-key.sealed`, which must name its own directory.
+pub(super) fn parse_sealed_key(path: &Path, bytes: &[u8]) -> ParsedSealedKey {
+    let certificate_id = path.parent().and_then(Path::file_name).and_then(OsStr::to_str).unwrap_or_default();
+    SealedKey::parse(bytes, certificate_id)
+        .map_err(|source| FileError::SealedKey { path: path.to_owned(), source }.to_string())
+}
+
+fn read_chain(path: &Path, pem: &[u8]) -> Result<(Vec<CertificateDer<'static>>, Leaf), FileError> {
+    let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| FileError::Pem { path: path.to_owned(), problem: pem_problem(&e) })?;
     let not_x509 = |index, problem| FileError::NotX509 { path: path.to_owned(), index, problem };
@@ -171,19 +228,4 @@ fn leaf_facts(der: &CertificateDer<'_>) -> Result<Leaf, String> {
         spki: certificate.public_key().raw.to_vec(),
         sha256: sha256(der),
     })
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    // A SHA-256 digest is 32 bytes: the zip copies all of it.
-    for (o, b) in out.iter_mut().zip(digest(&SHA256, bytes).as_ref()) {
-        *o = *b;
-    }
-    out
-}
-
-/// Reads `private-key.sealed`, which must name its own directory.
-fn read_sealed_key(path: &Path, certificate_id: &str) -> Result<SealedKey, FileError> {
-    let bytes = read_file(path)?;
-    SealedKey::parse(&bytes, certificate_id).map_err(|source| FileError::SealedKey { path: path.to_owned(), source })
 }

@@ -11,15 +11,15 @@ use rustls::sign::SigningKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::certificate::{CertificateFiles, Leaf};
-use super::grants::Authorized;
+use super::grants::{Authorized, GrantFacts};
 use super::{reason, Check, Refusal};
 use crate::custody::format::{AssociationEntry, FormatError};
 use crate::custody::seal::{data_key_aad, open_private_key, sealed_key_aad, unwrap_data_key};
 use crate::names;
-use crate::secret::SecretBytes;
+use crate::secret::{SecretBytes, SecretKey32};
 
 /// Check 2: the data key was generated under the KMS key the grant is on.
-pub(super) fn key_ids(grant: &Authorized<'_>, files: &CertificateFiles) -> Result<(), Refusal> {
+pub(super) fn key_ids(grant: &Authorized<'_>, files: &CertificateFiles<'_>) -> Result<(), Refusal> {
     if grant.grant.key_id == files.sealed_key.key_id {
         return Ok(());
     }
@@ -37,10 +37,11 @@ pub(super) fn key_ids(grant: &Authorized<'_>, files: &CertificateFiles) -> Resul
 /// the private key with it. The data key is wiped when this returns; the private key is returned in a wiped
 /// buffer.
 pub(super) fn open_seals(
-    grant: &Authorized<'_>,
+    grant: &GrantFacts,
+    grant_key: &SecretKey32,
     entry: &AssociationEntry,
     associations_path: &Path,
-    files: &CertificateFiles,
+    files: &CertificateFiles<'_>,
 ) -> Result<SecretBytes, Refusal> {
     let data_key_refusal = |rule: String| {
         let detail = format!("{}: `wrapped_data_key` of {}: {rule}", associations_path.display(), entry.certificate_id);
@@ -48,10 +49,10 @@ pub(super) fn open_seals(
     };
     // The format error already names the field; keep only its rule.
     let wrapped = entry.wrapped_data_key().map_err(|e| data_key_refusal(field_rule(&e)))?;
-    let aad = data_key_aad(&grant.grant.grant_id, &entry.certificate_id, &grant.grant.key_id);
-    let data_key = unwrap_data_key(grant.grant_key, &wrapped, &aad).map_err(|e| data_key_refusal(e.to_string()))?;
+    let aad = data_key_aad(&grant.grant_id, &entry.certificate_id, &grant.key_id);
+    let data_key = unwrap_data_key(grant_key, &wrapped, &aad).map_err(|e| data_key_refusal(e.to_string()))?;
 
-    let sealed = &files.sealed_key;
+    let sealed = files.sealed_key;
     let aad = sealed_key_aad(&sealed.certificate_id, &sealed.key_id);
     open_private_key(&data_key, &sealed.nonce, &sealed.ciphertext, &aad).map_err(|e| {
         let detail = format!("{}: `ciphertext`: {e}", files.sealed_key_path.display());
@@ -71,7 +72,10 @@ fn field_rule(error: &FormatError) -> String {
 ///
 /// The DER is lent to aws-lc, never moved into an owned `PrivateKeyDer` (rustls' owned key types do not wipe
 /// themselves on drop). aws-lc cleanses the parsed key's memory when the last `Arc` to it is dropped.
-pub(super) fn key_matches(private_key: &SecretBytes, files: &CertificateFiles) -> Result<Arc<dyn SigningKey>, Refusal> {
+pub(super) fn key_matches(
+    private_key: &SecretBytes,
+    files: &CertificateFiles<'_>,
+) -> Result<Arc<dyn SigningKey>, Refusal> {
     let refuse = |detail: String| Refusal::new(Check::KeyMatch, reason::KEY_MISMATCH, detail);
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(private_key.expose()));
     let signing_key = any_supported_type(&der).map_err(|_| {

@@ -1,69 +1,183 @@
-//! `grants/`: every grant file read and parsed once per snapshot, their statuses, and check 1.
+//! `grants/`: the grant files, their statuses, check 1, and the grant key when a data key must be unwrapped.
+//!
+//! The cache keeps what a grant file says *except* its key: [`GrantFacts`] are the non-secret fields, beside the
+//! file's SHA-256. Check 1 and the statuses are judged from them on every read. The grant key is read only when
+//! an association's data key must be unwrapped, from the file itself, and only if the file still has the bytes
+//! the facts were taken from; it is wiped as soon as that one association has been verified.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
-use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::cache::{self, Environment, FileCache, RefreshCounts};
 use super::{reason, Check, ExportError, GrantStatus, Refusal};
 use crate::custody::format::{is_valid_id, layout, Grant, GrantState, DECRYPT_OPERATION};
 use crate::secret::{SecretBytes, SecretKey32};
 
-/// The grant files of one read, by grant id.
-pub(super) struct Grants {
+/// The non-secret fields of a parsed grant file: everything check 1 and the statuses need, and no key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct GrantFacts {
+    pub(super) grant_id: String,
+    pub(super) key_id: String,
+    pub(super) grantee: String,
+    pub(super) operations: Vec<String>,
+    pub(super) state: GrantState,
+    /// Whether the file carries a `grant_key` (the key itself is not kept).
+    pub(super) has_grant_key: bool,
+    pub(super) not_after: Option<OffsetDateTime>,
+}
+
+impl GrantFacts {
+    /// Keeps the non-secret fields of `grant`; its key is dropped, and wiped, here.
+    fn from_grant(grant: Grant) -> Self {
+        Self {
+            has_grant_key: grant.grant_key.is_some(),
+            grant_id: grant.grant_id,
+            key_id: grant.key_id,
+            grantee: grant.grantee,
+            operations: grant.operations,
+            state: grant.state,
+            not_after: grant.not_after,
+        }
+    }
+}
+
+/// A cached grant file: its facts, or why it does not parse (the path and the rule, never its contents).
+type ParsedGrant = Result<GrantFacts, String>;
+
+/// The grant files of an export, cached across reads.
+#[derive(Default)]
+pub(super) struct GrantFiles {
+    cache: FileCache<ParsedGrant>,
+}
+
+/// The grant files one read listed: by id, the path, and the I/O error when the file could not be read.
+pub(super) struct Listing {
     dir: PathBuf,
-    by_id: HashMap<String, GrantFile>,
+    ids: Vec<(String, PathBuf)>,
+    unreadable: HashMap<String, String>,
 }
 
-/// One grant file as read: parsed (holding its grant key, wiped on drop), or not parseable.
-enum GrantFile {
-    Parsed(Grant),
-    /// The file's path and the parse or read error; never the file's contents.
-    Unreadable(String),
-}
-
-/// A grant that passed check 1, with the key that unwraps the data keys sealed for it.
-pub(super) struct Authorized<'a> {
-    pub(super) grant: &'a Grant,
-    pub(super) grant_key: &'a SecretKey32,
-}
-
-impl Grants {
-    /// Lists `dir` and reads every `<grant_id>.toml` in it, following symbolic links.
+impl GrantFiles {
+    /// Lists `dir` and refreshes every `<grant_id>.toml` in it, following symbolic links.
     ///
     /// Names beginning with `.` (Kubernetes' `..data` and its timestamped directories), names without the
     /// `.toml` extension, and stems that are not valid ids are not grant files and are skipped. A missing `dir`
     /// holds no grants. A directory that exists but cannot be listed fails the whole read: judging without it
-    /// would take every grant for gone and end all service over what may be a passing error.
-    pub(super) fn read(dir: &Path) -> Result<Self, ExportError> {
-        let mut grants = Self { dir: dir.to_owned(), by_id: HashMap::new() };
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(grants),
-            Err(source) => return Err(ExportError::Io { path: dir.to_owned(), source }),
-        };
-        for entry in entries {
-            let entry = entry.map_err(|source| ExportError::Io { path: dir.to_owned(), source })?;
-            let file_name = entry.file_name();
-            let Some(id) = grant_id_of(&file_name) else { continue };
-            if let Some(file) = read_grant(&grants.path_of(id), id) {
-                grants.by_id.insert(id.to_owned(), file);
+    /// would take every grant for gone and end all service over what may be a passing error. A file that
+    /// vanished between listing and reading (or is a dangling link) is a grant that is gone.
+    pub(super) fn refresh(
+        &mut self,
+        dir: &Path,
+        environment: &Environment,
+    ) -> Result<(Listing, RefreshCounts), ExportError> {
+        let ids = list(dir)?;
+        let paths: Vec<PathBuf> = ids.iter().map(|(_, path)| path.clone()).collect();
+        let (problems, counts) = self.cache.refresh(&paths, environment, parse);
+        let mut listing =
+            Listing { dir: dir.to_owned(), ids: Vec::with_capacity(ids.len()), unreadable: HashMap::new() };
+        for (id, path) in ids {
+            match problems.get(&path) {
+                Some(error) if cache::is_missing(error) => {}
+                Some(error) => {
+                    listing.unreadable.insert(id.clone(), format!("{}: {error}", path.display()));
+                    listing.ids.push((id, path));
+                }
+                None => listing.ids.push((id, path)),
             }
         }
-        Ok(grants)
+        Ok((listing, counts))
     }
 
+    /// What `listing` found, for judging one read.
+    pub(super) fn view<'a>(&'a self, listing: &'a Listing) -> Grants<'a> {
+        let by_id = listing
+            .ids
+            .iter()
+            .filter_map(|(id, path)| {
+                let file = match (listing.unreadable.get(id), self.cache.get(path)) {
+                    (Some(message), _) => GrantFile::Unreadable { message: message.clone(), sha256: None },
+                    (None, Some(cached)) => match &cached.value {
+                        Ok(facts) => GrantFile::Parsed { facts, sha256: cached.sha256 },
+                        Err(message) => GrantFile::Unreadable { message: message.clone(), sha256: Some(cached.sha256) },
+                    },
+                    // Every listed path is either unreadable or cached after a refresh.
+                    (None, None) => return None,
+                };
+                Some((id.as_str(), file))
+            })
+            .collect();
+        Grants { dir: &listing.dir, by_id }
+    }
+
+    /// Forgets a grant file, so that the next read reads it whatever its stamp.
+    pub(super) fn forget(&mut self, path: &Path) {
+        self.cache.forget(path);
+    }
+
+    /// Number of cached grant files.
+    pub(super) fn len(&self) -> usize {
+        self.cache.len()
+    }
+}
+
+/// The grant files of one read, by grant id.
+pub(super) struct Grants<'a> {
+    dir: &'a Path,
+    by_id: HashMap<&'a str, GrantFile<'a>>,
+}
+
+/// One grant file as read: parsed (its facts), or not parseable.
+enum GrantFile<'a> {
+    Parsed {
+        facts: &'a GrantFacts,
+        sha256: [u8; 32],
+    },
+    /// The file's path and the parse or read error; never the file's contents. The hash of its bytes when they
+    /// could be read.
+    Unreadable {
+        message: String,
+        sha256: Option<[u8; 32]>,
+    },
+}
+
+/// A grant that passed check 1 at this read's instant.
+#[derive(Clone, Copy)]
+pub(super) struct Authorized<'a> {
+    pub(super) grant: &'a GrantFacts,
+    /// SHA-256 of the file the facts come from: the grant key is only taken from a file with these bytes.
+    pub(super) sha256: [u8; 32],
+}
+
+/// The grant file no longer has the bytes check 1 was judged on: it changed, vanished or became unreadable
+/// after it was read earlier in this read.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: changed while the export was being read; retry", path.display())]
+pub(super) struct GrantChanged {
+    /// The grant file.
+    pub(super) path: PathBuf,
+}
+
+impl Grants<'_> {
     /// `grants/<grant_id>.toml`. `grant_id` must be a valid id.
-    fn path_of(&self, grant_id: &str) -> PathBuf {
-        self.dir.join(format!("{grant_id}.{}", layout::GRANT_EXTENSION))
+    pub(super) fn path_of(&self, grant_id: &str) -> PathBuf {
+        path_of(self.dir, grant_id)
+    }
+
+    /// SHA-256 of the grant file's bytes, when it exists and could be read.
+    pub(super) fn sha256(&self, grant_id: &str) -> Option<[u8; 32]> {
+        match self.by_id.get(grant_id)? {
+            GrantFile::Parsed { sha256, .. } => Some(*sha256),
+            GrantFile::Unreadable { sha256, .. } => *sha256,
+        }
     }
 
     /// Every grant file's status at `now`, for [`super::Snapshot::grants`].
     pub(super) fn statuses(&self, now: OffsetDateTime) -> BTreeMap<String, GrantStatus> {
-        self.by_id.iter().map(|(id, file)| (id.clone(), status(file, now))).collect()
+        self.by_id.iter().map(|(id, file)| ((*id).to_owned(), status(file, now))).collect()
     }
 
     /// Check 1, in FORMAT.md's order: the grant exists (and parses), is not retired, has not lapsed at `now`,
@@ -74,34 +188,80 @@ impl Grants {
         grantee: &str,
         now: OffsetDateTime,
     ) -> Result<Authorized<'_>, Refusal> {
-        let path = self.path_of(grant_id);
+        // The path only goes into refusals: built on every read for every association, it would cost.
+        let path = || self.path_of(grant_id);
         let refuse = |reason, detail: String| Refusal::new(Check::Grant, reason, detail);
-        let grant = match self.by_id.get(grant_id) {
-            None => return Err(refuse(reason::GRANT_MISSING, format!("{} does not exist", path.display()))),
-            Some(GrantFile::Unreadable(message)) => return Err(refuse(reason::GRANT_UNREADABLE, message.clone())),
-            Some(GrantFile::Parsed(grant)) => grant,
+        let (grant, sha256) = match self.by_id.get(grant_id) {
+            None => return Err(refuse(reason::GRANT_MISSING, format!("{} does not exist", path().display()))),
+            Some(GrantFile::Unreadable { message, .. }) => {
+                return Err(refuse(reason::GRANT_UNREADABLE, message.clone()))
+            }
+            Some(GrantFile::Parsed { facts, sha256 }) => (*facts, *sha256),
         };
         if grant.state == GrantState::Retired {
-            return Err(refuse(reason::GRANT_RETIRED, format!("{}: `state` is \"retired\"", path.display())));
+            return Err(refuse(reason::GRANT_RETIRED, format!("{}: `state` is \"retired\"", path().display())));
         }
         if let Some(not_after) = grant.not_after.filter(|t| *t <= now) {
-            let detail = format!("{}: `not_after` {} has passed", path.display(), rfc3339(not_after));
+            let detail = format!("{}: `not_after` {} has passed", path().display(), rfc3339(not_after));
             return Err(refuse(reason::GRANT_LAPSED, detail));
         }
         if grant.grantee != grantee {
-            let detail = format!("{}: `grantee` is {:?}, this holder is {grantee:?}", path.display(), grant.grantee);
+            let detail = format!("{}: `grantee` is {:?}, this holder is {grantee:?}", path().display(), grant.grantee);
             return Err(refuse(reason::OTHER_GRANTEE, detail));
         }
         if !grant.operations.iter().any(|op| op == DECRYPT_OPERATION) {
-            let detail = format!("{}: `operations` does not include \"{DECRYPT_OPERATION}\"", path.display());
+            let detail = format!("{}: `operations` does not include \"{DECRYPT_OPERATION}\"", path().display());
             return Err(refuse(reason::NO_DECRYPT, detail));
         }
-        let Some(grant_key) = &grant.grant_key else {
-            let detail = format!("{}: an active grant must carry `grant_key`", path.display());
+        if !grant.has_grant_key {
+            let detail = format!("{}: an active grant must carry `grant_key`", path().display());
             return Err(refuse(reason::NO_GRANT_KEY, detail));
-        };
-        Ok(Authorized { grant, grant_key })
+        }
+        Ok(Authorized { grant, sha256 })
     }
+
+    /// Reads the authorized grant's key from its file and lends it to `use_key`. The file must still have the
+    /// bytes that passed check 1; the key is wiped when `use_key` returns.
+    pub(super) fn with_grant_key<R>(
+        &self,
+        authorized: &Authorized<'_>,
+        use_key: impl FnOnce(&SecretKey32) -> R,
+    ) -> Result<R, GrantChanged> {
+        let path = self.path_of(&authorized.grant.grant_id);
+        let changed = || GrantChanged { path: path.clone() };
+        // The file holds the grant key in base64: its bytes stay in a buffer that is wiped on drop.
+        let bytes = std::fs::read(&path).map(SecretBytes::new).map_err(|_| changed())?;
+        if cache::sha256(bytes.expose()) != authorized.sha256 {
+            return Err(changed());
+        }
+        // The same bytes parsed before, with a key: a failure here would take a hash collision.
+        let grant = Grant::parse(bytes.expose(), &authorized.grant.grant_id).map_err(|_| changed())?;
+        let key = grant.grant_key.as_ref().ok_or_else(changed)?;
+        Ok(use_key(key))
+    }
+}
+
+/// `dir/<grant_id>.toml`.
+fn path_of(dir: &Path, grant_id: &str) -> PathBuf {
+    dir.join(format!("{grant_id}.{}", layout::GRANT_EXTENSION))
+}
+
+/// The grant files in `dir`, by id, in no particular order. A missing `dir` holds none.
+fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, ExportError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if cache::is_missing(&e) => return Ok(Vec::new()),
+        Err(source) => return Err(ExportError::Io { path: dir.to_owned(), source }),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| ExportError::Io { path: dir.to_owned(), source })?;
+        let file_name = entry.file_name();
+        if let Some(id) = grant_id_of(&file_name) {
+            ids.push((id.to_owned(), path_of(dir, id)));
+        }
+    }
+    Ok(ids)
 }
 
 /// The grant id a directory entry stands for, or `None` when the entry is not a grant file.
@@ -114,28 +274,21 @@ fn grant_id_of(file_name: &OsStr) -> Option<&str> {
     is_valid_id(id).then_some(id)
 }
 
-/// Reads and parses one grant file. `None` when it vanished between listing and reading (or is a dangling link):
-/// a grant whose file is gone is retired, which absence from the table says.
-fn read_grant(path: &Path, grant_id: &str) -> Option<GrantFile> {
-    // The file holds the grant key in base64: keep its bytes in a buffer that is wiped on drop.
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => SecretBytes::new(bytes),
-        Err(e) if e.kind() == ErrorKind::NotFound => return None,
-        Err(e) => return Some(GrantFile::Unreadable(format!("{}: {e}", path.display()))),
-    };
-    Some(match Grant::parse(bytes.expose(), grant_id) {
-        Ok(grant) => GrantFile::Parsed(grant),
-        Err(e) => GrantFile::Unreadable(format!("{}: {e}", path.display())),
-    })
+/// Parses a grant file at `path` (whose stem is its id) and keeps its facts; the parsed key is wiped here.
+fn parse(path: &Path, bytes: &[u8]) -> ParsedGrant {
+    let grant_id = path.file_stem().and_then(OsStr::to_str).unwrap_or_default();
+    Grant::parse(bytes, grant_id).map(GrantFacts::from_grant).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// What a grant file says at `now`.
-fn status(file: &GrantFile, now: OffsetDateTime) -> GrantStatus {
+fn status(file: &GrantFile<'_>, now: OffsetDateTime) -> GrantStatus {
     match file {
-        GrantFile::Unreadable(message) => GrantStatus::Unreadable(message.clone()),
-        GrantFile::Parsed(grant) if grant.state == GrantState::Retired => GrantStatus::Retired,
-        GrantFile::Parsed(grant) if grant.not_after.is_some_and(|t| t <= now) => GrantStatus::Lapsed,
-        GrantFile::Parsed(grant) => GrantStatus::Active { grantee: grant.grantee.clone(), not_after: grant.not_after },
+        GrantFile::Unreadable { message, .. } => GrantStatus::Unreadable(message.clone()),
+        GrantFile::Parsed { facts, .. } if facts.state == GrantState::Retired => GrantStatus::Retired,
+        GrantFile::Parsed { facts, .. } if facts.not_after.is_some_and(|t| t <= now) => GrantStatus::Lapsed,
+        GrantFile::Parsed { facts, .. } => {
+            GrantStatus::Active { grantee: facts.grantee.clone(), not_after: facts.not_after }
+        }
     }
 }
 

@@ -43,7 +43,11 @@ pub(super) fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> 
         done
     });
     done.sort_unstable_by_key(|(index, _)| *index);
-    done.into_iter().flat_map(|(_, results)| results).collect()
+    let mut results = Vec::with_capacity(items.len());
+    for (_, chunk) in done {
+        results.extend(chunk);
+    }
+    results
 }
 
 #[cfg(test)]

@@ -12,24 +12,24 @@ use time::macros::datetime;
 use time::Duration;
 
 use super::*;
-use crate::custody::format::{self, Grant, GrantState, SealedKey};
+use crate::custody::format::{self, AssociationEntry, Associations, Grant, GrantState, SealedKey};
 use crate::custody::seal;
 use crate::secret::SecretKey32;
 
-const GRANTEE: &str = "sealgate-test";
-const KEY_ID: &str = "arn:aws:kms:us-east-1:111122223333:key/0f1e2d3c-test";
+pub(super) const GRANTEE: &str = "sealgate-test";
+pub(super) const KEY_ID: &str = "arn:aws:kms:us-east-1:111122223333:key/0f1e2d3c-test";
 
-fn now() -> OffsetDateTime {
+pub(super) fn now() -> OffsetDateTime {
     datetime!(2026-11-28 12:00 UTC)
 }
 
 /// A certificate and its key, as issued.
-struct Issued {
-    pem: String,
-    key_der: Vec<u8>,
+pub(super) struct Issued {
+    pub(super) pem: String,
+    pub(super) key_der: Vec<u8>,
 }
 
-fn issue(names: &[&str]) -> Issued {
+pub(super) fn issue(names: &[&str]) -> Issued {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
     let certificate = params.self_signed(&key).unwrap();
@@ -37,22 +37,23 @@ fn issue(names: &[&str]) -> Issued {
 }
 
 /// An export under construction. Grants and associations are kept as values and written by [`Fixture::write`],
-/// so that a test can change them after associating; certificate files are written at once.
-struct Fixture {
-    dir: TempDir,
-    grants: Vec<Grant>,
-    data_keys: HashMap<String, SecretKey32>,
-    entries: Vec<AssociationEntry>,
+/// so that a test can change them after associating; certificate files are written at once. Every file is
+/// replaced atomically, as FORMAT.md says the custody system does.
+pub(super) struct Fixture {
+    pub(super) dir: TempDir,
+    pub(super) grants: Vec<Grant>,
+    pub(super) data_keys: HashMap<String, SecretKey32>,
+    pub(super) entries: Vec<AssociationEntry>,
 }
 
 impl Fixture {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self { dir: TempDir::new().unwrap(), grants: Vec::new(), data_keys: HashMap::new(), entries: Vec::new() }
     }
 
     /// One active grant `g-1` and one certificate `c-1` for `a.example.test` and `*.b.example.test`, associated
     /// without `server_names`: served as it stands.
-    fn served() -> Self {
+    pub(super) fn served() -> Self {
         let mut fixture = Self::new();
         fixture.add_grant("g-1");
         fixture.add_certificate("c-1", &["a.example.test", "*.b.example.test"]);
@@ -60,11 +61,11 @@ impl Fixture {
         fixture
     }
 
-    fn path(&self, relative: &str) -> PathBuf {
+    pub(super) fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
 
-    fn add_grant(&mut self, id: &str) -> &mut Grant {
+    pub(super) fn add_grant(&mut self, id: &str) -> &mut Grant {
         self.grants.push(Grant {
             grant_id: id.to_owned(),
             key_id: KEY_ID.to_owned(),
@@ -79,41 +80,41 @@ impl Fixture {
         self.grants.last_mut().unwrap()
     }
 
-    fn grant(&mut self, id: &str) -> &mut Grant {
+    pub(super) fn grant(&mut self, id: &str) -> &mut Grant {
         self.grants.iter_mut().find(|g| g.grant_id == id).unwrap()
     }
 
-    fn entry(&mut self, certificate_id: &str) -> &mut AssociationEntry {
+    pub(super) fn entry(&mut self, certificate_id: &str) -> &mut AssociationEntry {
         self.entries.iter_mut().find(|e| e.certificate_id == certificate_id).unwrap()
     }
 
     /// Issues a certificate for `names` and writes it with its key sealed under a fresh data key.
-    fn add_certificate(&mut self, id: &str, names: &[&str]) -> Issued {
+    pub(super) fn add_certificate(&mut self, id: &str, names: &[&str]) -> Issued {
         let issued = issue(names);
         self.write_certificate(id, &issued.pem);
         self.write_sealed_key(id, &issued.key_der, KEY_ID);
         issued
     }
 
-    fn write_certificate(&self, id: &str, pem: &str) {
+    pub(super) fn write_certificate(&self, id: &str, pem: &str) {
         let dir = self.path(&format!("certificates/{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("certificate.pem"), pem).unwrap();
+        put(&dir.join("certificate.pem"), pem.as_bytes());
     }
 
     /// Seals `key_der` under the certificate's data key (made on first use) with associated data naming `key_id`.
-    fn write_sealed_key(&mut self, id: &str, key_der: &[u8], key_id: &str) {
+    pub(super) fn write_sealed_key(&mut self, id: &str, key_der: &[u8], key_id: &str) {
         let data_key = self.data_keys.entry(id.to_owned()).or_insert_with(|| SecretKey32::random().unwrap());
         let nonce = seal::random_nonce().unwrap();
         let ciphertext = seal::seal(data_key, &nonce, key_der, &seal::sealed_key_aad(id, key_id));
         let sealed = SealedKey { certificate_id: id.to_owned(), key_id: key_id.to_owned(), nonce, ciphertext };
         let dir = self.path(&format!("certificates/{id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("private-key.sealed"), sealed.render()).unwrap();
+        put(&dir.join("private-key.sealed"), sealed.render().as_bytes());
     }
 
     /// Associates a certificate with a grant, wrapping its data key under the grant's key as FORMAT.md says.
-    fn associate(&mut self, certificate_id: &str, grant_id: &str, server_names: Option<&[&str]>) {
+    pub(super) fn associate(&mut self, certificate_id: &str, grant_id: &str, server_names: Option<&[&str]>) {
         let grant = self.grants.iter().find(|g| g.grant_id == grant_id).unwrap();
         let aad = seal::data_key_aad(grant_id, certificate_id, &grant.key_id);
         let wrapped =
@@ -127,23 +128,23 @@ impl Fixture {
     }
 
     /// Writes the grants and `associations.toml`.
-    fn write(&self) {
+    pub(super) fn write(&self) {
         std::fs::create_dir_all(self.path("grants")).unwrap();
         for grant in &self.grants {
-            std::fs::write(self.path(&format!("grants/{}.toml", grant.grant_id)), grant.render().as_bytes()).unwrap();
+            put(&self.path(&format!("grants/{}.toml", grant.grant_id)), grant.render().as_bytes());
         }
         let associations = Associations { entries: self.entries.clone() };
-        std::fs::write(self.path("associations.toml"), associations.render()).unwrap();
+        put(&self.path("associations.toml"), associations.render().as_bytes());
     }
 
     /// Writes everything, then reads the export as [`GRANTEE`] at [`now`].
-    fn read(&self) -> Snapshot {
+    pub(super) fn read(&self) -> Snapshot {
         self.write();
         self.snapshot()
     }
 
     /// Reads the export as the files stand, checking that no secret leaks.
-    fn snapshot(&self) -> Snapshot {
+    pub(super) fn snapshot(&self) -> Snapshot {
         let snapshot = read_export(self.dir.path(), GRANTEE, now()).unwrap();
         self.assert_no_secrets(&snapshot);
         snapshot
@@ -160,9 +161,9 @@ impl Fixture {
     }
 
     /// No 12-character window of any secret's text appears in what a snapshot can print.
-    fn assert_no_secrets(&self, snapshot: &Snapshot) {
+    pub(super) fn assert_no_secrets(&self, snapshot: &Snapshot) {
         let mut texts = vec![format!("{snapshot:?}")];
-        texts.extend(snapshot.associations.iter().filter_map(|a| a.result.as_ref().err()).map(Refusal::to_string));
+        texts.extend(snapshot.associations.iter().filter_map(AssociationOutcome::refusal).map(Refusal::to_string));
         texts.extend(snapshot.grants.values().filter_map(|s| match s {
             GrantStatus::Unreadable(message) => Some(message.clone()),
             _ => None,
@@ -178,23 +179,30 @@ impl Fixture {
     }
 }
 
-fn refusal(snapshot: &Snapshot, index: usize) -> &Refusal {
+/// Replaces a file as the custody system does: a temporary beside it, renamed over it (a new inode).
+pub(super) fn put(path: &Path, contents: &[u8]) {
+    let temporary = path.with_extension("tmp-write");
+    std::fs::write(&temporary, contents).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+pub(super) fn refusal(snapshot: &Snapshot, index: usize) -> &Refusal {
     match &snapshot.associations[index].result {
-        Err(refusal) => refusal,
-        Ok(verified) => panic!("association {index} is served: {verified:?}"),
+        Verdict::Refused(refusal) => refusal,
+        other => panic!("association {index} is not refused: {other:?}"),
     }
 }
 
-fn assert_refused(snapshot: &Snapshot, index: usize, check: Check, reason: &str) -> String {
+pub(super) fn assert_refused(snapshot: &Snapshot, index: usize, check: Check, reason: &str) -> String {
     let refusal = refusal(snapshot, index);
     assert_eq!((refusal.check, refusal.reason), (check, reason), "{refusal}");
     refusal.detail.clone()
 }
 
-fn served(snapshot: &Snapshot, index: usize) -> &VerifiedCertificate {
+pub(super) fn served(snapshot: &Snapshot, index: usize) -> &VerifiedCertificate {
     match &snapshot.associations[index].result {
-        Ok(verified) => verified,
-        Err(refusal) => panic!("association {index} is refused: {refusal}"),
+        Verdict::Served(verified) => verified,
+        other => panic!("association {index} is not served: {other:?}"),
     }
 }
 
@@ -665,7 +673,7 @@ fn symlinked_files_are_followed() {
 }
 
 /// Moves `dir`'s visible entries into a Kubernetes-style generation directory and links them through `..data`.
-fn kubernetes_layout(dir: &Path, generation: &str) {
+pub(super) fn kubernetes_layout(dir: &Path, generation: &str) {
     let hidden = dir.join(generation);
     std::fs::create_dir(&hidden).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {

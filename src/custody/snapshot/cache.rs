@@ -1,0 +1,334 @@
+//! A cache of parsed export files, validated by their metadata, in the manner of git's index.
+//!
+//! Each entry holds a file's SHA-256 and what parsing it gave, keyed by the path the reader asked for. A read
+//! stats every path (following symbolic links, so that a Kubernetes `..data` swap shows up as new inodes) and
+//! reads a file again only when its [`FileStamp`] (device, inode, size, mtime, ctime) differs from the cached
+//! one, or when the entry is *racy*.
+//!
+//! Racy entries: timestamps are coarse (a jiffy, or a whole second on some filesystems), so a file rewritten in
+//! place within one tick at the same size keeps its stamp. Like git's "racily clean" index entries, an entry
+//! whose mtime or ctime is later than the read's start minus [`RACY_MARGIN`] is not trusted: its content is read
+//! and hashed again on every read, until a read that starts more than the margin after both times. A rewrite
+//! after that read would have to carry a later timestamp, so from then on the stamp alone is trusted.
+//!
+//! Files are always read into buffers that are wiped on drop: a grant file holds its grant key. Parsing is the
+//! caller's; the cache never sees what a parser extracted beyond the value it returns, and callers must keep
+//! secrets out of those values.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::digest::{digest, SHA256};
+
+use super::parallel;
+use crate::secret::SecretBytes;
+
+/// How recent a timestamp must be for its file's stamp not to be trusted. Two seconds cover filesystems with
+/// one-second timestamps and a clock that lags the filesystem's by up to a second.
+pub(super) const RACY_MARGIN: Duration = Duration::from_secs(2);
+
+/// A file's metadata, as far as telling a changed file from an unchanged one goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FileStamp {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) size: u64,
+    pub(super) mtime: Timestamp,
+    pub(super) ctime: Timestamp,
+}
+
+/// Seconds and nanoseconds since the Unix epoch; ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Timestamp {
+    pub(super) seconds: i64,
+    pub(super) nanoseconds: i64,
+}
+
+impl FileStamp {
+    /// Stats `path`, following symbolic links.
+    pub(super) fn of(path: &Path) -> io::Result<Self> {
+        let metadata = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            size: metadata.size(),
+            mtime: Timestamp { seconds: metadata.mtime(), nanoseconds: metadata.mtime_nsec() },
+            ctime: Timestamp { seconds: metadata.ctime(), nanoseconds: metadata.ctime_nsec() },
+        })
+    }
+
+    /// Whether the file may still change without its stamp changing, as seen by a read that took `horizon` as
+    /// its start minus [`RACY_MARGIN`].
+    fn is_racy(&self, horizon: Timestamp) -> bool {
+        self.mtime >= horizon || self.ctime >= horizon
+    }
+}
+
+/// How the cache stats files and tells the time: the real filesystem and clock, replaced by tests.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Environment {
+    /// The current time, compared with file timestamps.
+    pub(super) now: fn() -> SystemTime,
+    /// Stats a path, following symbolic links.
+    pub(super) stat: fn(&Path) -> io::Result<FileStamp>,
+}
+
+impl Default for Environment {
+    fn default() -> Self {
+        Self { now: SystemTime::now, stat: FileStamp::of }
+    }
+}
+
+impl Environment {
+    /// The instant from which timestamps are too recent to trust, for a read starting now. A clock before the
+    /// epoch (or too far from it) trusts no timestamp at all.
+    pub(super) fn racy_horizon(&self) -> Timestamp {
+        let start = (self.now)().checked_sub(RACY_MARGIN).and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        match start.and_then(|d| Some((i64::try_from(d.as_secs()).ok()?, i64::from(d.subsec_nanos())))) {
+            Some((seconds, nanoseconds)) => Timestamp { seconds, nanoseconds },
+            None => Timestamp { seconds: i64::MIN, nanoseconds: 0 },
+        }
+    }
+}
+
+/// One cached file.
+pub(super) struct Cached<T> {
+    stamp: FileStamp,
+    racy: bool,
+    /// SHA-256 of the file's bytes.
+    pub(super) sha256: [u8; 32],
+    /// What parsing the bytes gave.
+    pub(super) value: T,
+}
+
+/// Counts of one refresh, for [`super::ReadStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct RefreshCounts {
+    /// Paths stat'ed.
+    pub(super) checked: usize,
+    /// Files whose content was read.
+    pub(super) read: usize,
+    /// Of those, files read only because their entry was racy.
+    pub(super) racy: usize,
+}
+
+impl std::ops::AddAssign for RefreshCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.checked += other.checked;
+        self.read += other.read;
+        self.racy += other.racy;
+    }
+}
+
+/// The paths of one refresh that could not be used: missing (`NotFound`, also for a dangling link) or
+/// unreadable. They have no cache entry.
+pub(super) type Problems = HashMap<PathBuf, io::Error>;
+
+/// Parsed files by path. Keys are the paths' bytes: `Path`'s own hash walks components byte by byte, which costs
+/// as much as a `stat` when every read looks up tens of thousands of paths.
+pub(super) struct FileCache<T> {
+    entries: HashMap<OsString, Cached<T>>,
+}
+
+impl<T> Default for FileCache<T> {
+    fn default() -> Self {
+        Self { entries: HashMap::new() }
+    }
+}
+
+/// What refreshing one path found.
+enum Refreshed<T> {
+    /// Same stamp, entry not racy: nothing read, nothing to change.
+    Kept,
+    /// Read again (changed stamp or racy entry) with the same bytes: the parse is kept.
+    Restamped { stamp: FileStamp, racy: bool, was_racy: bool },
+    /// New or different bytes, parsed.
+    Read { entry: NewEntry<T>, was_racy: bool },
+    /// Missing or unreadable.
+    Failed(io::Error),
+}
+
+/// A new entry, boxed so that the common results of a refresh (kept, restamped) stay small.
+type NewEntry<T> = Box<Cached<T>>;
+
+impl<T: Send + Sync> FileCache<T> {
+    /// Brings the cache in line with `paths` as they are now, stat'ing (and reading where needed) on several
+    /// threads. Afterwards the cache holds the paths that could be read, and the others are returned as problems.
+    /// `parse` gets the path and the bytes.
+    ///
+    /// Entries for paths no longer asked for are dropped, to bound memory: `paths` should be distinct. An entry
+    /// that survives anyway is never wrong, since every use of an entry is preceded by a check of its stamp.
+    /// Unchanged entries are not touched at all, so that a read with nothing changed costs one `stat` and one
+    /// lookup per path.
+    pub(super) fn refresh<Q, P>(
+        &mut self,
+        paths: &[Q],
+        environment: &Environment,
+        parse: P,
+    ) -> (Problems, RefreshCounts)
+    where
+        Q: AsRef<Path> + Sync,
+        P: Fn(&Path, &[u8]) -> T + Sync,
+    {
+        let horizon = environment.racy_horizon();
+        let entries = &self.entries;
+        let found = parallel::map(paths, |path| {
+            let path = path.as_ref();
+            refresh_one(entries.get(path.as_os_str()), path, environment, horizon, &parse)
+        });
+        let mut problems = Problems::new();
+        let mut counts = RefreshCounts { checked: paths.len(), ..RefreshCounts::default() };
+        let mut live = 0;
+        for (path, found) in paths.iter().map(AsRef::as_ref).zip(found) {
+            match found {
+                Refreshed::Kept => live += 1,
+                Refreshed::Restamped { stamp, racy, was_racy } => {
+                    counts.read += 1;
+                    counts.racy += usize::from(was_racy);
+                    live += 1;
+                    if let Some(entry) = self.entries.get_mut(path.as_os_str()) {
+                        entry.stamp = stamp;
+                        entry.racy = racy;
+                    }
+                }
+                Refreshed::Read { entry, was_racy } => {
+                    counts.read += 1;
+                    counts.racy += usize::from(was_racy);
+                    live += 1;
+                    self.entries.insert(path.as_os_str().to_owned(), *entry);
+                }
+                Refreshed::Failed(error) => {
+                    self.entries.remove(path.as_os_str());
+                    problems.insert(path.to_owned(), error);
+                }
+            }
+        }
+        if self.entries.len() != live {
+            let wanted: HashSet<&OsStr> = paths.iter().map(|path| path.as_ref().as_os_str()).collect();
+            self.entries.retain(|path, _| wanted.contains(path.as_os_str()));
+        }
+        (problems, counts)
+    }
+
+    /// The entry for `path`, as of the last refresh.
+    pub(super) fn get(&self, path: &Path) -> Option<&Cached<T>> {
+        self.entries.get(path.as_os_str())
+    }
+
+    /// Forgets `path`, so that the next refresh reads it whatever its stamp.
+    pub(super) fn forget(&mut self, path: &Path) {
+        self.entries.remove(path.as_os_str());
+    }
+
+    /// Number of entries.
+    pub(super) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Stats `path` and reads it when the cached entry cannot be trusted.
+fn refresh_one<T>(
+    cached: Option<&Cached<T>>,
+    path: &Path,
+    environment: &Environment,
+    horizon: Timestamp,
+    parse: &impl Fn(&Path, &[u8]) -> T,
+) -> Refreshed<T> {
+    let stamp = match (environment.stat)(path) {
+        Ok(stamp) => stamp,
+        Err(error) => return Refreshed::Failed(error),
+    };
+    if cached.is_some_and(|c| c.stamp == stamp && !c.racy) {
+        return Refreshed::Kept;
+    }
+    let was_racy = cached.is_some_and(|c| c.stamp == stamp);
+    let bytes = match read(path) {
+        Ok(bytes) => bytes,
+        Err(error) => return Refreshed::Failed(error),
+    };
+    let sha256 = sha256(bytes.expose());
+    // The stamp was taken before the bytes were read: a change in between shows up as a new stamp next time,
+    // or, within one tick, as a racy entry.
+    let racy = stamp.is_racy(horizon);
+    match cached {
+        Some(c) if c.sha256 == sha256 => Refreshed::Restamped { stamp, racy, was_racy },
+        _ => {
+            let entry = Box::new(Cached { stamp, racy, sha256, value: parse(path, bytes.expose()) });
+            Refreshed::Read { entry, was_racy }
+        }
+    }
+}
+
+/// Reads a whole file into a buffer wiped on drop.
+fn read(path: &Path) -> io::Result<SecretBytes> {
+    // `std::fs::read` sizes its buffer from the file's length, so a file that does not grow while being read
+    // is never reallocated (which would leave an unwiped copy behind).
+    std::fs::read(path).map(SecretBytes::new)
+}
+
+/// SHA-256 of `bytes`.
+pub(super) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // A SHA-256 digest is 32 bytes: the zip copies all of it.
+    for (o, b) in out.iter_mut().zip(digest(&SHA256, bytes).as_ref()) {
+        *o = *b;
+    }
+    out
+}
+
+/// Whether an I/O error means the file is not there (or is a dangling link).
+pub(super) fn is_missing(error: &io::Error) -> bool {
+    error.kind() == ErrorKind::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(mtime: i64, ctime: i64) -> FileStamp {
+        let at = |seconds| Timestamp { seconds, nanoseconds: 0 };
+        FileStamp { dev: 1, ino: 2, size: 3, mtime: at(mtime), ctime: at(ctime) }
+    }
+
+    #[test]
+    fn recent_mtimes_or_ctimes_are_racy() {
+        let horizon = Timestamp { seconds: 100, nanoseconds: 0 };
+        assert!(!stamp(99, 99).is_racy(horizon));
+        assert!(stamp(100, 99).is_racy(horizon));
+        assert!(stamp(99, 100).is_racy(horizon));
+        assert!(stamp(101, 101).is_racy(horizon));
+    }
+
+    #[test]
+    fn a_clock_before_the_epoch_trusts_no_timestamp() {
+        let environment = Environment { now: || UNIX_EPOCH, ..Environment::default() };
+        assert!(stamp(i64::MIN + 1, i64::MIN + 1).is_racy(environment.racy_horizon()));
+        let environment = Environment { now: || UNIX_EPOCH + Duration::from_secs(10), ..Environment::default() };
+        assert_eq!(environment.racy_horizon(), Timestamp { seconds: 8, nanoseconds: 0 });
+    }
+
+    #[test]
+    fn missing_and_unreadable_paths_are_problems_and_leave_the_cache() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (file, gone, directory) = (dir.path().join("f"), dir.path().join("gone"), dir.path().join("d"));
+        std::fs::write(&file, "x").unwrap();
+        std::fs::create_dir(&directory).unwrap();
+        let mut cache = FileCache::default();
+        let paths = [file.clone(), gone.clone(), directory.clone()];
+        let (problems, counts) = cache.refresh(&paths, &Environment::default(), |_, bytes| bytes.len());
+        assert_eq!(counts, RefreshCounts { checked: 3, read: 1, racy: 0 });
+        assert!(is_missing(&problems[&gone]));
+        assert!(!is_missing(&problems[&directory]));
+        assert_eq!(cache.get(&file).map(|c| c.value), Some(1));
+        assert_eq!(cache.len(), 1);
+
+        // A path no longer asked for is pruned.
+        let (problems, _) = cache.refresh::<PathBuf, _>(&[], &Environment::default(), |_, bytes| bytes.len());
+        assert!(problems.is_empty());
+        assert_eq!(cache.len(), 0);
+    }
+}

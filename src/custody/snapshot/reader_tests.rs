@@ -1,0 +1,580 @@
+//! [`ExportReader`]: what it reads again, what it verifies again, and which file changes it must never miss.
+//!
+//! Most tests run the reader with a clock a minute ahead, so that every file the test wrote looks old enough for
+//! its stamp to be trusted: a change must then show in the stamp to be seen. The tests of racy timestamps use the
+//! real clock. Tests that must show that one field of the stamp is what reveals a change hide the ctime (which
+//! any write or `set_times` on Linux updates) by reporting the mtime in its place, as a filesystem with coarse
+//! timestamps would report an unchanged ctime for a rewrite within one tick.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::time::{Duration as StdDuration, SystemTime};
+
+use time::Duration;
+
+use super::cache::{Environment, FileStamp, Timestamp};
+use super::tests::{assert_refused, kubernetes_layout, put, refusal, served as verified, Fixture, GRANTEE};
+use super::*;
+use crate::custody::format::{GrantState, SealedKey};
+use crate::keyring::Keyring;
+
+fn now() -> OffsetDateTime {
+    super::tests::now()
+}
+
+/// A clock a minute ahead of the real one.
+fn a_minute_ahead() -> SystemTime {
+    SystemTime::now() + StdDuration::from_secs(60)
+}
+
+/// `stat`, with the ctime replaced by the mtime.
+fn stat_without_ctime(path: &Path) -> io::Result<FileStamp> {
+    FileStamp::of(path).map(|stamp| FileStamp { ctime: stamp.mtime, ..stamp })
+}
+
+/// A reader that trusts the stamp of every file the test wrote.
+fn trusting_reader(fixture: &Fixture) -> ExportReader {
+    reader_with(fixture, Environment { now: a_minute_ahead, ..Environment::default() })
+}
+
+fn reader_with(fixture: &Fixture, environment: Environment) -> ExportReader {
+    let mut reader = ExportReader::new(fixture.dir.path().to_owned(), GRANTEE.to_owned());
+    reader.set_environment(environment);
+    reader
+}
+
+/// The inputs of every association a snapshot serves (or found unchanged), as a keyring would report them.
+type Served = HashMap<String, [u8; 32]>;
+
+fn served_inputs(snapshot: &Snapshot) -> Served {
+    snapshot.associations.iter().filter(|a| a.is_served()).map(|a| (a.certificate_id.clone(), a.inputs)).collect()
+}
+
+/// Reads at `at`, telling the reader that `served` is what is served, and checks that no secret leaks.
+fn read(fixture: &Fixture, reader: &mut ExportReader, at: OffsetDateTime, served: &Served) -> Snapshot {
+    let snapshot = reader.read(at, &|id| served.get(id).copied()).unwrap();
+    fixture.assert_no_secrets(&snapshot);
+    snapshot
+}
+
+fn verdicts(snapshot: &Snapshot) -> Vec<&'static str> {
+    snapshot
+        .associations
+        .iter()
+        .map(|a| match a.result {
+            Verdict::Served(_) => "served",
+            Verdict::Unchanged => "unchanged",
+            Verdict::Refused(_) => "refused",
+        })
+        .collect()
+}
+
+/// Two certificates under one grant, served.
+fn two_certificates() -> Fixture {
+    let mut fixture = Fixture::served();
+    fixture.add_certificate("c-2", &["c2.example.test"]);
+    fixture.associate("c-2", "g-1", None);
+    fixture.write();
+    fixture
+}
+
+/// Rewrites the sealed key of `id` in place (same inode) with one bit of its ciphertext flipped: same size,
+/// different bytes, a seal that no longer opens.
+fn tamper_sealed_key_in_place(fixture: &Fixture, id: &str) {
+    let path = fixture.path(&format!("certificates/{id}/private-key.sealed"));
+    std::fs::write(&path, tampered_sealed_key(&path)).unwrap();
+}
+
+fn tampered_sealed_key(path: &Path) -> String {
+    let original = std::fs::read(path).unwrap();
+    let mut sealed =
+        SealedKey::parse(&original, path.parent().unwrap().file_name().unwrap().to_str().unwrap()).unwrap();
+    sealed.ciphertext[3] ^= 0x80;
+    let tampered = sealed.render();
+    assert_eq!(tampered.len(), original.len());
+    tampered
+}
+
+fn mtime(path: &Path) -> SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
+fn set_mtime(path: &Path, mtime: SystemTime) {
+    File::options().write(true).open(path).unwrap().set_modified(mtime).unwrap();
+}
+
+// -----------------------------------------------------------------------------------------------------------------
+// What is read and verified again
+
+#[test]
+fn an_unchanged_export_is_stated_but_neither_read_nor_verified() {
+    let fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let first = read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(verdicts(&first), ["served", "served"]);
+    // associations.toml, one grant, two files per certificate.
+    let stats = reader.last_read();
+    assert_eq!((stats.files_checked, stats.files_read, stats.verified, stats.unchanged), (6, 6, 2, 0));
+
+    let served = served_inputs(&first);
+    let second = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&second), ["unchanged", "unchanged"]);
+    assert_eq!(
+        reader.last_read(),
+        ReadStats { files_checked: 6, files_read: 0, files_racy: 0, verified: 0, unchanged: 2 }
+    );
+    for (before, after) in first.associations.iter().zip(&second.associations) {
+        assert_eq!(after.inputs, before.inputs);
+        assert!(after.is_served() && after.refusal().is_none());
+        assert_eq!(after.outcome(), "served");
+        assert_eq!(after.server_names, before.server_names);
+        assert_eq!(after.certificate_not_after, before.certificate_not_after);
+    }
+    assert_eq!(second.grants, first.grants);
+
+    // Without a known digest, everything is verified again, from the cached files.
+    let third = read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(verdicts(&third), ["served", "served"]);
+    assert_eq!((reader.last_read().files_read, reader.last_read().verified), (0, 2));
+}
+
+#[test]
+fn a_renewal_reads_and_verifies_only_what_changed() {
+    let mut fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+
+    // c-1 renewed: a new certificate and key, sealed under a new data key wrapped anew.
+    fixture.data_keys.remove("c-1");
+    fixture.add_certificate("c-1", &["a.example.test"]);
+    fixture.entries.remove(0);
+    fixture.associate("c-1", "g-1", None);
+    fixture.entries.rotate_right(1);
+    fixture.write();
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
+    assert_eq!(verified(&snapshot, 0).server_names, ["a.example.test"]);
+    assert_ne!(snapshot.associations[0].inputs, served["c-1"]);
+    assert_eq!(snapshot.associations[1].inputs, served["c-2"]);
+    let stats = reader.last_read();
+    // Fixture::write replaces the grant file too (same bytes, new inode): read, but the same inputs.
+    assert_eq!((stats.files_read, stats.verified, stats.unchanged), (4, 1, 1));
+}
+
+#[test]
+fn any_change_to_the_inputs_is_verified_again() {
+    let mut fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+
+    // Names requested in the entry.
+    fixture.entry("c-1").server_names = Some(vec!["x.b.example.test".into()]);
+    fixture.write();
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
+    assert_eq!(verified(&snapshot, 0).server_names, ["x.b.example.test"]);
+    let served = served_inputs(&snapshot);
+
+    // A data key wrapped again (a fresh nonce): the same key, other bytes.
+    fixture.entries.remove(0);
+    fixture.associate("c-1", "g-1", Some(&["x.b.example.test"]));
+    fixture.entries.rotate_right(1);
+    fixture.write();
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
+
+    // A grant file rewritten with another `not_after`: every association of the grant.
+    let served = served_inputs(&snapshot);
+    fixture.grant("g-1").not_after = Some(now() + Duration::days(30));
+    fixture.write();
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&snapshot), ["served", "served"]);
+
+    // A digest that is not the current one.
+    let stale: Served = served.keys().map(|id| (id.clone(), [7; 32])).collect();
+    assert_eq!(verdicts(&read(&fixture, &mut reader, now(), &stale)), ["served", "served"]);
+}
+
+// -----------------------------------------------------------------------------------------------------------------
+// Check 1 on every read
+
+#[test]
+fn a_lapse_is_seen_from_cached_files_whatever_the_digest() {
+    let mut fixture = Fixture::served();
+    fixture.grant("g-1").not_after = Some(now() + Duration::hours(1));
+    fixture.write();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    assert_eq!(verdicts(&read(&fixture, &mut reader, now() + Duration::minutes(59), &served)), ["unchanged"]);
+
+    let later = now() + Duration::hours(2);
+    let snapshot = read(&fixture, &mut reader, later, &served);
+    assert_refused(&snapshot, 0, Check::Grant, reason::GRANT_LAPSED);
+    assert_eq!(snapshot.grants["g-1"], GrantStatus::Lapsed);
+    assert_eq!(reader.last_read().files_read, 0, "judged from the cache");
+}
+
+#[test]
+fn a_retired_grant_is_refused_even_when_its_inputs_are_the_known_ones() {
+    let mut fixture = Fixture::served();
+    fixture.write();
+    let mut reader = trusting_reader(&fixture);
+    read(&fixture, &mut reader, now(), &Served::new());
+    let grant = fixture.grant("g-1");
+    grant.state = GrantState::Retired;
+    grant.grant_key = None;
+    fixture.write();
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert_refused(&snapshot, 0, Check::Grant, reason::GRANT_RETIRED);
+    // Told that the generation served is the one of exactly these inputs, the reader still refuses.
+    let known: Served = [("c-1".to_owned(), snapshot.associations[0].inputs)].into();
+    let snapshot = read(&fixture, &mut reader, now(), &known);
+    assert_refused(&snapshot, 0, Check::Grant, reason::GRANT_RETIRED);
+}
+
+#[test]
+fn another_grantee_is_refused_even_when_its_inputs_are_the_known_ones() {
+    let fixture = Fixture::served();
+    fixture.write();
+    let mut reader = ExportReader::new(fixture.dir.path().to_owned(), "someone-else".to_owned());
+    reader.set_environment(Environment { now: a_minute_ahead, ..Environment::default() });
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert_refused(&snapshot, 0, Check::Grant, reason::OTHER_GRANTEE);
+    let known: Served = [("c-1".to_owned(), snapshot.associations[0].inputs)].into();
+    let snapshot = read(&fixture, &mut reader, now(), &known);
+    assert_refused(&snapshot, 0, Check::Grant, reason::OTHER_GRANTEE);
+
+    // The holder is part of the inputs: the same files give another digest for another grantee.
+    let mut ours = trusting_reader(&fixture);
+    let snapshot_ours = read(&fixture, &mut ours, now(), &Served::new());
+    assert_ne!(snapshot_ours.associations[0].inputs, snapshot.associations[0].inputs);
+}
+
+// -----------------------------------------------------------------------------------------------------------------
+// Changes the stamp must reveal, and the ones it cannot
+
+#[test]
+fn a_rewrite_in_place_within_one_tick_is_caught_while_the_entry_is_racy() {
+    let fixture = Fixture::served();
+    fixture.write();
+    // The real clock: the files were just written, so their entries are racy.
+    let mut reader = reader_with(&fixture, Environment { stat: stat_without_ctime, ..Environment::default() });
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+
+    let path = fixture.path("certificates/c-1/private-key.sealed");
+    let (stamp, written) = (stat_without_ctime(&path).unwrap(), mtime(&path));
+    tamper_sealed_key_in_place(&fixture, "c-1");
+    set_mtime(&path, written);
+    assert_eq!(stat_without_ctime(&path).unwrap(), stamp, "the rewrite must not show in the stamp");
+
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
+    assert!(reader.last_read().files_racy >= 1, "{:?}", reader.last_read());
+}
+
+#[test]
+fn a_racy_entry_is_trusted_after_a_read_past_the_margin() {
+    let fixture = Fixture::served();
+    fixture.write();
+    let mut reader = reader_with(&fixture, Environment::default());
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    // Racy: read again, bytes compared, nothing parsed or verified again.
+    read(&fixture, &mut reader, now(), &served);
+    let stats = reader.last_read();
+    assert_eq!((stats.files_read, stats.files_racy, stats.unchanged), (4, 4, 1));
+
+    // The first read past the margin reads them once more; after it, their stamps are trusted.
+    reader.set_environment(Environment { now: a_minute_ahead, ..Environment::default() });
+    read(&fixture, &mut reader, now(), &served);
+    assert_eq!(reader.last_read().files_racy, 4);
+    read(&fixture, &mut reader, now(), &served);
+    assert_eq!(reader.last_read().files_read, 0);
+}
+
+#[test]
+fn a_file_replaced_by_rename_is_read_again_whatever_its_times() {
+    let fixture = Fixture::served();
+    fixture.write();
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+
+    // Same size, same mtime, another inode.
+    let path = fixture.path("certificates/c-1/private-key.sealed");
+    let temporary = fixture.path("certificates/c-1/.private-key.sealed.tmp");
+    std::fs::write(&temporary, tampered_sealed_key(&path)).unwrap();
+    set_mtime(&temporary, mtime(&path));
+    std::fs::rename(&temporary, &path).unwrap();
+
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
+    assert_eq!(reader.last_read().files_read, 1);
+}
+
+#[test]
+fn a_kubernetes_data_swap_is_seen_through_the_links() {
+    let fixture = two_certificates();
+    kubernetes_layout(fixture.dir.path(), "..2026_11_28_10_00_00.1");
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    assert_eq!(served.len(), 2);
+
+    // The next generation: a copy of every file with its mtime, c-1's sealed key tampered at the same size.
+    let (old, new) = (fixture.path("..2026_11_28_10_00_00.1"), fixture.path("..2026_11_28_10_05_00.2"));
+    copy_tree(&old, &new);
+    let sealed = new.join("certificates/c-1/private-key.sealed");
+    let written = mtime(&sealed);
+    std::fs::write(&sealed, tampered_sealed_key(&sealed)).unwrap();
+    set_mtime(&sealed, written);
+    symlink("..2026_11_28_10_05_00.2", fixture.path("..data_tmp")).unwrap();
+    std::fs::rename(fixture.path("..data_tmp"), fixture.path("..data")).unwrap();
+
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
+    assert_eq!(verdicts(&snapshot)[1], "unchanged", "c-2's files are new inodes with the same bytes");
+    assert_eq!(reader.last_read().files_read, 6);
+}
+
+/// Copies a directory tree, keeping every file's mtime.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+            set_mtime(&target, mtime(&entry.path()));
+        }
+    }
+}
+
+// -----------------------------------------------------------------------------------------------------------------
+// Files that vanish, break or change under the reader
+
+#[test]
+fn a_vanished_or_broken_file_is_never_taken_from_the_cache() {
+    let fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    assert_eq!(reader.cached_files(), 6);
+
+    let pem_path = fixture.path("certificates/c-1/certificate.pem");
+    let pem = std::fs::read(&pem_path).unwrap();
+    std::fs::remove_file(&pem_path).unwrap();
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    let detail = assert_refused(&snapshot, 0, Check::Files, reason::CERTIFICATE_FILE);
+    assert!(detail.contains("certificate.pem: no such file"), "{detail}");
+    assert_eq!(verdicts(&snapshot)[1], "unchanged");
+    assert_eq!(reader.cached_files(), 5, "the vanished file's entry is pruned");
+
+    put(&pem_path, b"-----BEGIN CERTIFICATE-----\nAAAA\n");
+    assert_refused(&read(&fixture, &mut reader, now(), &served), 0, Check::Files, reason::CERTIFICATE_FILE);
+    put(&pem_path, &pem);
+    assert_eq!(verdicts(&read(&fixture, &mut reader, now(), &served)), ["unchanged", "unchanged"]);
+
+    let associations = fixture.path("associations.toml");
+    let text = std::fs::read(&associations).unwrap();
+    put(&associations, b"[[association]\n");
+    let error = reader.read(now(), &|id| served.get(id).copied()).unwrap_err();
+    assert!(matches!(error, ExportError::Format { .. }), "{error:?}");
+    // Present but unreadable (here: a directory) is not absent: the whole read fails.
+    std::fs::remove_file(&associations).unwrap();
+    std::fs::create_dir(&associations).unwrap();
+    let error = reader.read(now(), &|id| served.get(id).copied()).unwrap_err();
+    assert!(matches!(error, ExportError::Io { .. }), "{error:?}");
+    std::fs::remove_dir(&associations).unwrap();
+    put(&associations, &text);
+    assert_eq!(verdicts(&read(&fixture, &mut reader, now(), &served)), ["unchanged", "unchanged"]);
+}
+
+/// Moves `path` aside to a hidden sibling and returns where; [`restore`] puts it back, the same inode with the
+/// same times, as a backup restored or a volume remounted would.
+fn move_aside(path: &Path) -> std::path::PathBuf {
+    let aside = path.with_file_name(format!(".{}.aside", path.file_name().unwrap().to_str().unwrap()));
+    std::fs::rename(path, &aside).unwrap();
+    aside
+}
+
+fn restore(aside: &Path, path: &Path) {
+    std::fs::rename(aside, path).unwrap();
+}
+
+#[test]
+fn an_absent_associations_file_associates_nothing_and_is_read_again_when_it_comes_back() {
+    let fixture = two_certificates();
+    // Stamps without the ctime (which a rename updates): the file that comes back has the stamp it left with.
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let mut keyring = Keyring::new();
+    keyring.apply(read(&fixture, &mut reader, now(), &Served::new()));
+    assert_eq!(keyring.len(), 2);
+
+    let path = fixture.path("associations.toml");
+    let aside = move_aside(&path);
+    let snapshot = reader.read(now(), &|id| keyring.inputs_of(id)).unwrap();
+    assert!(snapshot.associations.is_empty());
+    assert_eq!(snapshot.grants.len(), 1, "the grants are still read");
+    assert_eq!(reader.cached_files(), 1, "only the grant file is left in the cache");
+    let report = keyring.apply(snapshot);
+    assert_eq!((report.replaced.len(), report.ended.len()), (2, 0), "{report:?}");
+    assert!(keyring.is_empty());
+
+    restore(&aside, &path);
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(verdicts(&snapshot), ["served", "served"]);
+    assert_eq!(reader.last_read().files_read, 5, "associations.toml and the certificates' files, read again");
+    assert_eq!(keyring.apply(snapshot).loaded.len(), 2);
+}
+
+#[test]
+fn an_absent_grants_directory_holds_no_grants() {
+    let fixture = two_certificates();
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+
+    let grants = fixture.path("grants");
+    let aside = move_aside(&grants);
+    let snapshot = read(&fixture, &mut reader, now(), &served);
+    assert!(snapshot.grants.is_empty());
+    assert_refused(&snapshot, 0, Check::Grant, reason::GRANT_MISSING);
+    assert_refused(&snapshot, 1, Check::Grant, reason::GRANT_MISSING);
+    assert_eq!(reader.cached_files(), 1, "only associations.toml is left in the cache");
+
+    restore(&aside, &grants);
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(verdicts(&snapshot), ["served", "served"]);
+    assert_eq!(reader.last_read().files_read, 5, "the grant file and the certificates' files, read again");
+}
+
+#[test]
+fn a_deleted_export_holds_nothing_and_is_read_again_when_it_comes_back() {
+    let fixture = two_certificates();
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let mut keyring = Keyring::new();
+    keyring.apply(read(&fixture, &mut reader, now(), &Served::new()));
+
+    let export = fixture.dir.path();
+    let aside = export.with_extension("aside");
+    std::fs::rename(export, &aside).unwrap();
+    let snapshot = reader.read(now(), &|id| keyring.inputs_of(id));
+    // Put back before asserting, so that the temporary directory is removed whatever happens.
+    std::fs::rename(&aside, export).unwrap();
+    let snapshot = snapshot.unwrap();
+    assert!(snapshot.associations.is_empty() && snapshot.grants.is_empty(), "{snapshot:?}");
+    assert_eq!(reader.cached_files(), 0);
+    // Every grant file is gone: the grant is retired, its keys dropped.
+    let report = keyring.apply(snapshot);
+    assert_eq!(report.ended.len(), 1, "{report:?}");
+    assert_eq!(report.ended[0].certificates.len(), 2);
+    assert!(keyring.is_empty() && keyring.is_retired("g-1"));
+
+    // The same files, inodes and times again: read and verified anew, and the retired grant stays retired.
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(verdicts(&snapshot), ["served", "served"]);
+    assert_eq!(reader.last_read().files_read, 6);
+    let report = keyring.apply(snapshot);
+    assert_eq!(report.refused.len(), 2, "{report:?}");
+    assert!(keyring.is_empty());
+}
+
+#[test]
+fn entries_of_files_no_longer_asked_for_are_pruned() {
+    let mut fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(reader.cached_files(), 6);
+    fixture.entries.truncate(1);
+    fixture.write();
+    read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(reader.cached_files(), 4);
+    // A grant refused at check 1: its certificates' files are not read at all.
+    fixture.grant("g-1").state = GrantState::Retired;
+    fixture.write();
+    read(&fixture, &mut reader, now(), &Served::new());
+    assert_eq!(reader.cached_files(), 2);
+}
+
+/// `stat` that reports an unchanging stamp for grant files: a grant file rewritten after it was cached goes
+/// unnoticed until its key is needed.
+fn stat_freezing_grants(path: &Path) -> io::Result<FileStamp> {
+    let stamp = FileStamp::of(path)?;
+    if path.parent().and_then(Path::file_name).is_some_and(|name| name == "grants") {
+        let epoch = Timestamp { seconds: 0, nanoseconds: 0 };
+        return Ok(FileStamp { dev: 0, ino: 0, size: 0, mtime: epoch, ctime: epoch });
+    }
+    Ok(stamp)
+}
+
+#[test]
+fn a_grant_file_that_changes_during_a_read_leaves_its_state_unknown_for_that_read() {
+    let mut fixture = Fixture::served();
+    fixture.write();
+    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_freezing_grants });
+    let mut keyring = Keyring::new();
+    let first = read(&fixture, &mut reader, now(), &Served::new());
+    keyring.apply(first);
+
+    // The grant file is rewritten (still active, still ours) after check 1 was judged on its cached facts.
+    fixture.grant("g-1").key_alias = Some("aws/acm-renamed".into());
+    fixture.write();
+    let snapshot = reader.read(now(), &|_| None).unwrap();
+    let detail = assert_refused(&snapshot, 0, Check::Grant, reason::GRANT_CHANGED);
+    assert!(detail.contains("g-1.toml") && detail.contains("retry"), "{detail}");
+    assert_eq!(snapshot.grants["g-1"], GrantStatus::Unreadable(detail));
+    // The keyring keeps serving the last good state, as for a grant file that does not parse.
+    let report = keyring.apply(snapshot);
+    assert_eq!((report.kept.len(), report.ended.len()), (1, 0), "{report:?}");
+    assert_eq!(keyring.len(), 1);
+
+    // The grant's entry was dropped: the next read reads the file again and serves.
+    let snapshot = read(&fixture, &mut reader, now(), &Served::new());
+    assert!(snapshot.associations[0].is_served(), "{:?}", refusal(&snapshot, 0));
+}
+
+/// A reader kept across every truncation and corruption of every file concludes what a fresh read concludes.
+#[test]
+fn a_reader_kept_across_changes_agrees_with_a_fresh_read() {
+    let mut fixture = Fixture::served();
+    fixture.entry("c-1").server_names = Some(vec!["a.example.test".into()]);
+    fixture.write();
+    // The real clock: every in-place rewrite below happens within the racy margin.
+    let mut reader = reader_with(&fixture, Environment::default());
+    let mut keyring = Keyring::new();
+    for relative in [
+        "associations.toml",
+        "grants/g-1.toml",
+        "certificates/c-1/certificate.pem",
+        "certificates/c-1/private-key.sealed",
+    ] {
+        let path = fixture.path(relative);
+        let original = std::fs::read(&path).unwrap();
+        let mut garbage = vec![0u8; original.len()];
+        getrandom::fill(&mut garbage).unwrap();
+        let prefixes = (0..original.len()).step_by(5).map(|n| original[..n].to_vec());
+        for contents in prefixes.chain([garbage, original.clone()]) {
+            std::fs::write(&path, &contents).unwrap();
+            let fresh = read_export(fixture.dir.path(), GRANTEE, now());
+            let kept = reader.read(now(), &|id| keyring.inputs_of(id));
+            match (fresh, kept) {
+                (Ok(fresh), Ok(kept)) => {
+                    fixture.assert_no_secrets(&kept);
+                    let outcomes = |s: &Snapshot| s.associations.iter().map(AssociationOutcome::outcome).collect();
+                    let fresh_outcomes: Vec<String> = outcomes(&fresh);
+                    assert_eq!(fresh_outcomes, outcomes(&kept), "{relative}: {:?}", String::from_utf8_lossy(&contents));
+                    assert_eq!(fresh.grants, kept.grants);
+                    assert_eq!(
+                        fresh.associations.iter().map(|a| a.inputs).collect::<Vec<_>>(),
+                        kept.associations.iter().map(|a| a.inputs).collect::<Vec<_>>()
+                    );
+                    keyring.apply(kept);
+                }
+                (Err(fresh), Err(kept)) => assert_eq!(fresh.to_string(), kept.to_string()),
+                (fresh, kept) => panic!("{relative}: a fresh read gave {fresh:?}, the kept reader {kept:?}"),
+            }
+        }
+    }
+    assert!(reader.read(now(), &|id| keyring.inputs_of(id)).unwrap().associations[0].is_served());
+}
