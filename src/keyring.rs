@@ -542,18 +542,7 @@ mod tests {
     fn an_unchanged_read_keeps_the_generation() {
         let mut keyring = Keyring::new();
         let v = verified("c-1", "g-1", &["a.test"]);
-        let again = VerifiedCertificate {
-            certificate_id: v.certificate_id.clone(),
-            grant_id: v.grant_id.clone(),
-            grant_not_after: None,
-            server_names: v.server_names.clone(),
-            chain: v.chain.clone(),
-            leaf_sha256: v.leaf_sha256,
-            not_before: v.not_before,
-            not_after: v.not_after,
-            signing_key: Arc::clone(&v.signing_key),
-            private_key: v.private_key.clone(),
-        };
+        let again = same_again(&v);
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(v)]));
         assert_eq!(report.loaded.len(), 1);
         let generation = report.loaded[0].generation;
