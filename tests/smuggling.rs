@@ -15,6 +15,7 @@ use tokio::io::AsyncWriteExt;
 use common::h2raw::{self, Event, H2};
 use common::raw::{self, RawRequest, RawUpstream, Reply};
 use common::*;
+use sealgate::server::RunningServer;
 
 const HOST: &str = "app.example.test";
 const WAIT: Duration = Duration::from_secs(5);
@@ -451,6 +452,21 @@ fn http1_cases() -> Vec<Case> {
     ]
 }
 
+/// A server for [`HOST`] with one recording upstream per case: case `i` is routed to `upstreams[i]` by `/c{i}/`.
+async fn serve_with_raw_upstreams(cases: usize) -> (Fixture, RunningServer, Vec<RawUpstream>) {
+    let f = Fixture::new();
+    f.serve("c-app", &[HOST]);
+    let mut upstreams = Vec::new();
+    let mut routes = String::new();
+    for i in 0..cases {
+        let upstream = RawUpstream::start().await;
+        routes.push_str(&format!("[[route]]\npath = \"/c{i}/\"\nupstream = \"{}\"\n", upstream.url()));
+        upstreams.push(upstream);
+    }
+    let server = f.start(&routes).await;
+    (f, server, upstreams)
+}
+
 fn judge(case: &Case, reply: &Reply, upstream: &RawUpstream) {
     let name = format!("{} (stopped by {})", case.name, case.by);
     upstream.assert_unambiguous(&name);
@@ -481,17 +497,8 @@ fn judge(case: &Case, reply: &Reply, upstream: &RawUpstream) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_ambiguous_framing_never_reaches_the_upstream() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
     let cases = http1_cases();
-    let mut upstreams = Vec::new();
-    let mut routes = String::new();
-    for i in 0..cases.len() {
-        let upstream = RawUpstream::start().await;
-        routes.push_str(&format!("[[route]]\npath = \"/c{i}/\"\nupstream = \"{}\"\n", upstream.url()));
-        upstreams.push(upstream);
-    }
-    let server = f.start(&routes).await;
+    let (f, server, upstreams) = serve_with_raw_upstreams(cases.len()).await;
     for (i, (case, upstream)) in cases.iter().zip(&upstreams).enumerate() {
         let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
         // The upstream records a request before it answers, and the client's answer comes after the upstream's
@@ -638,17 +645,8 @@ fn http2_cases() -> Vec<H2Case> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_malformed_requests_never_reach_the_upstream_ambiguously() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
     let cases = http2_cases();
-    let mut upstreams = Vec::new();
-    let mut routes = String::new();
-    for i in 0..cases.len() {
-        let upstream = RawUpstream::start().await;
-        routes.push_str(&format!("[[route]]\npath = \"/c{i}/\"\nupstream = \"{}\"\n", upstream.url()));
-        upstreams.push(upstream);
-    }
-    let server = f.start(&routes).await;
+    let (f, server, upstreams) = serve_with_raw_upstreams(cases.len()).await;
     for (i, (case, upstream)) in cases.iter().zip(&upstreams).enumerate() {
         let name = format!("{} (stopped by {})", case.name, case.by);
         let path = format!("/c{i}/");
