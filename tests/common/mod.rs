@@ -152,50 +152,11 @@ impl Upstream {
     where
         F: Fn(&Recorded) -> Response<Full<Bytes>> + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let recorded = Arc::new(Mutex::new(Vec::new()));
-        let respond = Arc::new(respond);
-        let log = Arc::clone(&recorded);
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let log = Arc::clone(&log);
-                let respond = Arc::clone(&respond);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                        let log = Arc::clone(&log);
-                        let respond = Arc::clone(&respond);
-                        async move {
-                            let (parts, mut body) = request.into_parts();
-                            let mut body_len = 0u64;
-                            while let Some(frame) = body.frame().await {
-                                if let Ok(data) = frame?.into_data() {
-                                    body_len += data.len() as u64;
-                                }
-                            }
-                            let record = Recorded {
-                                method: parts.method,
-                                uri: parts.uri,
-                                version: parts.version,
-                                headers: parts.headers,
-                                body_len,
-                                sni: None,
-                            };
-                            let mut response = respond(&record);
-                            if response.body().clone().collect().await.unwrap().to_bytes().is_empty() {
-                                *response.body_mut() = Full::new(Bytes::from(format!("upstream: {}", record.uri)));
-                            }
-                            log.lock().unwrap().push(record);
-                            Ok::<_, hyper::Error>(response)
-                        }
-                    });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
-                });
-            }
-        });
-        Self { addr, recorded }
+        Self::start_async(move |record| {
+            let response = respond(&record);
+            async move { Some(response) }
+        })
+        .await
     }
 
     /// The last request received.
