@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -292,14 +291,7 @@ impl Sealgate {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-        // Keep draining stderr for the life of the process: a full pipe would block its logging.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = lines_tx.send(line);
-            }
-        });
+        let lines_rx = stderr_lines(&mut child);
         let addr_in = |line: &str| line.split("addr=").nth(1).and_then(|a| a.trim().parse::<SocketAddr>().ok());
         let (mut tls, mut admin) = (None, None);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -425,3 +425,17 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
 pub async fn tls_to(f: &Fixture, server: &RunningServer, sni: &str, alpn: &[u8]) -> TlsStream<TcpStream> {
     connect(server.tls_addrs[0], sni, f.client(&[alpn])).await.unwrap()
 }
+
+/// The lines `child` writes to its (piped) stderr, as they come. stderr is drained for the child's whole life,
+/// even once the receiver is dropped: a full pipe would block the child's logging.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
