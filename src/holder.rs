@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent, PublicKeyFingerprint};
+use crate::custody::changes::Changes;
 use crate::custody::snapshot::{Check, ExportError, ExportReader, GrantStatus, Refusal};
 use crate::custody::watch::ExportWatcher;
 use crate::keyring::{ApplyReport, EndedGrant, Keyring};
@@ -91,23 +92,27 @@ impl Holder {
 
     /// Reads the export now and applies it. On an unreadable export, nothing changes and the error is returned.
     pub fn reload(&self) -> Result<ApplyReport, ExportError> {
-        self.reload_after(None)
+        self.reload_after(None, &Changes::everything(&self.export))
     }
 
-    /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it).
-    fn reload_after(&self, changed_at: Option<Instant>) -> Result<ApplyReport, ExportError> {
+    /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it),
+    /// examining on disk only the files `changes` suspects.
+    fn reload_after(&self, changed_at: Option<Instant>, changes: &Changes) -> Result<ApplyReport, ExportError> {
         if let Err(insecure) = crate::hygiene::refuse_world_writable_export(&self.export) {
             self.metrics.reload(false);
             tracing::error!(error = %insecure, "refusing to read the custody export; keeping the current certificates");
             let path = insecure.path.clone();
             return Err(ExportError::Io { path, source: std::io::Error::other(insecure) });
         }
+        let started = std::time::Instant::now();
         let mut reader = self.reader();
         // Taken once the lock is ours: lapses are judged at the instant the read starts, not before a wait.
         let now = OffsetDateTime::now_utc();
         // The digest of each served generation, asked once per association whose grant passes check 1. A lapse
         // timer firing in between only ends grants, which the apply below then refuses as retired.
-        let snapshot = reader.read(now, &|certificate_id| self.keyring().inputs_of(certificate_id));
+        let known = |certificate_id: &str| self.keyring().inputs_of(certificate_id);
+        let snapshot =
+            if changes.is_everything() { reader.read(now, &known) } else { reader.read_changes(now, &known, changes) };
         // Reading decrypted keys on this thread: wipe what the ciphers and parsers left in its stack.
         crate::secret::scrub_stack();
         let snapshot = match snapshot {
@@ -118,6 +123,7 @@ impl Holder {
                 return Err(error);
             }
         };
+        let read = started.elapsed();
         self.audit_grants_seen(&snapshot.grants);
         let open = self.registry.counts();
         let mut keyring = self.keyring();
@@ -128,7 +134,18 @@ impl Holder {
         self.metrics.reload(true);
         self.publish_metrics(&keyring, &report, now);
         drop(keyring);
+        let stats = reader.last_read();
         drop(reader);
+        tracing::debug!(
+            full = changes.is_everything(),
+            read_us = read.as_micros(),
+            total_us = started.elapsed().as_micros(),
+            files_checked = stats.files_checked,
+            files_read = stats.files_read,
+            verified = stats.verified,
+            unchanged = stats.unchanged,
+            "read the custody export"
+        );
         for ended in &report.ended {
             self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
         }
@@ -195,8 +212,16 @@ impl Holder {
                 coalesce(watcher, &shutdown).await;
             }
             let changed_at = watcher.as_ref().and_then(ExportWatcher::take_first_event);
+            // A read prompted by events examines what they name, and a retry what the events since say: both
+            // also examine every file changed in the last seconds (the cache never trusts those, see
+            // `custody::snapshot::cache`), so a retry still sees the rest of a change it caught half-written.
+            // The periodic read, and any read without a watcher, examines everything.
+            let changes = match (woke, &watcher) {
+                (Wake::Event | Wake::Retry, Some(watcher)) => watcher.take_changes(),
+                _ => Changes::everything(&self.export),
+            };
             let holder = Arc::clone(&self);
-            let result = tokio::task::spawn_blocking(move || holder.reload_after(changed_at)).await;
+            let result = tokio::task::spawn_blocking(move || holder.reload_after(changed_at, &changes)).await;
             if let Some(watcher) = &mut watcher {
                 watcher.ensure_watching();
             }

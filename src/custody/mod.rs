@@ -6,6 +6,7 @@
 //! - [`watch`]: file events on the export, which say "re-read now";
 //! - [`writer`]: the custody side, used by the `sealgate custody` tool and by tests.
 
+pub mod changes;
 pub mod format;
 pub mod seal;
 pub mod snapshot;

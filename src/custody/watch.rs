@@ -3,10 +3,12 @@
 //! No single inotify watch can be trusted. Files are replaced by rename (inotify follows inodes, so the old
 //! watch dies with the old inode); Kubernetes Secret and ConfigMap volumes re-point a `..data` symlink while the
 //! visible names never change; the export directory itself can be deleted and recreated (a watch on it is not
-//! carried over); the kernel queue can overflow. So this module never interprets events: any event, any watcher
-//! error and any rescan flag only mean "something may have changed", and the caller re-reads the whole export.
-//! The directory is watched recursively, and its parent too, so that a deleted and recreated export is noticed
-//! and watched again. A periodic full rescan, driven by the caller, backs all of this up.
+//! carried over); the kernel queue can overflow. So events are only hints: each wakes the caller to re-read, and
+//! the paths they name are collected as [`Changes`], which narrow the read only where they are precise (see
+//! [`crate::custody::changes`]); any watcher error, rescan flag, new watch or event outside the export's layout
+//! means "anything may have changed". The directory is watched recursively, and its parent too, so that a
+//! deleted and recreated export is noticed and watched again. A periodic full read, driven by the caller, backs
+//! all of this up.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use super::changes::Changes;
 
 /// Why the watcher could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -27,16 +31,30 @@ pub struct WatchError {
 }
 
 /// Shared between the notify callback (on notify's thread) and the async side.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
     /// Wakes the follower.
     wake: Notify,
     /// When the first event not yet taken arrived: the start of a change's latency.
     first_event: Mutex<Option<Instant>>,
+    /// What the events not yet taken say may have changed.
+    changes: Mutex<Changes>,
 }
 
 impl Pending {
-    fn record(&self) {
+    fn new(export: &Path) -> Self {
+        // Nothing was read yet: the first read examines everything.
+        Self { wake: Notify::new(), first_event: Mutex::new(None), changes: Mutex::new(Changes::everything(export)) }
+    }
+
+    /// Records an event naming `paths`; `None` when anything may have changed.
+    fn record(&self, paths: Option<&[PathBuf]>) {
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        match paths {
+            Some(paths) if !paths.is_empty() => paths.iter().for_each(|path| changes.add(path)),
+            _ => changes.add_everything(),
+        }
+        drop(changes);
         let mut first = self.first_event.lock().unwrap_or_else(|p| p.into_inner());
         first.get_or_insert_with(Instant::now);
         drop(first);
@@ -45,6 +63,11 @@ impl Pending {
 
     fn take(&self) -> Option<Instant> {
         self.first_event.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn take_changes(&self, export: &Path) -> Changes {
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *changes, Changes::none(export))
     }
 }
 
@@ -73,18 +96,19 @@ impl ExportWatcher {
     /// Starts watching `export` (recursively) and its parent directory. A missing export is not an error: the
     /// parent's watch notices when it appears.
     pub fn new(export: &Path) -> Result<Self, WatchError> {
-        let pending = Arc::new(Pending::default());
+        let pending = Arc::new(Pending::new(export));
         let callback = {
             let pending = Arc::clone(&pending);
-            move |event: notify::Result<notify::Event>| {
-                match &event {
-                    Err(error) => tracing::debug!(%error, "file watcher error; re-reading the export"),
-                    // Opens and reads change nothing, and our own reads cause them: counting them would make
-                    // every read trigger the next. A close after writing does count.
-                    Ok(event) if is_read_only(&event.kind) && !event.need_rescan() => return,
-                    Ok(_) => {}
+            move |event: notify::Result<notify::Event>| match &event {
+                Err(error) => {
+                    tracing::debug!(%error, "file watcher error; re-reading the export");
+                    pending.record(None);
                 }
-                pending.record();
+                // Opens and reads change nothing, and our own reads cause them: counting them would make every
+                // read trigger the next. A close after writing does count.
+                Ok(event) if is_read_only(&event.kind) && !event.need_rescan() => {}
+                Ok(event) if event.need_rescan() => pending.record(None),
+                Ok(event) => pending.record(Some(&event.paths)),
             }
         };
         let watcher =
@@ -119,8 +143,8 @@ impl ExportWatcher {
                 }
                 Err(error) => tracing::warn!(export = %self.export.display(), %error, "cannot watch the export"),
             }
-            // Whatever happened while nothing watched is only seen by reading again.
-            self.pending.record();
+            // Whatever happened while nothing watched is only seen by reading everything again.
+            self.pending.record(None);
         }
     }
 
@@ -132,6 +156,11 @@ impl ExportWatcher {
     /// Takes the arrival time of the first event since the last call, if any arrived.
     pub fn take_first_event(&self) -> Option<Instant> {
         self.pending.take()
+    }
+
+    /// Takes what the events since the last call say may have changed.
+    pub fn take_changes(&self) -> Changes {
+        self.pending.take_changes(&self.export)
     }
 }
 

@@ -5,6 +5,9 @@
 //! reads a file again only when its [`FileStamp`] (device, inode, size, mtime, ctime) differs from the cached
 //! one, or when the entry is *racy*.
 //!
+//! A read may also be told which paths may have changed ([`Suspects`]), from file events: the others' entries
+//! are then trusted without a `stat`, unless racy. See [`crate::custody::changes`] for when that is sound.
+//!
 //! Racy entries: timestamps are coarse (a jiffy, or a whole second on some filesystems), so a file rewritten in
 //! place within one tick at the same size keeps its stamp. Like git's "racily clean" index entries, an entry
 //! whose mtime or ctime is later than the read's start minus [`RACY_MARGIN`] is not trusted: its content is read
@@ -15,7 +18,7 @@
 //! caller's; the cache never sees what a parser extracted beyond the value it returns, and callers must keep
 //! secrets out of those values.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::MetadataExt;
@@ -108,7 +111,7 @@ pub(super) struct Cached<T> {
 /// Counts of one refresh, for [`super::ReadStats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct RefreshCounts {
-    /// Paths stat'ed.
+    /// Paths stat'ed (the others were trusted: not suspected of a change).
     pub(super) checked: usize,
     /// Files whose content was read.
     pub(super) read: usize,
@@ -124,24 +127,35 @@ impl std::ops::AddAssign for RefreshCounts {
     }
 }
 
+/// Which paths a refresh must `stat`: given a path, whether it may have changed since the last refresh. Paths
+/// without an entry, and racy entries, are examined whatever this says.
+pub(super) type Suspects<'a> = &'a (dyn Fn(&Path) -> bool + Sync);
+
+/// Every path may have changed: a full refresh.
+pub(super) const EVERY_PATH: Suspects<'static> = &|_| true;
+
 /// The paths of one refresh that could not be used: missing (`NotFound`, also for a dangling link) or
 /// unreadable. They have no cache entry.
 pub(super) type Problems = HashMap<PathBuf, io::Error>;
 
 /// Parsed files by path. Keys are the paths' bytes: `Path`'s own hash walks components byte by byte, which costs
-/// as much as a `stat` when every read looks up tens of thousands of paths.
+/// as much as a `stat` when every read looks up tens of thousands of paths. foldhash rather than SipHash for the
+/// same reason: hashing the paths was a tenth of a read of 10,000 certificates (the keys come from the export,
+/// whose writer is trusted with far more than hash flooding; foldhash is still seeded per process).
 pub(super) struct FileCache<T> {
-    entries: HashMap<OsString, Cached<T>>,
+    entries: foldhash::HashMap<OsString, Cached<T>>,
 }
 
 impl<T> Default for FileCache<T> {
     fn default() -> Self {
-        Self { entries: HashMap::new() }
+        Self { entries: foldhash::HashMap::default() }
     }
 }
 
 /// What refreshing one path found.
 enum Refreshed<T> {
+    /// Not suspected of a change, entry not racy: not even stat'ed.
+    Trusted,
     /// Same stamp, entry not racy: nothing read, nothing to change.
     Kept,
     /// Read again (changed stamp or racy entry) with the same bytes: the parse is kept.
@@ -158,7 +172,8 @@ type NewEntry<T> = Box<Cached<T>>;
 impl<T: Send + Sync> FileCache<T> {
     /// Brings the cache in line with `paths` as they are now, stat'ing (and reading where needed) on several
     /// threads. Afterwards the cache holds the paths that could be read, and the others are returned as problems.
-    /// `parse` gets the path and the bytes.
+    /// `parse` gets the path and the bytes. Of the paths with a trusted (not racy) entry, only `suspects` are
+    /// stat'ed; the others are kept as they are.
     ///
     /// Entries for paths no longer asked for are dropped, to bound memory: `paths` should be distinct. An entry
     /// that survives anyway is never wrong, since every use of an entry is preceded by a check of its stamp.
@@ -168,6 +183,7 @@ impl<T: Send + Sync> FileCache<T> {
         &mut self,
         paths: &[Q],
         environment: &Environment,
+        suspects: Suspects<'_>,
         parse: P,
     ) -> (Problems, RefreshCounts)
     where
@@ -178,14 +194,19 @@ impl<T: Send + Sync> FileCache<T> {
         let entries = &self.entries;
         let found = parallel::map(paths, |path| {
             let path = path.as_ref();
-            refresh_one(entries.get(path.as_os_str()), path, environment, horizon, &parse)
+            let cached = entries.get(path.as_os_str());
+            if cached.is_some_and(|c| !c.racy) && !suspects(path) {
+                return Refreshed::Trusted;
+            }
+            refresh_one(cached, path, environment, horizon, &parse)
         });
         let mut problems = Problems::new();
-        let mut counts = RefreshCounts { checked: paths.len(), ..RefreshCounts::default() };
+        let mut counts = RefreshCounts::default();
         let mut live = 0;
         for (path, found) in paths.iter().map(AsRef::as_ref).zip(found) {
+            counts.checked += usize::from(!matches!(found, Refreshed::Trusted));
             match found {
-                Refreshed::Kept => live += 1,
+                Refreshed::Kept | Refreshed::Trusted => live += 1,
                 Refreshed::Restamped { stamp, racy, was_racy } => {
                     counts.read += 1;
                     counts.racy += usize::from(was_racy);
@@ -208,7 +229,7 @@ impl<T: Send + Sync> FileCache<T> {
             }
         }
         if self.entries.len() != live {
-            let wanted: HashSet<&OsStr> = paths.iter().map(|path| path.as_ref().as_os_str()).collect();
+            let wanted: foldhash::HashSet<&OsStr> = paths.iter().map(|path| path.as_ref().as_os_str()).collect();
             self.entries.retain(|path, _| wanted.contains(path.as_os_str()));
         }
         (problems, counts)
@@ -319,7 +340,7 @@ mod tests {
         std::fs::create_dir(&directory).unwrap();
         let mut cache = FileCache::default();
         let paths = [file.clone(), gone.clone(), directory.clone()];
-        let (problems, counts) = cache.refresh(&paths, &Environment::default(), |_, bytes| bytes.len());
+        let (problems, counts) = cache.refresh(&paths, &Environment::default(), EVERY_PATH, |_, bytes| bytes.len());
         assert_eq!(counts, RefreshCounts { checked: 3, read: 1, racy: 0 });
         assert!(is_missing(&problems[&gone]));
         assert!(!is_missing(&problems[&directory]));
@@ -327,7 +348,8 @@ mod tests {
         assert_eq!(cache.len(), 1);
 
         // A path no longer asked for is pruned.
-        let (problems, _) = cache.refresh::<PathBuf, _>(&[], &Environment::default(), |_, bytes| bytes.len());
+        let (problems, _) =
+            cache.refresh::<PathBuf, _>(&[], &Environment::default(), EVERY_PATH, |_, bytes| bytes.len());
         assert!(problems.is_empty());
         assert_eq!(cache.len(), 0);
     }

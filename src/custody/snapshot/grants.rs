@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::cache::{self, Environment, FileCache, RefreshCounts};
+use super::cache::{self, Environment, FileCache, RefreshCounts, Suspects};
 use super::{reason, Check, ExportError, GrantStatus, Refusal};
 use crate::custody::format::{is_valid_id, layout, Grant, GrantState, DECRYPT_OPERATION};
 use crate::secret::{SecretBytes, SecretKey32};
@@ -68,15 +68,17 @@ impl GrantFiles {
     /// `.toml` extension, and stems that are not valid ids are not grant files and are skipped. A missing `dir`
     /// holds no grants. A directory that exists but cannot be listed fails the whole read: judging without it
     /// would take every grant for gone and end all service over what may be a passing error. A file that
-    /// vanished between listing and reading (or is a dangling link) is a grant that is gone.
+    /// vanished between listing and reading (or is a dangling link) is a grant that is gone. The directory is
+    /// always listed; of the files already cached, only `suspects` are stat'ed.
     pub(super) fn refresh(
         &mut self,
         dir: &Path,
         environment: &Environment,
+        suspects: Suspects<'_>,
     ) -> Result<(Listing, RefreshCounts), ExportError> {
         let ids = list(dir)?;
         let paths: Vec<PathBuf> = ids.iter().map(|(_, path)| path.clone()).collect();
-        let (problems, counts) = self.cache.refresh(&paths, environment, parse);
+        let (problems, counts) = self.cache.refresh(&paths, environment, suspects, parse);
         let mut listing =
             Listing { dir: dir.to_owned(), ids: Vec::with_capacity(ids.len()), unreadable: HashMap::new() };
         for (id, path) in ids {

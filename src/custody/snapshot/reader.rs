@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use super::cache::{self, Environment, FileCache, Problems, RefreshCounts};
+use super::cache::{self, Environment, FileCache, Problems, RefreshCounts, Suspects, EVERY_PATH};
 use super::certificate::{self, CertificateFiles, CertificatePaths, Found, Leaf, ParsedChain, ParsedSealedKey};
 use super::grants::{Authorized, GrantFiles, Grants};
 use super::inputs::{self, FileHashes};
@@ -36,6 +36,7 @@ use super::{
     checks, parallel, reason, AssociationOutcome, Check, ExportError, GrantStatus, Refusal, Result, Snapshot, Verdict,
     VerifiedCertificate,
 };
+use crate::custody::changes::Changes;
 use crate::custody::format::{layout, AssociationEntry, Associations, FormatError};
 
 /// What the last [`ExportReader::read`] did, for logs, metrics and tests.
@@ -115,16 +116,45 @@ impl ExportReader {
     /// refuses that association alone. A file that is missing or does not parse is never acted on, and is read
     /// again next time it changes. This blocks, on up to one thread per core; call it from a blocking context.
     pub fn read(&mut self, now: OffsetDateTime, known: &dyn Fn(&str) -> Option<[u8; 32]>) -> Result<Snapshot> {
+        self.read_with(now, known, EVERY_PATH)
+    }
+
+    /// As [`ExportReader::read`], examining on disk only the files that `changes` says may have changed (and
+    /// those the cache cannot trust: new, missing, racy); every other file keeps its cached state. Judging is
+    /// the same: check 1 of every association is judged at `now`. For reads prompted by file events, backed by
+    /// full reads (see [`crate::custody::changes`]).
+    pub fn read_changes(
+        &mut self,
+        now: OffsetDateTime,
+        known: &dyn Fn(&str) -> Option<[u8; 32]>,
+        changes: &Changes,
+    ) -> Result<Snapshot> {
+        let export = self.export.clone();
+        self.read_with(now, known, &|path| changes.may_have_changed(&export, path))
+    }
+
+    fn read_with(
+        &mut self,
+        now: OffsetDateTime,
+        known: &dyn Fn(&str) -> Option<[u8; 32]>,
+        suspects: Suspects<'_>,
+    ) -> Result<Snapshot> {
         let associations_path = self.export.join(layout::ASSOCIATIONS);
         let certificates_dir = self.export.join(layout::CERTIFICATES_DIR);
-        let (associations, mut counts) =
-            refresh_associations(&mut self.associations, &associations_path, &certificates_dir, &self.environment)?;
-        let (listing, grant_counts) = self.grants.refresh(&self.export.join(layout::GRANTS_DIR), &self.environment)?;
+        let (associations, mut counts) = refresh_associations(
+            &mut self.associations,
+            &associations_path,
+            &certificates_dir,
+            &self.environment,
+            suspects,
+        )?;
+        let (listing, grant_counts) =
+            self.grants.refresh(&self.export.join(layout::GRANTS_DIR), &self.environment, suspects)?;
         counts += grant_counts;
         let grants = self.grants.view(&listing);
         let gates = gate(associations, &grants, &self.grantee, now);
         let (problems, file_counts) =
-            refresh_certificates(&mut self.certificates, &mut self.sealed_keys, &gates, &self.environment);
+            refresh_certificates(&mut self.certificates, &mut self.sealed_keys, &gates, &self.environment, suspects);
         counts += file_counts;
 
         let judge = Judge {
@@ -173,13 +203,15 @@ fn refresh_certificates(
     sealed_keys: &mut FileCache<ParsedSealedKey>,
     gates: &[Gate<'_>],
     environment: &Environment,
+    suspects: Suspects<'_>,
 ) -> (Problems, RefreshCounts) {
     let paths: Vec<&CertificatePaths> = gates.iter().filter_map(Gate::paths).collect();
     let certificate_paths: Vec<&Path> = paths.iter().map(|p| p.certificate.as_path()).collect();
     let sealed_key_paths: Vec<&Path> = paths.iter().map(|p| p.sealed_key.as_path()).collect();
-    let (mut problems, mut counts) = certificates.refresh(&certificate_paths, environment, certificate::parse_chain);
+    let (mut problems, mut counts) =
+        certificates.refresh(&certificate_paths, environment, suspects, certificate::parse_chain);
     let (sealed_key_problems, sealed_key_counts) =
-        sealed_keys.refresh(&sealed_key_paths, environment, certificate::parse_sealed_key);
+        sealed_keys.refresh(&sealed_key_paths, environment, suspects, certificate::parse_sealed_key);
     problems.extend(sealed_key_problems);
     counts += sealed_key_counts;
     (problems, counts)
@@ -211,10 +243,11 @@ fn refresh_associations<'c>(
     path: &Path,
     certificates_dir: &Path,
     environment: &Environment,
+    suspects: Suspects<'_>,
 ) -> Result<(&'c AssociationsFile, RefreshCounts)> {
     let paths = [path];
     let parse = |_: &Path, bytes: &[u8]| Associations::parse(bytes).map(|a| AssociationsFile::new(a, certificates_dir));
-    let (mut problems, counts) = cache.refresh(&paths, environment, parse);
+    let (mut problems, counts) = cache.refresh(&paths, environment, suspects, parse);
     match problems.remove(path) {
         Some(error) if cache::is_missing(&error) => return Ok((&NO_ASSOCIATIONS, counts)),
         Some(source) => return Err(ExportError::Io { path: path.to_owned(), source }),

@@ -18,6 +18,7 @@ use time::Duration;
 use super::cache::{Environment, FileStamp, Timestamp};
 use super::tests::{assert_refused, kubernetes_layout, put, refusal, served as verified, Fixture, GRANTEE};
 use super::*;
+use crate::custody::changes::Changes;
 use crate::custody::format::{GrantState, SealedKey};
 use crate::keyring::Keyring;
 
@@ -456,7 +457,7 @@ fn a_deleted_export_holds_nothing_and_is_read_again_when_it_comes_back() {
     let mut keyring = Keyring::new();
     keyring.apply(read(&fixture, &mut reader, now(), &Served::new()));
 
-    let export = fixture.dir.path();
+    let export = &fixture.dir.path().to_owned();
     let aside = export.with_extension("aside");
     std::fs::rename(export, &aside).unwrap();
     let snapshot = reader.read(now(), &|id| keyring.inputs_of(id));
@@ -577,4 +578,106 @@ fn a_reader_kept_across_changes_agrees_with_a_fresh_read() {
         }
     }
     assert!(reader.read(now(), &|id| keyring.inputs_of(id)).unwrap().associations[0].is_served());
+}
+
+/// Reads at `now`, examining only what `changes` names (and what the cache cannot trust).
+fn read_changes(fixture: &Fixture, reader: &mut ExportReader, served: &Served, changes: &Changes) -> Snapshot {
+    let snapshot = reader.read_changes(now(), &|id| served.get(id).copied(), changes).unwrap();
+    fixture.assert_no_secrets(&snapshot);
+    snapshot
+}
+
+#[test]
+fn a_read_of_named_changes_examines_only_the_named_files_and_sees_their_change() {
+    let mut fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    let export = &fixture.dir.path().to_owned();
+
+    // Nothing named: nothing examined, everything unchanged.
+    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
+    assert_eq!(verdicts(&snapshot), ["unchanged", "unchanged"]);
+    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (0, 0));
+
+    // c-1 renewed: the events name its files and associations.toml (grants.toml is rewritten too, unnamed).
+    fixture.data_keys.remove("c-1");
+    fixture.add_certificate("c-1", &["a.example.test"]);
+    fixture.entries.remove(0);
+    fixture.associate("c-1", "g-1", None);
+    fixture.entries.rotate_right(1);
+    fixture.write();
+    let mut changes = Changes::none(export);
+    for name in ["associations.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"] {
+        changes.add(&fixture.path(name));
+    }
+    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
+    assert_eq!(verified(&snapshot, 0).server_names, ["a.example.test"]);
+    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (3, 3));
+
+    // The full read agrees, and finds the unnamed grant file's new inode (same bytes, same inputs).
+    let served = served_inputs(&snapshot);
+    let full = read(&fixture, &mut reader, now(), &served);
+    assert_eq!(verdicts(&full), ["unchanged", "unchanged"]);
+    assert_eq!(reader.last_read().files_read, 1);
+}
+
+#[test]
+fn a_read_of_named_changes_still_examines_racy_new_and_missing_files() {
+    let fixture = two_certificates();
+    // The real clock: the files were just written, so their entries are racy and examined whatever is named.
+    let mut reader = reader_with(&fixture, Environment::default());
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    let export = &fixture.dir.path().to_owned();
+    tamper_sealed_key_in_place(&fixture, "c-1");
+    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
+    assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
+
+    // A new association: its files have no entry yet, so they are read though no event named them.
+    let mut fixture = two_certificates();
+    let export = &fixture.dir.path().to_owned();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    assert_eq!(served.len(), 2);
+    fixture.add_certificate("c-3", &["c3.example.test"]);
+    fixture.associate("c-3", "g-1", None);
+    fixture.write();
+    let mut changes = Changes::none(export);
+    changes.add(&fixture.path("associations.toml"));
+    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    assert_eq!(verdicts(&snapshot), ["unchanged", "unchanged", "served"]);
+
+    // A file that went missing has no entry either: a later read with nothing named still finds it missing.
+    let aside = move_aside(&fixture.path("certificates/c-3/certificate.pem"));
+    let mut changes = Changes::none(export);
+    changes.add(&fixture.path("certificates/c-3/certificate.pem"));
+    let served = served_inputs(&snapshot);
+    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    assert!(snapshot.associations[2].outcome().starts_with("refused"));
+    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
+    assert!(snapshot.associations[2].outcome().starts_with("refused"));
+    restore(&aside, &fixture.path("certificates/c-3/certificate.pem"));
+    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
+    assert_eq!(snapshot.associations[2].outcome(), "served");
+}
+
+#[test]
+fn a_named_directory_makes_every_file_under_it_suspect() {
+    let fixture = two_certificates();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    let export = &fixture.dir.path().to_owned();
+    // The certificate directory replaced by rename with a tampered copy: only the directory is named.
+    let dir = fixture.path("certificates/c-1");
+    let copy = fixture.dir.path().join("certificates/.c-1.new");
+    copy_tree(&dir, &copy);
+    std::fs::write(copy.join("private-key.sealed"), tampered_sealed_key(&dir.join("private-key.sealed"))).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::rename(&copy, &dir).unwrap();
+    let mut changes = Changes::none(export);
+    changes.add(&dir);
+    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
+    assert_eq!(snapshot.associations[1].outcome(), "served");
+    assert_eq!(reader.last_read().files_checked, 2);
 }
