@@ -37,7 +37,6 @@ use crate::admin;
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
 use crate::custody::snapshot::ExportError;
-use crate::custody::watch::ExportWatcher;
 use crate::holder::Holder;
 use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics};
 use crate::proxy::{ConnectionInfo, Proxy};
@@ -257,14 +256,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         Arc::clone(&registry),
         audit,
     ));
-    // Watch before the first read, so that no change between the two goes unseen.
-    let watcher = match ExportWatcher::new(&config.custody.export) {
-        Ok(watcher) => Some(watcher),
-        Err(error) => {
-            tracing::error!(%error, rescan = ?config.custody.rescan_interval, "no file events; following the export by rescans only");
-            None
-        }
-    };
+    // The export is watched from `Holder::follow`, after this first read: see there.
     holder.reload()?;
     if !holder.is_serving() {
         tracing::warn!(export = %config.custody.export.display(), "no association can be served yet; not accepting connections");
@@ -285,7 +277,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     });
 
     let tracker = TaskTracker::new();
-    tracker.spawn(Arc::clone(&holder).follow(watcher, config.custody.rescan_interval, shutdown.clone()));
+    tracker.spawn(Arc::clone(&holder).follow(config.custody.rescan_interval, shutdown.clone()));
     let mut listeners = Vec::new();
     for listener in &config.listeners {
         listeners.push(open_listener(listener.bind, &shared, &holder, &tracker).await?);

@@ -65,7 +65,18 @@ pub(super) struct Leaf {
     pub(super) not_after: OffsetDateTime,
     /// The SubjectPublicKeyInfo, DER with its outer SEQUENCE, as rustls renders a signing key's public key.
     pub(super) spki: Vec<u8>,
+    /// The public key's algorithm: which kind of private key to expect.
+    pub(super) key_algorithm: KeyAlgorithm,
     pub(super) sha256: [u8; 32],
+}
+
+/// A leaf's public key algorithm, as far as choosing a private key parser goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum KeyAlgorithm {
+    Rsa,
+    Ecdsa,
+    Ed25519,
+    Other,
 }
 
 /// A parsed `certificate.pem`.
@@ -206,6 +217,20 @@ fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, String> {
     }
 }
 
+fn key_algorithm(certificate: &X509Certificate<'_>) -> KeyAlgorithm {
+    use x509_parser::oid_registry::{OID_KEY_TYPE_EC_PUBLIC_KEY, OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519};
+    let oid = &certificate.public_key().algorithm.algorithm;
+    if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        KeyAlgorithm::Ecdsa
+    } else if *oid == OID_PKCS1_RSAENCRYPTION {
+        KeyAlgorithm::Rsa
+    } else if *oid == OID_SIG_ED25519 {
+        KeyAlgorithm::Ed25519
+    } else {
+        KeyAlgorithm::Other
+    }
+}
+
 /// Extracts what the checks need of the leaf.
 fn leaf_facts(der: &CertificateDer<'_>) -> Result<Leaf, String> {
     let certificate = parse_x509(der)?;
@@ -226,6 +251,7 @@ fn leaf_facts(der: &CertificateDer<'_>) -> Result<Leaf, String> {
         not_before: validity.not_before.to_datetime(),
         not_after: validity.not_after.to_datetime(),
         spki: certificate.public_key().raw.to_vec(),
+        key_algorithm: key_algorithm(&certificate),
         sha256: sha256(der),
     })
 }

@@ -6,11 +6,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::crypto::aws_lc_rs::sign::any_supported_type;
+use rustls::crypto::aws_lc_rs::sign::{any_ecdsa_type, any_eddsa_type, any_supported_type, RsaSigningKey};
 use rustls::sign::SigningKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::certificate::{CertificateFiles, Leaf};
+use super::certificate::{CertificateFiles, KeyAlgorithm, Leaf};
 use super::grants::{Authorized, GrantFacts};
 use super::{reason, Check, Refusal};
 use crate::custody::format::{AssociationEntry, FormatError};
@@ -77,8 +77,19 @@ pub(super) fn key_matches(
     files: &CertificateFiles<'_>,
 ) -> Result<Arc<dyn SigningKey>, Refusal> {
     let refuse = |detail: String| Refusal::new(Check::KeyMatch, reason::KEY_MISMATCH, detail);
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(private_key.expose()));
-    let signing_key = any_supported_type(&der).map_err(|_| {
+    // Borrowed views of the decrypted bytes, never owned copies.
+    let pkcs8 = || PrivatePkcs8KeyDer::from(private_key.expose());
+    let der = || PrivateKeyDer::Pkcs8(pkcs8());
+    // The parser for the leaf's key type first: `any_supported_type` tries RSA before ECDSA, and aws-lc parses a
+    // whole EC key before the RSA attempt fails (half the cost of loading an ECDSA key). Any other case, a key of
+    // the wrong type included, goes through `any_supported_type`, so that its refusal says what is wrong.
+    let expected = match files.leaf.key_algorithm {
+        KeyAlgorithm::Ecdsa => any_ecdsa_type(&der()).ok(),
+        KeyAlgorithm::Rsa => RsaSigningKey::new(&der()).ok().map(|key| Arc::new(key) as Arc<dyn SigningKey>),
+        KeyAlgorithm::Ed25519 => any_eddsa_type(&pkcs8()).ok(),
+        KeyAlgorithm::Other => None,
+    };
+    let signing_key = expected.map_or_else(|| any_supported_type(&der()), Ok).map_err(|_| {
         refuse(format!(
             "{}: the sealed key is not a PKCS#8 RSA, ECDSA or Ed25519 key that aws-lc accepts",
             files.sealed_key_path.display()
