@@ -552,7 +552,10 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         let info = Arc::clone(&info);
         let in_flight = requests.request_started();
         async move {
-            let response = proxy.handle(request, &info).await;
+            // Boxed: the handling future is about 3 KiB (forwarding upstream is part of it), and hyper moves the
+            // service future several times per request (into its HTTP/2 stream task, into the task's cell).
+            // One allocation instead of those copies: memmove was 14% of an HTTP/2 run's CPU.
+            let response = Box::pin(proxy.handle(request, &info)).await;
             Ok::<_, Infallible>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
         }
     });
