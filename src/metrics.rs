@@ -176,6 +176,10 @@ pub struct Metrics {
     requests: Family<StatusLabels, Counter>,
     certificates_served: Gauge,
     certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
+    /// Handles on `certificate_expiry`'s gauges by certificate id, so that a read updates them in place instead of
+    /// clearing the family and creating every series again (one label allocation and one locked insert per
+    /// certificate, on every read of the export).
+    expiry_gauges: std::sync::Mutex<foldhash::HashMap<String, Gauge<f64, AtomicU64>>>,
     reloads: Family<ResultLabels, Counter>,
     refused: Family<CheckLabels, Gauge>,
     grants: Family<StateLabels, Gauge>,
@@ -211,6 +215,7 @@ impl Metrics {
             requests: Family::default(),
             certificates_served: Gauge::default(),
             certificate_expiry: Family::default(),
+            expiry_gauges: std::sync::Mutex::default(),
             reloads: Family::default(),
             refused: Family::default(),
             grants: Family::default(),
@@ -369,13 +374,32 @@ impl Metrics {
         grants_active: i64,
         grants_retired: i64,
     ) {
-        self.certificate_expiry.clear();
-        let mut count = 0;
+        let mut gauges = self.expiry_gauges.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut seen = foldhash::HashSet::with_capacity_and_hasher(gauges.len(), Default::default());
         for (id, seconds) in served {
-            self.certificate_expiry.get_or_create(&CertificateLabels { certificate_id: id.to_owned() }).set(seconds);
-            count += 1;
+            match gauges.get(id) {
+                Some(gauge) => {
+                    gauge.set(seconds);
+                }
+                None => {
+                    let labels = CertificateLabels { certificate_id: id.to_owned() };
+                    let gauge = self.certificate_expiry.get_or_create(&labels).clone();
+                    gauge.set(seconds);
+                    gauges.insert(labels.certificate_id, gauge);
+                }
+            }
+            seen.insert(id);
         }
-        self.certificates_served.set(count);
+        if seen.len() != gauges.len() {
+            gauges.retain(|id, _| {
+                let keep = seen.contains(id.as_str());
+                if !keep {
+                    self.certificate_expiry.remove(&CertificateLabels { certificate_id: id.clone() });
+                }
+                keep
+            });
+        }
+        self.certificates_served.set(i64::try_from(seen.len()).unwrap_or(i64::MAX));
         self.refused.clear();
         for (check, n) in refused_by_check {
             self.refused.get_or_create(&CheckLabels { check }).set(*n);
@@ -392,5 +416,31 @@ pub struct ConnectionCount(Gauge);
 impl Drop for ConnectionCount {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_series_follow_the_served_set_and_are_updated_in_place() {
+        let metrics = Metrics::new();
+        metrics.custody_state([("c-a", 10.0), ("c-b", 20.0)].into_iter(), &[], 2, 0);
+        let text = metrics.encode();
+        assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-a\"} 10.0"), "{text}");
+        assert!(text.contains("sealgate_certificates_served 2"), "{text}");
+
+        metrics.custody_state([("c-b", 15.0), ("c-c", 30.0)].into_iter(), &[], 2, 1);
+        let text = metrics.encode();
+        assert!(!text.contains("certificate_id=\"c-a\""), "a certificate no longer served keeps its series: {text}");
+        assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-b\"} 15.0"), "{text}");
+        assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-c\"} 30.0"), "{text}");
+        assert!(text.contains("sealgate_certificates_served 2"), "{text}");
+
+        metrics.custody_state(std::iter::empty(), &[], 0, 2);
+        let text = metrics.encode();
+        assert!(!text.contains("certificate_id="), "{text}");
+        assert!(text.contains("sealgate_certificates_served 0"), "{text}");
     }
 }

@@ -129,7 +129,7 @@ impl GrantFiles {
 /// The grant files of one read, by grant id.
 pub(super) struct Grants<'a> {
     dir: &'a Path,
-    by_id: HashMap<&'a str, GrantFile<'a>>,
+    by_id: foldhash::HashMap<&'a str, GrantFile<'a>>,
 }
 
 /// One grant file as read: parsed (its facts), or not parseable.
