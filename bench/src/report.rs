@@ -234,6 +234,7 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
         ("mode", "mode"),
         ("load_before", "load average before the run (1/5/15 min)"),
         ("load_after", "load average after the run"),
+        ("cpu_steal", "CPU time stolen by the hypervisor (`/proc/stat` steal)"),
         ("cpu_model", "CPU"),
         ("cpus", "cores"),
         ("kernel", "kernel"),
