@@ -111,8 +111,7 @@ impl Holder {
         // The digest of each served generation, asked once per association whose grant passes check 1. A lapse
         // timer firing in between only ends grants, which the apply below then refuses as retired.
         let known = |certificate_id: &str| self.keyring().inputs_of(certificate_id);
-        let snapshot =
-            if changes.is_everything() { reader.read(now, &known) } else { reader.read_changes(now, &known, changes) };
+        let snapshot = reader.read_changes(now, &known, changes);
         // Reading decrypted keys on this thread: wipe what the ciphers and parsers left in its stack.
         crate::secret::scrub_stack();
         let snapshot = match snapshot {

@@ -80,21 +80,6 @@ impl Changes {
         }
     }
 
-    /// Adds what `other` recorded.
-    pub fn merge(&mut self, other: Changes) {
-        if other.export != self.export || other.everything {
-            self.add_everything();
-        } else if !self.everything {
-            self.files.extend(other.files);
-            self.directories.extend(other.directories);
-        }
-    }
-
-    /// Whether nothing is known to have changed.
-    pub fn is_empty(&self) -> bool {
-        !self.everything && self.files.is_empty() && self.directories.is_empty()
-    }
-
     /// Whether `path`, a file of `export`, may have changed. Paths of another export may all have changed.
     pub fn may_have_changed(&self, export: &Path, path: &Path) -> bool {
         if self.everything || export != self.export {
@@ -224,7 +209,6 @@ mod tests {
         let grant = Path::new("/srv/export/grants/g-1.toml");
 
         let mut changes = Changes::none(export);
-        assert!(changes.is_empty());
         assert!(!changes.may_have_changed(export, cert));
         changes.add(grant);
         assert!(changes.may_have_changed(export, grant));
@@ -239,18 +223,5 @@ mod tests {
         changes.add(Path::new("/srv/export/..data"));
         assert!(changes.is_everything());
         assert!(changes.may_have_changed(export, other_cert));
-    }
-
-    #[test]
-    fn merging_keeps_everything_and_changes_of_another_export_mean_everything() {
-        let export = Path::new("/srv/export");
-        let mut changes = Changes::none(export);
-        let mut more = Changes::none(export);
-        more.add(Path::new("/srv/export/associations.toml"));
-        changes.merge(more);
-        assert!(changes.may_have_changed(export, Path::new("/srv/export/associations.toml")));
-        assert!(!changes.is_everything());
-        changes.merge(Changes::none(Path::new("/elsewhere")));
-        assert!(changes.is_everything());
     }
 }
