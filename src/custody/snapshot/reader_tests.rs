@@ -16,7 +16,9 @@ use std::time::{Duration as StdDuration, SystemTime};
 use time::Duration;
 
 use super::cache::{Environment, FileStamp, Timestamp};
-use super::tests::{assert_refused, kubernetes_layout, put, refusal, served as verified, Fixture, GRANTEE};
+use super::tests::{
+    assert_refused, kubernetes_layout, put, random_bytes, refusal, served as verified, Fixture, FIXTURE_FILES, GRANTEE,
+};
 use super::*;
 use crate::custody::changes::Changes;
 use crate::custody::format::{GrantState, SealedKey};
@@ -39,6 +41,19 @@ fn stat_without_ctime(path: &Path) -> io::Result<FileStamp> {
 /// A reader that trusts the stamp of every file the test wrote.
 fn trusting_reader(fixture: &Fixture) -> ExportReader {
     reader_with(fixture, Environment { now: a_minute_ahead, ..Environment::default() })
+}
+
+/// A reader that trusts stamps, with the ctime hidden (which a rename updates): a file that comes back has the
+/// stamp it left with.
+fn ctime_blind_reader(fixture: &Fixture) -> ExportReader {
+    reader_with(fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime })
+}
+
+/// A keyring holding what the first read of `reader` serves.
+fn keyring_after_first_read(fixture: &Fixture, reader: &mut ExportReader) -> Keyring {
+    let mut keyring = Keyring::new();
+    keyring.apply(read(fixture, reader, now(), &Served::new()));
+    keyring
 }
 
 fn reader_with(fixture: &Fixture, environment: Environment) -> ExportReader {
@@ -299,7 +314,7 @@ fn a_racy_entry_is_trusted_after_a_read_past_the_margin() {
 fn a_file_replaced_by_rename_is_read_again_whatever_its_times() {
     let fixture = Fixture::served();
     fixture.write();
-    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let mut reader = ctime_blind_reader(&fixture);
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
 
     // Same size, same mtime, another inode.
@@ -318,7 +333,7 @@ fn a_file_replaced_by_rename_is_read_again_whatever_its_times() {
 fn a_kubernetes_data_swap_is_seen_through_the_links() {
     let fixture = two_certificates();
     kubernetes_layout(fixture.dir.path(), "..2026_11_28_10_00_00.1");
-    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let mut reader = ctime_blind_reader(&fixture);
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
     assert_eq!(served.len(), 2);
 
@@ -408,9 +423,8 @@ fn restore(aside: &Path, path: &Path) {
 fn an_absent_associations_file_associates_nothing_and_is_read_again_when_it_comes_back() {
     let fixture = two_certificates();
     // Stamps without the ctime (which a rename updates): the file that comes back has the stamp it left with.
-    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
-    let mut keyring = Keyring::new();
-    keyring.apply(read(&fixture, &mut reader, now(), &Served::new()));
+    let mut reader = ctime_blind_reader(&fixture);
+    let mut keyring = keyring_after_first_read(&fixture, &mut reader);
     assert_eq!(keyring.len(), 2);
 
     let path = fixture.path("associations.toml");
@@ -433,7 +447,7 @@ fn an_absent_associations_file_associates_nothing_and_is_read_again_when_it_come
 #[test]
 fn an_absent_grants_directory_holds_no_grants() {
     let fixture = two_certificates();
-    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
+    let mut reader = ctime_blind_reader(&fixture);
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
 
     let grants = fixture.path("grants");
@@ -453,9 +467,8 @@ fn an_absent_grants_directory_holds_no_grants() {
 #[test]
 fn a_deleted_export_holds_nothing_and_is_read_again_when_it_comes_back() {
     let fixture = two_certificates();
-    let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_without_ctime });
-    let mut keyring = Keyring::new();
-    keyring.apply(read(&fixture, &mut reader, now(), &Served::new()));
+    let mut reader = ctime_blind_reader(&fixture);
+    let mut keyring = keyring_after_first_read(&fixture, &mut reader);
 
     let export = &fixture.dir.path().to_owned();
     let aside = export.with_extension("aside");
@@ -544,16 +557,10 @@ fn a_reader_kept_across_changes_agrees_with_a_fresh_read() {
     // The real clock: every in-place rewrite below happens within the racy margin.
     let mut reader = reader_with(&fixture, Environment::default());
     let mut keyring = Keyring::new();
-    for relative in [
-        "associations.toml",
-        "grants/g-1.toml",
-        "certificates/c-1/certificate.pem",
-        "certificates/c-1/private-key.sealed",
-    ] {
+    for relative in FIXTURE_FILES {
         let path = fixture.path(relative);
         let original = std::fs::read(&path).unwrap();
-        let mut garbage = vec![0u8; original.len()];
-        getrandom::fill(&mut garbage).unwrap();
+        let garbage = random_bytes(original.len());
         let prefixes = (0..original.len()).step_by(5).map(|n| original[..n].to_vec());
         for contents in prefixes.chain([garbage, original.clone()]) {
             std::fs::write(&path, &contents).unwrap();

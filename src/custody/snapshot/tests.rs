@@ -729,22 +729,27 @@ fn a_kubernetes_export_volume_is_read_through_its_links_and_swapped_atomically()
 // -----------------------------------------------------------------------------------------------------------------
 // Robustness
 
+/// Every file of a served fixture with one certificate `c-1` under grant `g-1`.
+pub(super) const FIXTURE_FILES: [&str; 4] =
+    ["associations.toml", "grants/g-1.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"];
+
+/// `len` random bytes.
+pub(super) fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes).unwrap();
+    bytes
+}
+
 /// Every prefix of every file, then random bytes in its place: the read refuses or fails, and never panics.
 #[test]
 fn truncated_and_garbage_files_never_panic() {
     let mut fixture = Fixture::served();
     fixture.entry("c-1").server_names = Some(vec!["a.example.test".into()]);
     fixture.write();
-    for relative in [
-        "associations.toml",
-        "grants/g-1.toml",
-        "certificates/c-1/certificate.pem",
-        "certificates/c-1/private-key.sealed",
-    ] {
+    for relative in FIXTURE_FILES {
         let path = fixture.path(relative);
         let original = std::fs::read(&path).unwrap();
-        let mut garbage = vec![0u8; original.len()];
-        getrandom::fill(&mut garbage).unwrap();
+        let garbage = random_bytes(original.len());
         let variants = (0..original.len()).map(|n| original[..n].to_vec()).chain([garbage, vec![0xff; 3]]);
         for contents in variants {
             std::fs::write(&path, &contents).unwrap();
