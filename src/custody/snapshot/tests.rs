@@ -468,6 +468,17 @@ fn a_key_that_is_not_the_certificates_is_refused() {
     assert_refused(&fixture.read(), 0, Check::KeyMatch, reason::KEY_MISMATCH);
 }
 
+/// Check 4 parses the key with the leaf's key type's parser first; a valid key of another type still gets the
+/// refusal that says the keys differ, not that the key is unusable.
+#[test]
+fn a_valid_key_of_another_type_than_the_leafs_is_refused_as_not_the_certificates() {
+    let mut fixture = Fixture::served();
+    let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    fixture.write_sealed_key("c-1", &ed25519.serialize_der(), KEY_ID);
+    let detail = assert_refused(&fixture.read(), 0, Check::KeyMatch, reason::KEY_MISMATCH);
+    assert!(detail.contains("is not the sealed private key's"), "{detail}");
+}
+
 // -----------------------------------------------------------------------------------------------------------------
 // Check 5
 
