@@ -132,7 +132,7 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
-    use crate::custody::snapshot::{reason, Check, Refusal, Verdict, VerifiedCertificate};
+    use crate::custody::snapshot::{reason, Check, Refusal, Scope, Verdict, VerifiedCertificate};
     use crate::secret::SecretBytes;
 
     fn verified() -> VerifiedCertificate {
@@ -198,6 +198,7 @@ mod tests {
                     Verdict::Refused(Refusal::new(Check::ServerNames, reason::NAME_NOT_COVERED, "")),
                 ),
             ],
+            scope: Scope::Complete,
         };
         let expected = "\
 CERTIFICATE   GRANT   SERVER NAMES               NOT AFTER              OUTCOME
@@ -217,6 +218,7 @@ c-bad\\nid     g-1     wide.example.test          2026-12-31T23:00:00Z   refused
             read_at: datetime!(2026-11-28 14:00 UTC),
             grants: BTreeMap::new(),
             associations: Vec::new(),
+            scope: Scope::Complete,
         };
         assert_eq!(
             render_table(&snapshot),

@@ -52,8 +52,8 @@ pub struct Holder {
     registry: Arc<ConnectionRegistry>,
     serving: watch::Sender<bool>,
     /// The refusal last logged for each certificate, so that a refusal that persists across reads is logged (and
-    /// audited) once, not on every read.
-    reported: Mutex<HashMap<String, String>>,
+    /// audited) once, not on every read. Also what the refusal metrics count.
+    reported: Mutex<HashMap<String, Reported>>,
     /// Grants of ours already recorded as seen in the audit log.
     seen_grants: Mutex<std::collections::HashSet<String>>,
     audit: Audit,
@@ -131,7 +131,6 @@ impl Holder {
             self.publish(&keyring);
         }
         self.metrics.reload(true);
-        self.publish_metrics(&keyring, &report, now);
         drop(keyring);
         let stats = reader.last_read();
         drop(reader);
@@ -149,6 +148,7 @@ impl Holder {
             self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
         }
         self.log_report(&report);
+        self.publish_metrics(now);
         self.audit_changes(&report);
         Ok(report)
     }
@@ -330,20 +330,34 @@ impl Holder {
                 "certificate generation no longer served"
             );
         }
-        let mut reported = self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut reported = self.reported();
         let mut now_refused = HashMap::new();
         let kept = report.kept.iter().map(|(c, r)| (c.certificate_id.as_str(), c.grant_id.as_str(), r, true));
         let refused = report.refused.iter().map(|(c, g, r)| (c.as_str(), g.as_str(), r, false));
         for (certificate, grant, refusal, kept) in kept.chain(refused) {
             let text = refusal.to_string();
-            let first_time = reported.get(certificate) != Some(&text);
+            let first_time = reported.get(certificate).is_none_or(|r| r.text != text);
             log_refusal(first_time, certificate, grant, refusal, kept);
             if first_time {
                 self.audit_refusal(certificate, grant, refusal, kept, report);
             }
-            now_refused.insert(certificate.to_owned(), text);
+            now_refused.insert(certificate.to_owned(), Reported { text, refused: (!kept).then_some(refusal.check) });
         }
-        *reported = now_refused;
+        match &report.partial {
+            // The associations a partial read did not judge keep their refusals.
+            Some(judged) => {
+                for certificate in judged {
+                    reported.remove(certificate);
+                }
+                reported.extend(now_refused);
+            }
+            None => *reported = now_refused,
+        }
+    }
+
+    fn reported(&self) -> MutexGuard<'_, HashMap<String, Reported>> {
+        // A map of log lines already written: a poisoned one at worst repeats or skips a log line.
+        self.reported.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn audit_refusal(&self, certificate: &str, grant: &str, refusal: &Refusal, kept: bool, report: &ApplyReport) {
@@ -371,15 +385,18 @@ impl Holder {
         self.keyring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn publish_metrics(&self, keyring: &Keyring, report: &ApplyReport, now: OffsetDateTime) {
+    /// Publishes the served certificates' expiry, the associations refused (not counting those whose last good
+    /// state is still served) and the grants.
+    fn publish_metrics(&self, now: OffsetDateTime) {
         let mut refused: Vec<(&'static str, i64)> = Vec::new();
-        for (_, _, refusal) in &report.refused {
-            let label = check_label(refusal.check);
+        for check in self.reported().values().filter_map(|r| r.refused) {
+            let label = check_label(check);
             match refused.iter_mut().find(|(l, _)| *l == label) {
                 Some((_, n)) => *n += 1,
                 None => refused.push((label, 1)),
             }
         }
+        let keyring = self.keyring();
         let served = keyring.served().map(|c| (c.certificate_id.as_str(), (c.not_after - now).as_seconds_f64()));
         self.metrics.custody_state(
             served,
@@ -388,6 +405,15 @@ impl Holder {
             i64::try_from(keyring.grants_retired()).unwrap_or(i64::MAX),
         );
     }
+}
+
+/// A refusal as last logged for one certificate.
+#[derive(Debug)]
+struct Reported {
+    /// The refusal, as logged.
+    text: String,
+    /// The check that refused, when nothing is served for the association (not a kept last good state).
+    refused: Option<Check>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

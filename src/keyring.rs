@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::custody::snapshot::{
-    AssociationOutcome, Check, GrantStatus, Refusal, Snapshot, Verdict, VerifiedCertificate,
+    AssociationOutcome, Check, GrantStatus, Refusal, Scope, Snapshot, Verdict, VerifiedCertificate,
 };
 
 /// What identifies one *generation* of one association: a renewal (new certificate or key) or a change of
@@ -161,6 +161,9 @@ pub struct ApplyReport {
     pub refused: Vec<(String, String, Refusal)>,
     /// Grant files that exist but do not parse (perhaps half-written).
     pub unreadable_grants: Vec<String>,
+    /// After a partial snapshot, the certificate ids it judged: the refusals above are theirs, and every other
+    /// association is as the previous apply left it. `None` after a complete snapshot.
+    pub partial: Option<Vec<String>>,
 }
 
 impl ApplyReport {
@@ -297,7 +300,8 @@ impl Keyring {
         self.inputs.get(certificate_id).copied()
     }
 
-    /// Applies a new read of the export.
+    /// Applies a new read of the export: a complete snapshot replaces the served set; a partial one changes the
+    /// associations and grants it lists and leaves the others as they are.
     pub fn apply(&mut self, snapshot: Snapshot) -> ApplyReport {
         let mut report = ApplyReport::default();
         self.end_grants(&snapshot, &mut report);
@@ -308,12 +312,22 @@ impl Keyring {
             .map(|(id, _)| id.clone())
             .collect();
         let mut next = Next::new(std::mem::take(&mut self.inputs));
+        let mut judged = Vec::new();
+        let partial = matches!(snapshot.scope, Scope::Partial { .. });
         for outcome in snapshot.associations {
+            if partial {
+                judged.push(outcome.certificate_id.clone());
+            }
             self.take(outcome, &snapshot.grants, &mut next, &mut report);
         }
-        self.commit(next, &mut report);
-        for (id, grant) in &mut self.grants {
-            if let Some(GrantStatus::Active { not_after, .. }) = snapshot.grants.get(id) {
+        if partial {
+            self.commit_partial(next, &judged, &mut report);
+            report.partial = Some(judged);
+        } else {
+            self.commit(next, &mut report);
+        }
+        for (id, status) in &snapshot.grants {
+            if let (GrantStatus::Active { not_after, .. }, Some(grant)) = (status, self.grants.get_mut(id)) {
                 grant.not_after = *not_after;
             }
         }
@@ -397,6 +411,33 @@ impl Keyring {
         }
     }
 
+    /// Changes the served set where a partial snapshot judged (`judged`: its certificate ids), reporting the
+    /// generations loaded and replaced.
+    fn commit_partial(&mut self, next: Next, judged: &[String], report: &mut ApplyReport) {
+        let Next { mut served, inputs, loaded, .. } = next;
+        self.inputs = inputs;
+        report.loaded = loaded;
+        report.loaded.sort_by(|a, b| a.certificate_id.cmp(&b.certificate_id));
+        for certificate_id in judged {
+            let new = served.remove(certificate_id);
+            let old = match &new {
+                Some(new) => self.served.insert(certificate_id.clone(), Arc::clone(new)),
+                None => {
+                    self.inputs.remove(certificate_id);
+                    self.served.remove(certificate_id)
+                }
+            };
+            if let Some(old) = old.filter(|old| !new.as_ref().is_some_and(|new| Arc::ptr_eq(new, old))) {
+                report.replaced.push(old);
+            }
+        }
+        report.replaced.sort_by(|a, b| a.certificate_id.cmp(&b.certificate_id));
+        if !report.replaced.is_empty() {
+            let held_grants: foldhash::HashSet<&str> = self.served.values().map(|c| c.grant_id.as_str()).collect();
+            self.grants.retain(|id, _| held_grants.contains(id.as_str()));
+        }
+    }
+
     /// The earliest instant at which a held grant lapses, if any does.
     pub fn next_lapse(&self) -> Option<OffsetDateTime> {
         self.grants.values().filter_map(|g| g.not_after).min()
@@ -423,27 +464,36 @@ impl Keyring {
         }
         let now = snapshot.read_at;
         let refused_by_grant = refused_by_their_grant(snapshot);
-        // One lookup per held grant: hashed, not a walk down the snapshot's ordered map (cache misses at every
-        // level, most of the cost of applying a read of 10,000 grants).
-        let statuses: foldhash::HashMap<&str, &GrantStatus> =
-            snapshot.grants.iter().map(|(id, status)| (id.as_str(), status)).collect();
-        let ending: Vec<(String, GrantEnd)> = self
-            .grants
-            .keys()
-            .filter_map(|id| {
-                let reason = match statuses.get(id.as_str()).copied() {
-                    None => Some(GrantEnd::Gone),
-                    Some(GrantStatus::Retired) => Some(GrantEnd::Retired),
-                    Some(GrantStatus::Lapsed) => Some(GrantEnd::Lapsed),
-                    Some(GrantStatus::Active { not_after: Some(t), .. }) if *t <= now => Some(GrantEnd::Lapsed),
-                    Some(GrantStatus::Active { .. }) => {
-                        refused_by_grant.contains(id.as_str()).then_some(GrantEnd::Revoked)
-                    }
-                    Some(GrantStatus::Unreadable(_)) => None,
-                };
-                reason.map(|r| (id.clone(), r))
-            })
-            .collect();
+        let end_reason = |id: &str, status: Option<&GrantStatus>| match status {
+            None => Some(GrantEnd::Gone),
+            Some(GrantStatus::Retired) => Some(GrantEnd::Retired),
+            Some(GrantStatus::Lapsed) => Some(GrantEnd::Lapsed),
+            Some(GrantStatus::Active { not_after: Some(t), .. }) if *t <= now => Some(GrantEnd::Lapsed),
+            Some(GrantStatus::Active { .. }) => refused_by_grant.contains(id).then_some(GrantEnd::Revoked),
+            Some(GrantStatus::Unreadable(_)) => None,
+        };
+        let ending: Vec<(String, GrantEnd)> = match &snapshot.scope {
+            Scope::Complete => {
+                // One lookup per held grant: hashed, not a walk down the snapshot's ordered map (cache misses at
+                // every level, most of the cost of applying a read of 10,000 grants).
+                let statuses: foldhash::HashMap<&str, &GrantStatus> =
+                    snapshot.grants.iter().map(|(id, status)| (id.as_str(), status)).collect();
+                self.grants
+                    .keys()
+                    .filter_map(|id| Some((id.clone(), end_reason(id, statuses.get(id.as_str()).copied())?)))
+                    .collect()
+            }
+            // Only the grants listed may have changed. (A held grant was found by the previous read, so one that
+            // is gone is listed as gone; and every association judged has its grant's status listed.)
+            Scope::Partial { gone_grants } => {
+                let listed = snapshot.grants.iter().map(|(id, status)| (id, Some(status)));
+                listed
+                    .chain(gone_grants.iter().map(|id| (id, None)))
+                    .filter(|(id, _)| self.grants.contains_key(id.as_str()))
+                    .filter_map(|(id, status)| Some((id.clone(), end_reason(id, status)?)))
+                    .collect()
+            }
+        };
         for (id, reason) in ending {
             report.ended.push(self.end_grant(&id, reason));
         }
@@ -669,6 +719,74 @@ mod tests {
     }
 
     /// A second verified state of `v`: the same certificate and key, as a read from other inputs would give.
+    fn partial(
+        grants: &[(&str, GrantStatus)],
+        gone_grants: &[&str],
+        associations: Vec<AssociationOutcome>,
+    ) -> Snapshot {
+        let mut snapshot = snapshot(grants, associations);
+        snapshot.scope = Scope::Partial { gone_grants: gone_grants.iter().map(|g| g.to_string()).collect() };
+        snapshot
+    }
+
+    fn served_ids(keyring: &Keyring) -> Vec<&str> {
+        keyring.served().map(|c| c.certificate_id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_partial_snapshot_changes_only_what_it_lists() {
+        let mut keyring = Keyring::new();
+        let three = vec![
+            served(verified("c-1", "g-1", &["a.test"])),
+            served(verified("c-2", "g-1", &["b.test"])),
+            served(verified("c-3", "g-2", &["c.test"])),
+        ];
+        keyring.apply(snapshot(&[("g-1", active()), ("g-2", active())], three));
+        let untouched = Arc::clone(keyring.served().nth(1).unwrap());
+
+        // c-1 renewed; nothing said of c-2, c-3 or g-2: they stay as they are.
+        let report =
+            keyring.apply(partial(&[("g-1", active())], &[], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        assert_eq!((report.loaded.len(), report.replaced.len(), report.ended.len()), (1, 1, 0), "{report:?}");
+        assert_eq!(report.partial.as_deref(), Some(&["c-1".to_owned()][..]));
+        assert_eq!(served_ids(&keyring), ["c-1", "c-2", "c-3"]);
+        assert!(Arc::ptr_eq(keyring.served().nth(1).unwrap(), &untouched));
+        assert!(keyring.inputs_of("c-2").is_some() && keyring.inputs_of("c-3").is_some());
+
+        // c-2's new state refused: its last good one is kept, its inputs too.
+        let inputs = keyring.inputs_of("c-2");
+        let report = keyring.apply(partial(&[("g-1", active())], &[], vec![refused("c-2", "g-1", Check::Seal)]));
+        assert_eq!(report.kept.len(), 1);
+        assert_eq!(keyring.inputs_of("c-2"), inputs);
+        assert_eq!(served_ids(&keyring), ["c-1", "c-2", "c-3"]);
+
+        // g-2's file is gone: its certificate ends, and nothing else does.
+        let report = keyring.apply(partial(&[], &["g-2"], vec![refused("c-3", "g-2", Check::Grant)]));
+        assert_eq!(report.ended.len(), 1, "{report:?}");
+        assert_eq!((report.ended[0].grant_id.as_str(), report.ended[0].reason), ("g-2", GrantEnd::Gone));
+        assert_eq!(served_ids(&keyring), ["c-1", "c-2"]);
+        assert!(keyring.is_retired("g-2") && keyring.inputs_of("c-3").is_none());
+        assert_eq!(keyring.grants_held(), 1);
+
+        // g-1 retired: both of its certificates end.
+        let outcomes = vec![refused("c-1", "g-1", Check::Grant), refused("c-2", "g-1", Check::Grant)];
+        let report = keyring.apply(partial(&[("g-1", GrantStatus::Retired)], &[], outcomes));
+        assert_eq!(report.ended[0].certificates.len(), 2);
+        assert!(keyring.is_empty() && keyring.grants_held() == 0);
+    }
+
+    #[test]
+    fn a_partial_snapshot_that_refuses_an_association_stops_serving_it_when_its_grant_refuses() {
+        let mut keyring = Keyring::new();
+        let two = vec![served(verified("c-1", "g-1", &["a.test"])), served(verified("c-2", "g-2", &["b.test"]))];
+        keyring.apply(snapshot(&[("g-1", active()), ("g-2", active())], two));
+        let other = GrantStatus::Active { grantee: "someone-else".to_owned(), not_after: None };
+        let report = keyring.apply(partial(&[("g-2", other)], &[], vec![refused("c-2", "g-2", Check::Grant)]));
+        assert_eq!(report.ended.len(), 1);
+        assert_eq!(report.ended[0].reason, GrantEnd::Revoked);
+        assert_eq!(served_ids(&keyring), ["c-1"]);
+    }
+
     fn same_again(v: &VerifiedCertificate) -> VerifiedCertificate {
         VerifiedCertificate {
             certificate_id: v.certificate_id.clone(),

@@ -57,6 +57,7 @@ pub fn snapshot(grants: &[(&str, GrantStatus)], associations: Vec<AssociationOut
         read_at: OffsetDateTime::now_utc(),
         grants: grants.iter().map(|(id, s)| (id.to_string(), s.clone())).collect(),
         associations,
+        scope: crate::custody::snapshot::Scope::Complete,
     }
 }
 

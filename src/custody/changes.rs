@@ -89,6 +89,57 @@ impl Changes {
     }
 }
 
+/// What events named, in the terms of the export's layout: the input of a read that judges only what they
+/// concern (see [`crate::custody::snapshot::ExportReader::read_changes`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct InLayout {
+    /// `associations.toml` was named.
+    pub associations: bool,
+    /// File names in `grants/` that were named (grant files or not: the reader tells).
+    pub grant_files: Vec<OsString>,
+    /// Names in `certificates/` whose directory, or a file in it, was named.
+    pub certificate_dirs: Vec<OsString>,
+}
+
+impl Changes {
+    /// What the events named, by place in the layout; `None` when anything may have changed: every file, or
+    /// every file under `grants/` or `certificates/` (those directories themselves were named).
+    pub fn in_layout(&self) -> Option<InLayout> {
+        if self.everything {
+            return None;
+        }
+        let mut named = InLayout::default();
+        for directory in &self.directories {
+            let relative = directory.strip_prefix(&self.export).ok()?;
+            let mut components = relative.components();
+            match (components.next(), components.next()) {
+                (Some(Component::Normal(top)), Some(Component::Normal(name))) if top == layout::CERTIFICATES_DIR => {
+                    named.certificate_dirs.push(name.to_owned());
+                }
+                _ => return None,
+            }
+        }
+        for file in &self.files {
+            let relative = Path::new(file).strip_prefix(&self.export).ok()?;
+            let mut components = relative.components();
+            let (Some(Component::Normal(top)), second) = (components.next(), components.next()) else {
+                return None;
+            };
+            match second {
+                None if top == layout::ASSOCIATIONS => named.associations = true,
+                // A temporary file beside `associations.toml`: its rename names `associations.toml`.
+                None => {}
+                Some(Component::Normal(name)) if top == layout::GRANTS_DIR => named.grant_files.push(name.to_owned()),
+                Some(Component::Normal(name)) if top == layout::CERTIFICATES_DIR => {
+                    named.certificate_dirs.push(name.to_owned());
+                }
+                _ => return None,
+            }
+        }
+        Some(named)
+    }
+}
+
 /// What an event's path is, relative to the export.
 #[derive(Debug, PartialEq, Eq)]
 enum Named<'a> {
@@ -199,6 +250,34 @@ mod tests {
         changes.add(&export.join(".tmp-abc"));
         assert!(!changes.is_everything());
         assert!(!changes.may_have_changed(export, &export.join("associations.toml")));
+    }
+
+    #[test]
+    fn named_changes_are_placed_in_the_layout_and_a_named_top_directory_is_everything() {
+        let export = Path::new("/srv/export");
+        let mut changes = Changes::none(export);
+        assert_eq!(changes.in_layout(), Some(InLayout::default()));
+        for path in [
+            "/srv/export/associations.toml",
+            "/srv/export/.tmp-1",
+            "/srv/export/grants/g-1.toml",
+            "/srv/export/certificates/c-1/certificate.pem",
+            "/srv/export/certificates/c-2",
+        ] {
+            changes.add(Path::new(path));
+        }
+        let named = changes.in_layout().unwrap();
+        assert!(named.associations);
+        assert_eq!(named.grant_files, [OsString::from("g-1.toml")]);
+        let mut dirs = named.certificate_dirs.clone();
+        dirs.sort();
+        assert_eq!(dirs, [OsString::from("c-1"), OsString::from("c-2")]);
+        for top in ["/srv/export/grants", "/srv/export/certificates"] {
+            let mut changes = Changes::none(export);
+            changes.add(Path::new(top));
+            assert_eq!(changes.in_layout(), None, "{top}");
+        }
+        assert_eq!(Changes::everything(export).in_layout(), None);
     }
 
     #[test]

@@ -69,8 +69,26 @@ pub struct Snapshot {
     pub read_at: OffsetDateTime,
     /// Every grant file present in `grants/`, by grant id, whatever its grantee.
     pub grants: BTreeMap<String, GrantStatus>,
-    /// One outcome per `[[association]]` entry, in file order.
+    /// One outcome per `[[association]]` entry, in file order; in a partial snapshot, one per entry that may
+    /// have changed.
     pub associations: Vec<AssociationOutcome>,
+    /// Whether this covers the whole export or only what may have changed since the previous read.
+    pub scope: Scope,
+}
+
+/// How much of the export a [`Snapshot`] covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every association entry and every grant file: what the snapshot does not list is not in the export.
+    #[default]
+    Complete,
+    /// Only the association entries and grant files that may have changed since the previous read by the same
+    /// [`ExportReader`], which the caller applied: whatever this snapshot does not list is as that read left
+    /// it, except the grants of `gone_grants`, whose files are gone. See [`ExportReader::read_changes`].
+    Partial {
+        /// Grant files the previous read found that are gone.
+        gone_grants: Vec<String>,
+    },
 }
 
 /// What a grant file says, as far as this holder is concerned.

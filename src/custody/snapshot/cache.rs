@@ -152,6 +152,15 @@ impl<T> Default for FileCache<T> {
     }
 }
 
+/// Whether a refresh drops the entries of paths it was not asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prune {
+    /// The paths asked for are all the cache is to hold.
+    Others,
+    /// The paths asked for are some of those the cache holds.
+    Nothing,
+}
+
 /// What refreshing one path found.
 enum Refreshed<T> {
     /// Not suspected of a change, entry not racy: not even stat'ed.
@@ -185,6 +194,40 @@ impl<T: Send + Sync> FileCache<T> {
         environment: &Environment,
         suspects: Suspects<'_>,
         parse: P,
+    ) -> (Problems, RefreshCounts)
+    where
+        Q: AsRef<Path> + Sync,
+        P: Fn(&Path, &[u8]) -> T + Sync,
+    {
+        self.refresh_paths(paths, environment, suspects, parse, Prune::Others)
+    }
+
+    /// As [`FileCache::refresh`] for some of the paths: entries of paths not asked for are kept as they are.
+    pub(super) fn refresh_some<Q, P>(
+        &mut self,
+        paths: &[Q],
+        environment: &Environment,
+        parse: P,
+    ) -> (Problems, RefreshCounts)
+    where
+        Q: AsRef<Path> + Sync,
+        P: Fn(&Path, &[u8]) -> T + Sync,
+    {
+        self.refresh_paths(paths, environment, EVERY_PATH, parse, Prune::Nothing)
+    }
+
+    /// The paths whose entries are racy: a refresh examines them whatever it is told.
+    pub(super) fn racy_paths(&self) -> impl Iterator<Item = &Path> {
+        self.entries.iter().filter(|(_, cached)| cached.racy).map(|(path, _)| Path::new(path))
+    }
+
+    fn refresh_paths<Q, P>(
+        &mut self,
+        paths: &[Q],
+        environment: &Environment,
+        suspects: Suspects<'_>,
+        parse: P,
+        prune: Prune,
     ) -> (Problems, RefreshCounts)
     where
         Q: AsRef<Path> + Sync,
@@ -228,7 +271,7 @@ impl<T: Send + Sync> FileCache<T> {
                 }
             }
         }
-        if self.entries.len() != live {
+        if prune == Prune::Others && self.entries.len() != live {
             let wanted: foldhash::HashSet<&OsStr> = paths.iter().map(|path| path.as_ref().as_os_str()).collect();
             self.entries.retain(|path, _| wanted.contains(path.as_os_str()));
         }

@@ -57,8 +57,35 @@ pub(super) struct GrantFiles {
 /// The grant files one read listed: by id, the path, and the I/O error when the file could not be read.
 pub(super) struct Listing {
     dir: PathBuf,
-    ids: Vec<(String, PathBuf)>,
+    ids: foldhash::HashMap<String, PathBuf>,
     unreadable: HashMap<String, String>,
+}
+
+impl Listing {
+    /// Records what refreshing the grant file `id` at `path` found: listed (and unreadable, with the error),
+    /// or not listed when it is missing.
+    fn note(&mut self, id: String, path: PathBuf, problem: Option<&std::io::Error>) {
+        match problem {
+            Some(error) if cache::is_missing(error) => {
+                self.unreadable.remove(&id);
+                self.ids.remove(&id);
+            }
+            Some(error) => {
+                self.unreadable.insert(id.clone(), format!("{}: {error}", path.display()));
+                self.ids.insert(id, path);
+            }
+            None => {
+                self.unreadable.remove(&id);
+                self.ids.insert(id, path);
+            }
+        }
+    }
+
+    /// The ids of the listed files that could not be read: they have no cache entry, and are examined on every
+    /// read.
+    pub(super) fn unreadable_ids(&self) -> impl Iterator<Item = &str> {
+        self.unreadable.keys().map(String::as_str)
+    }
 }
 
 impl GrantFiles {
@@ -79,40 +106,74 @@ impl GrantFiles {
         let ids = list(dir)?;
         let paths: Vec<PathBuf> = ids.iter().map(|(_, path)| path.clone()).collect();
         let (problems, counts) = self.cache.refresh(&paths, environment, suspects, parse);
-        let mut listing =
-            Listing { dir: dir.to_owned(), ids: Vec::with_capacity(ids.len()), unreadable: HashMap::new() };
+        let mut listing = Listing {
+            dir: dir.to_owned(),
+            ids: foldhash::HashMap::with_capacity_and_hasher(ids.len(), Default::default()),
+            unreadable: HashMap::new(),
+        };
         for (id, path) in ids {
-            match problems.get(&path) {
-                Some(error) if cache::is_missing(error) => {}
-                Some(error) => {
-                    listing.unreadable.insert(id.clone(), format!("{}: {error}", path.display()));
-                    listing.ids.push((id, path));
-                }
-                None => listing.ids.push((id, path)),
-            }
+            let problem = problems.get(&path);
+            listing.note(id, path, problem);
         }
         Ok((listing, counts))
     }
 
+    /// Refreshes only the grant files of `ids` (valid ids), whatever their stamps, and brings `listing` in line
+    /// with what they are now: for a read of the changes events named, where a file that appeared or vanished
+    /// was named too. Returns the ids that were listed and are gone.
+    pub(super) fn refresh_some(
+        &mut self,
+        listing: &mut Listing,
+        ids: &[String],
+        environment: &Environment,
+    ) -> (Vec<String>, RefreshCounts) {
+        let paths: Vec<PathBuf> = ids.iter().map(|id| path_of(&listing.dir, id)).collect();
+        let (problems, counts) = self.cache.refresh_some(&paths, environment, parse);
+        let mut gone = Vec::new();
+        for (id, path) in ids.iter().zip(paths) {
+            let problem = problems.get(&path);
+            if problem.is_some_and(cache::is_missing) && listing.ids.contains_key(id) {
+                gone.push(id.clone());
+            }
+            listing.note(id.clone(), path, problem);
+        }
+        (gone, counts)
+    }
+
+    /// The ids of grant files whose cache entries are racy: a read examines them whatever it is told.
+    pub(super) fn racy_ids(&self) -> impl Iterator<Item = &str> {
+        self.cache.racy_paths().filter_map(|path| path.file_name().and_then(grant_id_of))
+    }
+
     /// What `listing` found, for judging one read.
     pub(super) fn view<'a>(&'a self, listing: &'a Listing) -> Grants<'a> {
-        let by_id = listing
-            .ids
+        let by_id = listing.ids.iter().filter_map(|(id, path)| self.file(listing, id, path)).collect();
+        Grants { dir: &listing.dir, by_id }
+    }
+
+    /// What `listing` found for the grants `ids` alone (others read as absent), for judging some associations.
+    pub(super) fn view_some<'a>(&'a self, listing: &'a Listing, ids: &[&'a str]) -> Grants<'a> {
+        let by_id = ids
             .iter()
-            .filter_map(|(id, path)| {
-                let file = match (listing.unreadable.get(id), self.cache.get(path)) {
-                    (Some(message), _) => GrantFile::Unreadable { message: message.clone(), sha256: None },
-                    (None, Some(cached)) => match &cached.value {
-                        Ok(facts) => GrantFile::Parsed { facts, sha256: cached.sha256 },
-                        Err(message) => GrantFile::Unreadable { message: message.clone(), sha256: Some(cached.sha256) },
-                    },
-                    // Every listed path is either unreadable or cached after a refresh.
-                    (None, None) => return None,
-                };
-                Some((id.as_str(), file))
+            .filter_map(|id| {
+                let (id, path) = listing.ids.get_key_value(*id)?;
+                self.file(listing, id, path)
             })
             .collect();
         Grants { dir: &listing.dir, by_id }
+    }
+
+    fn file<'a>(&'a self, listing: &'a Listing, id: &'a str, path: &Path) -> Option<(&'a str, GrantFile<'a>)> {
+        let file = match (listing.unreadable.get(id), self.cache.get(path)) {
+            (Some(message), _) => GrantFile::Unreadable { message: message.clone(), sha256: None },
+            (None, Some(cached)) => match &cached.value {
+                Ok(facts) => GrantFile::Parsed { facts, sha256: cached.sha256 },
+                Err(message) => GrantFile::Unreadable { message: message.clone(), sha256: Some(cached.sha256) },
+            },
+            // Every listed path is either unreadable or cached after a refresh.
+            (None, None) => return None,
+        };
+        Some((id, file))
     }
 
     /// Forgets a grant file, so that the next read reads it whatever its stamp.
@@ -175,6 +236,19 @@ impl Grants<'_> {
             GrantFile::Parsed { sha256, .. } => Some(*sha256),
             GrantFile::Unreadable { sha256, .. } => *sha256,
         }
+    }
+
+    /// The earliest `not_after` later than `now` among these grant files that are not retired: the first
+    /// instant at which check 1 on one of them may judge otherwise with no file changing.
+    pub(super) fn next_lapse(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.by_id
+            .values()
+            .filter_map(|file| match file {
+                GrantFile::Parsed { facts, .. } if facts.state != GrantState::Retired => facts.not_after,
+                _ => None,
+            })
+            .filter(|not_after| *not_after > now)
+            .min()
     }
 
     /// Every grant file's status at `now`, for [`super::Snapshot::grants`].
@@ -267,7 +341,7 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, ExportError> {
 }
 
 /// The grant id a directory entry stands for, or `None` when the entry is not a grant file.
-fn grant_id_of(file_name: &OsStr) -> Option<&str> {
+pub(super) fn grant_id_of(file_name: &OsStr) -> Option<&str> {
     let name = file_name.to_str()?;
     if name.starts_with('.') {
         return None;

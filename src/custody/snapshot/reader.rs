@@ -30,13 +30,13 @@ use time::OffsetDateTime;
 
 use super::cache::{self, Environment, FileCache, Problems, RefreshCounts, Suspects, EVERY_PATH};
 use super::certificate::{self, CertificateFiles, CertificatePaths, Found, Leaf, ParsedChain, ParsedSealedKey};
-use super::grants::{Authorized, GrantFiles, Grants};
+use super::grants::{self as grant_files, Authorized, GrantFiles, Grants, Listing};
 use super::inputs::{self, FileHashes};
 use super::{
-    checks, parallel, reason, AssociationOutcome, Check, ExportError, GrantStatus, Refusal, Result, Snapshot, Verdict,
-    VerifiedCertificate,
+    checks, parallel, reason, AssociationOutcome, Check, ExportError, GrantStatus, Refusal, Result, Scope, Snapshot,
+    Verdict, VerifiedCertificate,
 };
-use crate::custody::changes::Changes;
+use crate::custody::changes::{Changes, InLayout};
 use crate::custody::format::{layout, AssociationEntry, Associations, FormatError};
 
 /// What the last [`ExportReader::read`] did, for logs, metrics and tests.
@@ -64,6 +64,21 @@ pub struct ExportReader {
     certificates: FileCache<ParsedChain>,
     sealed_keys: FileCache<ParsedSealedKey>,
     stats: ReadStats,
+    /// What the last read left, when a read of named changes may start from it.
+    last: Option<LastRead>,
+}
+
+/// What one read left for the next, so that a read of named changes judges only what they concern.
+struct LastRead {
+    /// SHA-256 of the `associations.toml` judged, `None` when there was none.
+    associations: Option<[u8; 32]>,
+    /// The grant files found.
+    listing: Listing,
+    /// The first instant at which check 1 may judge a grant file found otherwise without any file changing.
+    next_lapse: Option<OffsetDateTime>,
+    /// Entries (by index in `associations.toml`) with files that could not be read: a fresh read would read
+    /// them again, so every read judges them again.
+    unsettled: Vec<usize>,
 }
 
 impl fmt::Debug for ExportReader {
@@ -90,6 +105,7 @@ impl ExportReader {
             certificates: FileCache::default(),
             sealed_keys: FileCache::default(),
             stats: ReadStats::default(),
+            last: None,
         }
     }
 
@@ -116,21 +132,143 @@ impl ExportReader {
     /// refuses that association alone. A file that is missing or does not parse is never acted on, and is read
     /// again next time it changes. This blocks, on up to one thread per core; call it from a blocking context.
     pub fn read(&mut self, now: OffsetDateTime, known: &dyn Fn(&str) -> Option<[u8; 32]>) -> Result<Snapshot> {
-        self.read_with(now, known, EVERY_PATH)
+        self.read_with(now, known, EVERY_PATH, RefreshCounts::default())
     }
 
-    /// As [`ExportReader::read`], examining on disk only the files that `changes` says may have changed (and
-    /// those the cache cannot trust: new, missing, racy); every other file keeps its cached state. Judging is
-    /// the same: check 1 of every association is judged at `now`. For reads prompted by file events, backed by
-    /// full reads (see [`crate::custody::changes`]).
+    /// As [`ExportReader::read`], after file events: examines on disk only the files that `changes` says may
+    /// have changed (and those the cache cannot trust: new, missing, racy), and, when it can, judges only the
+    /// associations they concern, returning a [`Scope::Partial`] snapshot.
+    ///
+    /// It can when the previous read of this reader succeeded (and the caller applied it), `associations.toml`
+    /// has the bytes that read judged, no grant file it found lapses before `now`, and the events named no
+    /// more than files and certificate directories. Then the associations judged are those whose certificate
+    /// directory, grant file, or cache entries (racy, unreadable) may have changed, and the grant statuses
+    /// reported are those of the grants they use and the grant files named; check 1 of every other
+    /// association would judge as before. Otherwise every association is judged and the snapshot is complete.
+    /// For reads prompted by file events, backed by full reads (see [`crate::custody::changes`]).
     pub fn read_changes(
         &mut self,
         now: OffsetDateTime,
         known: &dyn Fn(&str) -> Option<[u8; 32]>,
         changes: &Changes,
     ) -> Result<Snapshot> {
+        let mut counts = RefreshCounts::default();
+        if let Some(named) = changes.in_layout() {
+            match self.read_named(now, known, &named) {
+                Ok(snapshot) => return Ok(snapshot),
+                Err(so_far) => counts = so_far,
+            }
+        }
         let export = self.export.clone();
-        self.read_with(now, known, &|path| changes.may_have_changed(&export, path))
+        self.read_with(now, known, &|path| changes.may_have_changed(&export, path), counts)
+    }
+
+    /// The partial read of [`ExportReader::read_changes`], or what it refreshed before finding that it cannot
+    /// be partial.
+    fn read_named(
+        &mut self,
+        now: OffsetDateTime,
+        known: &dyn Fn(&str) -> Option<[u8; 32]>,
+        named: &InLayout,
+    ) -> Result<Snapshot, RefreshCounts> {
+        let no_counts = RefreshCounts::default();
+        let mut last = self.last.take().ok_or(no_counts)?;
+        if last.next_lapse.is_some_and(|lapse| lapse <= now) {
+            return Err(no_counts);
+        }
+        let associations_path = self.export.join(layout::ASSOCIATIONS);
+        let certificates_dir = self.export.join(layout::CERTIFICATES_DIR);
+        let suspect = named.associations;
+        let (sha256, associations, mut counts) = refresh_associations(
+            &mut self.associations,
+            &associations_path,
+            &certificates_dir,
+            &self.environment,
+            &|_| suspect,
+        )
+        .map_err(|_| no_counts)?;
+        if sha256 != last.associations {
+            return Err(counts);
+        }
+
+        // The grant files that may have changed, and the associations that use them or whose own files may have.
+        let mut touched_grants: Vec<String> = named
+            .grant_files
+            .iter()
+            .filter_map(|name| grant_files::grant_id_of(name))
+            .chain(self.grants.racy_ids())
+            .chain(last.listing.unreadable_ids())
+            .map(str::to_owned)
+            .collect();
+        touched_grants.sort_unstable();
+        touched_grants.dedup();
+        let (gone_grants, grant_counts) =
+            self.grants.refresh_some(&mut last.listing, &touched_grants, &self.environment);
+        counts += grant_counts;
+        let racy_files = self.certificates.racy_paths().chain(self.sealed_keys.racy_paths());
+        let racy_directories = racy_files.filter_map(|path| path.parent()?.file_name());
+        let mut touched: Vec<usize> = named
+            .certificate_dirs
+            .iter()
+            .map(|name| name.as_os_str())
+            .chain(racy_directories)
+            .filter_map(|name| associations.by_certificate.get(name.to_str()?).copied())
+            .chain(touched_grants.iter().flat_map(|id| associations.by_grant.get(id).into_iter().flatten().copied()))
+            .chain(last.unsettled.iter().copied())
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+
+        let mut grant_ids: Vec<&str> = touched_grants.iter().map(String::as_str).collect();
+        grant_ids.extend(touched.iter().map(|&i| associations.entries[i].grant_id.as_str()));
+        grant_ids.sort_unstable();
+        grant_ids.dedup();
+        let grants = self.grants.view_some(&last.listing, &grant_ids);
+        let items: Vec<_> = touched.iter().map(|&i| (&associations.entries[i], &associations.claims[i])).collect();
+        let gates = gate(&items, &grants, &self.grantee, now);
+        // Files of associations whose grant now refuses them leave the cache, as a full read prunes them: a read
+        // that trusts an unchanged stamp must only ever find entries refreshed since the last event.
+        for gate in &gates {
+            if let (GateState::Refused(_), Ok(paths)) = (&gate.state, associations.claim_of(gate.entry)) {
+                self.certificates.forget(&paths.certificate);
+                self.sealed_keys.forget(&paths.sealed_key);
+            }
+        }
+        let (problems, file_counts) =
+            refresh_certificates(&mut self.certificates, &mut self.sealed_keys, &gates, &self.environment, None);
+        counts += file_counts;
+        let judge = Judge {
+            grantee: &self.grantee,
+            grants: &grants,
+            associations_path: &associations_path,
+            certificates: &self.certificates,
+            sealed_keys: &self.sealed_keys,
+            problems: &problems,
+        };
+        let judged = judge.judge_all(&gates, known);
+        let (statuses, changed_grants) = statuses(&grants, &judged, now);
+        let next_lapse = [last.next_lapse, grants.next_lapse(now)].into_iter().flatten().min();
+        drop(gates);
+        drop(grants);
+        self.stats = ReadStats::of(counts, &judged);
+        if changed_grants.is_empty() {
+            last.unsettled.retain(|i| touched.binary_search(i).is_err());
+            last.unsettled.extend(touched.iter().zip(&judged).filter(|(_, j)| j.unsettled).map(|(&i, _)| i));
+            last.next_lapse = next_lapse;
+            self.last = Some(last);
+        } else {
+            // A grant file changed during the read: it is read again, and everything judged, next time.
+            for path in &changed_grants {
+                self.grants.forget(path);
+            }
+        }
+        Ok(Snapshot {
+            export: self.export.clone(),
+            read_at: now,
+            grants: statuses,
+            associations: judged.into_iter().map(|j| j.outcome).collect(),
+            scope: Scope::Partial { gone_grants },
+        })
     }
 
     fn read_with(
@@ -138,23 +276,32 @@ impl ExportReader {
         now: OffsetDateTime,
         known: &dyn Fn(&str) -> Option<[u8; 32]>,
         suspects: Suspects<'_>,
+        mut counts: RefreshCounts,
     ) -> Result<Snapshot> {
+        self.last = None;
         let associations_path = self.export.join(layout::ASSOCIATIONS);
         let certificates_dir = self.export.join(layout::CERTIFICATES_DIR);
-        let (associations, mut counts) = refresh_associations(
+        let (associations_sha256, associations, association_counts) = refresh_associations(
             &mut self.associations,
             &associations_path,
             &certificates_dir,
             &self.environment,
             suspects,
         )?;
+        counts += association_counts;
         let (listing, grant_counts) =
             self.grants.refresh(&self.export.join(layout::GRANTS_DIR), &self.environment, suspects)?;
         counts += grant_counts;
         let grants = self.grants.view(&listing);
-        let gates = gate(associations, &grants, &self.grantee, now);
-        let (problems, file_counts) =
-            refresh_certificates(&mut self.certificates, &mut self.sealed_keys, &gates, &self.environment, suspects);
+        let items: Vec<_> = associations.entries.iter().zip(&associations.claims).collect();
+        let gates = gate(&items, &grants, &self.grantee, now);
+        let (problems, file_counts) = refresh_certificates(
+            &mut self.certificates,
+            &mut self.sealed_keys,
+            &gates,
+            &self.environment,
+            Some(suspects),
+        );
         counts += file_counts;
 
         let judge = Judge {
@@ -167,6 +314,7 @@ impl ExportReader {
         };
         let judged = judge.judge_all(&gates, known);
         let (statuses, changed_grants) = statuses(&grants, &judged, now);
+        let next_lapse = grants.next_lapse(now);
         // The gates and the view borrow the grant cache, which is changed below.
         drop(gates);
         drop(grants);
@@ -175,11 +323,16 @@ impl ExportReader {
             self.grants.forget(path);
         }
         self.stats = ReadStats::of(counts, &judged);
+        if changed_grants.is_empty() {
+            let unsettled = judged.iter().enumerate().filter(|(_, j)| j.unsettled).map(|(i, _)| i).collect();
+            self.last = Some(LastRead { associations: associations_sha256, listing, next_lapse, unsettled });
+        }
         Ok(Snapshot {
             export: self.export.clone(),
             read_at: now,
             grants: statuses,
             associations: judged.into_iter().map(|j| j.outcome).collect(),
+            scope: Scope::Complete,
         })
     }
 }
@@ -198,20 +351,27 @@ impl ReadStats {
 
 /// Refreshes the certificate directories of the entries whose grant passed check 1 (and only those: the files
 /// of an association refused before are not looked at, as in a fresh read).
+///
+/// With `suspects`, the gates are every entry's, and the caches are pruned to their files. Without, the gates
+/// are some entries' (a partial read), and their files are stat'ed whatever their entries say.
 fn refresh_certificates(
     certificates: &mut FileCache<ParsedChain>,
     sealed_keys: &mut FileCache<ParsedSealedKey>,
     gates: &[Gate<'_>],
     environment: &Environment,
-    suspects: Suspects<'_>,
+    suspects: Option<Suspects<'_>>,
 ) -> (Problems, RefreshCounts) {
     let paths: Vec<&CertificatePaths> = gates.iter().filter_map(Gate::paths).collect();
     let certificate_paths: Vec<&Path> = paths.iter().map(|p| p.certificate.as_path()).collect();
     let sealed_key_paths: Vec<&Path> = paths.iter().map(|p| p.sealed_key.as_path()).collect();
-    let (mut problems, mut counts) =
-        certificates.refresh(&certificate_paths, environment, suspects, certificate::parse_chain);
-    let (sealed_key_problems, sealed_key_counts) =
-        sealed_keys.refresh(&sealed_key_paths, environment, suspects, certificate::parse_sealed_key);
+    let (mut problems, mut counts) = match suspects {
+        Some(suspects) => certificates.refresh(&certificate_paths, environment, suspects, certificate::parse_chain),
+        None => certificates.refresh_some(&certificate_paths, environment, certificate::parse_chain),
+    };
+    let (sealed_key_problems, sealed_key_counts) = match suspects {
+        Some(suspects) => sealed_keys.refresh(&sealed_key_paths, environment, suspects, certificate::parse_sealed_key),
+        None => sealed_keys.refresh_some(&sealed_key_paths, environment, certificate::parse_sealed_key),
+    };
     problems.extend(sealed_key_problems);
     counts += sealed_key_counts;
     (problems, counts)
@@ -237,53 +397,80 @@ fn statuses(
 
 /// Refreshes `associations.toml`. An absent file (or a dangling link, or no export directory at all) associates
 /// nothing; a file that exists but cannot be read or does not parse fails the whole read. Either way the file
-/// has no cache entry left, so a file that comes back is read again.
+/// has no cache entry left, so a file that comes back is read again. Also returns the file's SHA-256, `None`
+/// when absent.
 fn refresh_associations<'c>(
     cache: &'c mut FileCache<Result<AssociationsFile, FormatError>>,
     path: &Path,
     certificates_dir: &Path,
     environment: &Environment,
     suspects: Suspects<'_>,
-) -> Result<(&'c AssociationsFile, RefreshCounts)> {
+) -> Result<(Option<[u8; 32]>, &'c AssociationsFile, RefreshCounts)> {
     let paths = [path];
     let parse = |_: &Path, bytes: &[u8]| Associations::parse(bytes).map(|a| AssociationsFile::new(a, certificates_dir));
     let (mut problems, counts) = cache.refresh(&paths, environment, suspects, parse);
     match problems.remove(path) {
-        Some(error) if cache::is_missing(&error) => return Ok((&NO_ASSOCIATIONS, counts)),
+        Some(error) if cache::is_missing(&error) => return Ok((None, &NO_ASSOCIATIONS, counts)),
         Some(source) => return Err(ExportError::Io { path: path.to_owned(), source }),
         None => {}
     }
-    match cache.get(path).map(|cached| &cached.value) {
-        Some(Ok(associations)) => Ok((associations, counts)),
-        Some(Err(source)) => Err(ExportError::Format { path: path.to_owned(), source: source.clone() }),
+    match cache.get(path).map(|cached| (cached.sha256, &cached.value)) {
+        Some((sha256, Ok(associations))) => Ok((Some(sha256), associations, counts)),
+        Some((_, Err(source))) => Err(ExportError::Format { path: path.to_owned(), source: source.clone() }),
         // A refreshed path is either cached or a problem; were it neither, failing the read changes nothing.
         None => Err(ExportError::Io { path: path.to_owned(), source: std::io::Error::other("was not read") }),
     }
 }
 
 /// What an absent `associations.toml` says: nothing is associated.
-static NO_ASSOCIATIONS: AssociationsFile = AssociationsFile { entries: Vec::new(), claims: Vec::new() };
+static NO_ASSOCIATIONS: std::sync::LazyLock<AssociationsFile> = std::sync::LazyLock::new(|| AssociationsFile {
+    entries: Vec::new(),
+    claims: Vec::new(),
+    by_certificate: foldhash::HashMap::default(),
+    by_grant: foldhash::HashMap::default(),
+});
 
 /// A parsed `associations.toml`, with what follows from it alone: which entries are refused before any other
-/// file is looked at (invalid ids, duplicates: they depend on file order), and where the others' files are.
-/// Cached with the file, so that a read with an unchanged file redoes none of it.
+/// file is looked at (invalid ids, duplicates: they depend on file order), where the others' files are, and
+/// which entries a changed certificate directory or grant file concerns. Cached with the file, so that a read
+/// with an unchanged file redoes none of it.
 struct AssociationsFile {
     entries: Vec<AssociationEntry>,
     /// One per entry: its certificate directory's files, or its refusal.
     claims: Vec<Result<CertificatePaths, Refusal>>,
+    /// The entry that claims each certificate id (the others naming it are refused whatever their files say).
+    by_certificate: foldhash::HashMap<String, usize>,
+    /// The entries that claim a certificate under each grant id, in file order.
+    by_grant: foldhash::HashMap<String, Vec<usize>>,
 }
 
 impl AssociationsFile {
     fn new(associations: Associations, certificates_dir: &Path) -> Self {
         let mut claimed = HashSet::with_capacity(associations.entries.len());
-        let claims = associations
+        let claims: Vec<_> = associations
             .entries
             .iter()
             .map(|entry| {
                 claim(entry, &mut claimed).map(|()| CertificatePaths::new(certificates_dir, &entry.certificate_id))
             })
             .collect();
-        Self { entries: associations.entries, claims }
+        drop(claimed);
+        let mut by_certificate = foldhash::HashMap::with_capacity_and_hasher(claims.len(), Default::default());
+        let mut by_grant: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
+        for (index, entry) in associations.entries.iter().enumerate().filter(|(i, _)| claims[*i].is_ok()) {
+            by_certificate.insert(entry.certificate_id.clone(), index);
+            by_grant.entry(entry.grant_id.clone()).or_default().push(index);
+        }
+        Self { entries: associations.entries, claims, by_certificate, by_grant }
+    }
+
+    /// The claim of `entry`, one of this file's entries.
+    fn claim_of(&self, entry: &AssociationEntry) -> Result<&CertificatePaths, ()> {
+        let index = *self.by_certificate.get(&entry.certificate_id).ok_or(())?;
+        match &self.claims[index] {
+            Ok(paths) if std::ptr::eq(&self.entries[index], entry) => Ok(paths),
+            _ => Err(()),
+        }
     }
 }
 
@@ -309,15 +496,15 @@ impl Gate<'_> {
     }
 }
 
-/// Check 1 for every entry that was not refused by its ids or as a duplicate, on several threads.
+/// Check 1 for every entry of `items` (with its claim) that was not refused by its ids or as a duplicate, on
+/// several threads.
 fn gate<'a>(
-    associations: &'a AssociationsFile,
+    items: &[(&'a AssociationEntry, &'a Result<CertificatePaths, Refusal>)],
     grants: &'a Grants<'a>,
     grantee: &str,
     now: OffsetDateTime,
 ) -> Vec<Gate<'a>> {
-    let items: Vec<_> = associations.entries.iter().zip(&associations.claims).collect();
-    parallel::map(&items, |&(entry, claim)| {
+    parallel::map(items, |&(entry, claim)| {
         let state = match claim {
             Ok(paths) => match grants.authorize(&entry.grant_id, grantee, now) {
                 Ok(grant) => GateState::Open { grant, paths },
@@ -364,6 +551,9 @@ struct Judged {
     verified: bool,
     /// The grant file changed after check 1 was judged on it: the message for its status.
     grant_changed: Option<String>,
+    /// A file of the association could not be read (missing, unreadable, or its grant changed): a fresh read
+    /// would read it again.
+    unsettled: bool,
 }
 
 impl Judge<'_> {
@@ -382,6 +572,7 @@ impl Judge<'_> {
         let mut facts = Known::from_entry(entry);
         let mut verified = false;
         let mut grant_changed = None;
+        let mut unsettled = false;
         let (inputs, result) = match &gate.state {
             GateState::Refused(refusal) => {
                 let hashes = FileHashes { grant: self.grants.sha256(&entry.grant_id), ..FileHashes::default() };
@@ -396,6 +587,7 @@ impl Judge<'_> {
                     sealed_key: sealed_key.map(|c| c.sha256),
                 };
                 let inputs = inputs::digest(self.grantee, entry, &hashes);
+                unsettled = chain.is_none() || sealed_key.is_none();
                 let chain = found(chain.map(|c| &c.value), self.problems, &paths.certificate);
                 let sealed_key = found(sealed_key.map(|c| &c.value), self.problems, &paths.sealed_key);
                 let files = CertificateFiles::new(paths, chain, sealed_key);
@@ -410,6 +602,7 @@ impl Judge<'_> {
                         Ok(certificate) => Verdict::Served(certificate),
                         Err(Failure::Refused(refusal)) => Verdict::Refused(refusal),
                         Err(Failure::GrantChanged(refusal)) => {
+                            unsettled = true;
                             grant_changed = Some(refusal.detail.clone());
                             Verdict::Refused(refusal)
                         }
@@ -430,7 +623,7 @@ impl Judge<'_> {
             inputs,
             result,
         };
-        Judged { outcome, verified, grant_changed }
+        Judged { outcome, verified, grant_changed, unsettled }
     }
 
     /// Checks 2 to 5, in order, for an entry whose grant passed check 1 at this read's instant.

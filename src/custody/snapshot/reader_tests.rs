@@ -594,39 +594,76 @@ fn read_changes(fixture: &Fixture, reader: &mut ExportReader, served: &Served, c
     snapshot
 }
 
+/// Each association a snapshot judged, by certificate id, with its verdict.
+fn judged(snapshot: &Snapshot) -> Vec<(&str, &'static str)> {
+    snapshot.associations.iter().map(|a| a.certificate_id.as_str()).zip(verdicts(snapshot)).collect()
+}
+
+/// Changes naming `relative` paths of the fixture's export.
+fn naming(fixture: &Fixture, relative: &[&str]) -> Changes {
+    let mut changes = Changes::none(fixture.dir.path());
+    for name in relative {
+        changes.add(&fixture.path(name));
+    }
+    changes
+}
+
+fn is_partial(snapshot: &Snapshot) -> bool {
+    matches!(snapshot.scope, Scope::Partial { .. })
+}
+
 #[test]
-fn a_read_of_named_changes_examines_only_the_named_files_and_sees_their_change() {
+fn a_read_of_named_changes_examines_and_judges_only_what_they_concern() {
     let mut fixture = two_certificates();
     let mut reader = trusting_reader(&fixture);
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
-    let export = &fixture.dir.path().to_owned();
 
-    // Nothing named: nothing examined, everything unchanged.
-    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
-    assert_eq!(verdicts(&snapshot), ["unchanged", "unchanged"]);
+    // Nothing named: nothing examined, nothing judged.
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[]));
+    assert!(is_partial(&snapshot) && snapshot.associations.is_empty() && snapshot.grants.is_empty());
     assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (0, 0));
 
-    // c-1 renewed: the events name its files and associations.toml (grants.toml is rewritten too, unnamed).
+    // c-2 renewed under the same data key: its two files are named, and it alone is judged.
+    fixture.add_certificate("c-2", &["c2.example.test"]);
+    let names = ["certificates/c-2/certificate.pem", "certificates/c-2/private-key.sealed"];
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &names));
+    assert!(is_partial(&snapshot));
+    assert_eq!(judged(&snapshot), [("c-2", "served")]);
+    assert!(snapshot.grants.contains_key("g-1"), "the grant of a judged association is reported");
+    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (2, 2));
+
+    // The grant file named: both of its associations are judged (unchanged: same bytes).
+    let mut served = served_inputs(&read(&fixture, &mut reader, now(), &served));
+    fixture.write();
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["grants/g-1.toml"]));
+    assert_eq!(judged(&snapshot), [("c-1", "unchanged"), ("c-2", "unchanged")]);
+
+    // c-1 renewed and associations.toml rewritten with other bytes: every association is judged.
     fixture.data_keys.remove("c-1");
     fixture.add_certificate("c-1", &["a.example.test"]);
     fixture.entries.remove(0);
     fixture.associate("c-1", "g-1", None);
     fixture.entries.rotate_right(1);
     fixture.write();
-    let mut changes = Changes::none(export);
-    for name in ["associations.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"] {
-        changes.add(&fixture.path(name));
-    }
-    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    let names = ["associations.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"];
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &names));
+    assert!(!is_partial(&snapshot));
     assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
     assert_eq!(verified(&snapshot, 0).server_names, ["a.example.test"]);
-    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (3, 3));
+    // associations.toml is stat'ed twice: once to see whether the read can be partial, once more by the full one.
+    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (4, 3));
 
     // The full read agrees, and finds the unnamed grant file's new inode (same bytes, same inputs).
-    let served = served_inputs(&snapshot);
+    served.extend(served_inputs(&snapshot));
     let full = read(&fixture, &mut reader, now(), &served);
     assert_eq!(verdicts(&full), ["unchanged", "unchanged"]);
     assert_eq!(reader.last_read().files_read, 1);
+
+    // A directory of the layout named, or anything outside it: every association is judged.
+    for named in ["grants", "certificates", "..data"] {
+        let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[named]));
+        assert!(!is_partial(&snapshot), "{named}");
+    }
 }
 
 #[test]
@@ -635,37 +672,235 @@ fn a_read_of_named_changes_still_examines_racy_new_and_missing_files() {
     // The real clock: the files were just written, so their entries are racy and examined whatever is named.
     let mut reader = reader_with(&fixture, Environment::default());
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
-    let export = &fixture.dir.path().to_owned();
     tamper_sealed_key_in_place(&fixture, "c-1");
-    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[]));
+    assert!(is_partial(&snapshot));
+    assert_eq!(judged(&snapshot)[0].0, "c-1");
     assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
 
-    // A new association: its files have no entry yet, so they are read though no event named them.
+    // A new association: associations.toml changed, so everything is judged, and the new files are read.
     let mut fixture = two_certificates();
-    let export = &fixture.dir.path().to_owned();
     let mut reader = trusting_reader(&fixture);
     let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
     assert_eq!(served.len(), 2);
     fixture.add_certificate("c-3", &["c3.example.test"]);
     fixture.associate("c-3", "g-1", None);
     fixture.write();
-    let mut changes = Changes::none(export);
-    changes.add(&fixture.path("associations.toml"));
-    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["associations.toml"]));
     assert_eq!(verdicts(&snapshot), ["unchanged", "unchanged", "served"]);
-
-    // A file that went missing has no entry either: a later read with nothing named still finds it missing.
-    let aside = move_aside(&fixture.path("certificates/c-3/certificate.pem"));
-    let mut changes = Changes::none(export);
-    changes.add(&fixture.path("certificates/c-3/certificate.pem"));
     let served = served_inputs(&snapshot);
-    let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
-    assert!(snapshot.associations[2].outcome().starts_with("refused"));
-    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
-    assert!(snapshot.associations[2].outcome().starts_with("refused"));
+
+    // A file that went missing has no entry: every later read judges its association again, named or not.
+    let aside = move_aside(&fixture.path("certificates/c-3/certificate.pem"));
+    let snapshot =
+        read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["certificates/c-3/certificate.pem"]));
+    assert_eq!(judged(&snapshot), [("c-3", "refused")]);
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[]));
+    assert_eq!(judged(&snapshot), [("c-3", "refused")]);
     restore(&aside, &fixture.path("certificates/c-3/certificate.pem"));
-    let snapshot = read_changes(&fixture, &mut reader, &served, &Changes::none(export));
-    assert_eq!(snapshot.associations[2].outcome(), "served");
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[]));
+    assert_eq!(judged(&snapshot), [("c-3", "unchanged")]);
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &[]));
+    assert!(snapshot.associations.is_empty(), "settled again: {:?}", judged(&snapshot));
+}
+
+#[test]
+fn a_read_of_named_changes_judges_everything_once_a_grant_lapses() {
+    let mut fixture = two_certificates();
+    fixture.grant("g-1").not_after = Some(now() + Duration::hours(1));
+    fixture.write();
+    let mut reader = trusting_reader(&fixture);
+    let served = served_inputs(&read(&fixture, &mut reader, now(), &Served::new()));
+    let known = |id: &str| served.get(id).copied();
+    let before = reader.read_changes(now() + Duration::minutes(59), &known, &naming(&fixture, &[])).unwrap();
+    assert!(is_partial(&before));
+    let after = reader.read_changes(now() + Duration::hours(1), &known, &naming(&fixture, &[])).unwrap();
+    assert!(!is_partial(&after));
+    assert_eq!(after.grants["g-1"], GrantStatus::Lapsed);
+    assert_refused(&after, 0, Check::Grant, reason::GRANT_LAPSED);
+}
+
+/// Where a step changed files of the export: the paths, relative to it, that file events would name.
+type Step<'a> = (&'a str, Box<dyn Fn(&mut Fixture) -> Vec<String> + 'a>);
+
+fn write_grant(fixture: &Fixture, id: &str) -> Vec<String> {
+    let grant = fixture.grants.iter().find(|g| g.grant_id == id).unwrap();
+    let relative = format!("grants/{id}.toml");
+    put(&fixture.path(&relative), grant.render().as_bytes());
+    vec![relative]
+}
+
+fn certificate_files(id: &str) -> Vec<String> {
+    vec![format!("certificates/{id}/certificate.pem"), format!("certificates/{id}/private-key.sealed")]
+}
+
+/// What a keyring serves, by certificate id: the leaf and the names.
+fn serving(keyring: &Keyring) -> Vec<(String, [u8; 32], Vec<String>)> {
+    keyring.served().map(|c| (c.certificate_id.clone(), c.leaf_sha256, c.server_names.clone())).collect()
+}
+
+/// A reader kept across changes, reading only what events name and applying partial snapshots to its keyring,
+/// ends each step serving, refusing and retiring exactly what a reader that judges everything every time does.
+#[test]
+fn partial_reads_of_named_changes_agree_with_complete_reads() {
+    let mut fixture = Fixture::new();
+    for (grant, certificates) in
+        [("g-1", &["c-1", "c-2"][..]), ("g-2", &["c-3"]), ("g-3", &["c-4"]), ("g-4", &["c-5"]), ("g-5", &["c-6"])]
+    {
+        fixture.add_grant(grant);
+        for id in certificates {
+            fixture.add_certificate(id, &[&format!("{id}.example.test")]);
+            fixture.associate(id, grant, None);
+        }
+    }
+    // c-7's grant does not exist yet; c-8's sealed key is not there yet.
+    fixture.add_grant("g-7");
+    fixture.add_certificate("c-7", &["c-7.example.test"]);
+    fixture.associate("c-7", "g-7", None);
+    fixture.add_certificate("c-8", &["c-8.example.test"]);
+    fixture.associate("c-8", "g-1", None);
+    fixture.write();
+    std::fs::remove_file(fixture.path("grants/g-7.toml")).unwrap();
+    let c8_sealed_key = move_aside(&fixture.path("certificates/c-8/private-key.sealed"));
+    let original_c1_key = std::fs::read(fixture.path("certificates/c-1/private-key.sealed")).unwrap();
+
+    let steps: Vec<Step<'_>> = vec![
+        (
+            "renew c-2",
+            Box::new(|f| {
+                f.add_certificate("c-2", &["c-2.example.test", "www.c-2.example.test"]);
+                certificate_files("c-2")
+            }),
+        ),
+        (
+            "tamper with c-1's sealed key",
+            Box::new(|f| {
+                tamper_sealed_key_in_place(f, "c-1");
+                vec!["certificates/c-1/private-key.sealed".into()]
+            }),
+        ),
+        (
+            "restore c-1's sealed key",
+            Box::new(|f| {
+                put(&f.path("certificates/c-1/private-key.sealed"), &original_c1_key);
+                vec!["certificates/c-1/private-key.sealed".into()]
+            }),
+        ),
+        (
+            "retire g-2",
+            Box::new(|f| {
+                f.grant("g-2").state = GrantState::Retired;
+                write_grant(f, "g-2")
+            }),
+        ),
+        (
+            "give g-3 to someone else",
+            Box::new(|f| {
+                f.grant("g-3").grantee = "someone-else".into();
+                write_grant(f, "g-3")
+            }),
+        ),
+        (
+            "delete g-4",
+            Box::new(|f| {
+                std::fs::remove_file(f.path("grants/g-4.toml")).unwrap();
+                vec!["grants/g-4.toml".into()]
+            }),
+        ),
+        (
+            "half-write g-5",
+            Box::new(|f| {
+                put(&f.path("grants/g-5.toml"), b"grant_id = \"g-5\"\nkey_");
+                vec!["grants/g-5.toml".into()]
+            }),
+        ),
+        ("finish g-5", Box::new(|f| write_grant(f, "g-5"))),
+        (
+            "remove c-1's certificate",
+            Box::new(|f| {
+                std::fs::remove_file(f.path("certificates/c-1/certificate.pem")).unwrap();
+                vec!["certificates/c-1/certificate.pem".into()]
+            }),
+        ),
+        ("create g-7", Box::new(|f| write_grant(f, "g-7"))),
+        (
+            "put c-8's sealed key back, unnamed",
+            Box::new(|f| {
+                restore(&c8_sealed_key, &f.path("certificates/c-8/private-key.sealed"));
+                vec![]
+            }),
+        ),
+        (
+            "renew c-1",
+            Box::new(|f| {
+                f.add_certificate("c-1", &["c-1.example.test"]);
+                certificate_files("c-1")
+            }),
+        ),
+        (
+            "bring g-2 back as active (a restored backup)",
+            Box::new(|f| {
+                f.grant("g-2").state = GrantState::Active;
+                write_grant(f, "g-2")
+            }),
+        ),
+        (
+            "associate c-9",
+            Box::new(|f| {
+                f.add_certificate("c-9", &["c-9.example.test"]);
+                f.associate("c-9", "g-5", None);
+                f.write();
+                let mut named = certificate_files("c-9");
+                named.push("associations.toml".into());
+                named
+            }),
+        ),
+        (
+            "renew c-9",
+            Box::new(|f| {
+                f.add_certificate("c-9", &["c-9.example.test"]);
+                certificate_files("c-9")
+            }),
+        ),
+    ];
+
+    let mut partial_reader = trusting_reader(&fixture);
+    let mut complete_reader = trusting_reader(&fixture);
+    let (mut partial, mut complete) = (Keyring::new(), Keyring::new());
+    let first = partial_reader.read(now(), &|_| None).unwrap();
+    let mut outcomes: HashMap<String, String> =
+        first.associations.iter().map(|a| (a.certificate_id.clone(), a.outcome())).collect();
+    partial.apply(first);
+    complete.apply(complete_reader.read(now(), &|_| None).unwrap());
+    let mut partial_reads = 0;
+    for (what, step) in std::iter::once(("nothing", Box::new(|_: &mut Fixture| vec![]) as Box<_>)).chain(steps) {
+        let named = step(&mut fixture);
+        let names: Vec<&str> = named.iter().map(String::as_str).collect();
+        let snapshot =
+            partial_reader.read_changes(now(), &|id| partial.inputs_of(id), &naming(&fixture, &names)).unwrap();
+        fixture.assert_no_secrets(&snapshot);
+        partial_reads += usize::from(is_partial(&snapshot));
+        if !is_partial(&snapshot) {
+            outcomes.clear();
+        }
+        for outcome in &snapshot.associations {
+            outcomes.insert(outcome.certificate_id.clone(), outcome.outcome());
+        }
+        partial.apply(snapshot);
+
+        let snapshot = complete_reader.read(now(), &|id| complete.inputs_of(id)).unwrap();
+        let expected: HashMap<String, String> =
+            snapshot.associations.iter().map(|a| (a.certificate_id.clone(), a.outcome())).collect();
+        complete.apply(snapshot);
+        assert_eq!(serving(&partial), serving(&complete), "after: {what}");
+        assert_eq!(outcomes, expected, "after: {what}");
+        for grant in ["g-1", "g-2", "g-3", "g-4", "g-5", "g-7"] {
+            assert_eq!(partial.is_retired(grant), complete.is_retired(grant), "{grant} after: {what}");
+        }
+    }
+    assert_eq!(partial_reads, 15, "every step but the new association is read in part");
+    let served: Vec<String> = serving(&partial).into_iter().map(|(id, ..)| id).collect();
+    assert_eq!(served, ["c-1", "c-2", "c-6", "c-7", "c-8", "c-9"]);
 }
 
 #[test]
@@ -684,7 +919,7 @@ fn a_named_directory_makes_every_file_under_it_suspect() {
     let mut changes = Changes::none(export);
     changes.add(&dir);
     let snapshot = read_changes(&fixture, &mut reader, &served, &changes);
+    assert_eq!(judged(&snapshot), [("c-1", "refused")]);
     assert_refused(&snapshot, 0, Check::Seal, reason::PRIVATE_KEY_SEAL);
-    assert_eq!(snapshot.associations[1].outcome(), "served");
     assert_eq!(reader.last_read().files_checked, 2);
 }
