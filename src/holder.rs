@@ -24,7 +24,7 @@ use crate::audit::{Audit, AuditEvent, PublicKeyFingerprint};
 use crate::custody::changes::Changes;
 use crate::custody::snapshot::{Check, ExportError, ExportReader, GrantStatus, Refusal};
 use crate::custody::watch::ExportWatcher;
-use crate::keyring::{ApplyReport, EndedGrant, Keyring};
+use crate::keyring::{ApplyReport, EndedGrant, Keyring, LoadedCertificate};
 use crate::metrics::Metrics;
 use crate::registry::ConnectionRegistry;
 use crate::tls::CertificateStore;
@@ -128,10 +128,19 @@ impl Holder {
         let mut keyring = self.keyring();
         let report = keyring.apply(snapshot);
         if report.changed() {
-            self.publish(&keyring);
+            match report.partial {
+                // The changes alone: with 10,000 certificates, rebuilding the table is most of a renewal's cost.
+                Some(_) => {
+                    let ended = report.ended.iter().flat_map(|grant| &grant.certificates);
+                    self.store.publish_changes(report.replaced.iter().chain(ended), &report.loaded);
+                    self.publish_serving(&keyring);
+                }
+                None => self.publish(&keyring),
+            }
         }
         self.metrics.reload(true);
         drop(keyring);
+        reader.drop_superseded();
         let stats = reader.last_read();
         drop(reader);
         tracing::debug!(
@@ -148,7 +157,7 @@ impl Holder {
             self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
         }
         self.log_report(&report);
-        self.publish_metrics(now);
+        self.publish_metrics(&report, now);
         self.audit_changes(&report);
         Ok(report)
     }
@@ -162,7 +171,8 @@ impl Holder {
         if ended.is_empty() {
             return ended;
         }
-        self.publish(&keyring);
+        self.store.publish_changes(ended.iter().flat_map(|grant| &grant.certificates), &[]);
+        self.publish_serving(&keyring);
         drop(keyring);
         for grant in &ended {
             // Measured from the instant the grant lapsed.
@@ -245,6 +255,10 @@ impl Holder {
 
     fn publish(&self, keyring: &Keyring) {
         self.store.publish(keyring);
+        self.publish_serving(keyring);
+    }
+
+    fn publish_serving(&self, keyring: &Keyring) {
         self.serving.send_if_modified(|serving| {
             let now = !keyring.is_empty();
             std::mem::replace(serving, now) != now
@@ -387,7 +401,7 @@ impl Holder {
 
     /// Publishes the served certificates' expiry, the associations refused (not counting those whose last good
     /// state is still served) and the grants.
-    fn publish_metrics(&self, now: OffsetDateTime) {
+    fn publish_metrics(&self, report: &ApplyReport, now: OffsetDateTime) {
         let mut refused: Vec<(&'static str, i64)> = Vec::new();
         for check in self.reported().values().filter_map(|r| r.refused) {
             let label = check_label(check);
@@ -397,13 +411,23 @@ impl Holder {
             }
         }
         let keyring = self.keyring();
-        let served = keyring.served().map(|c| (c.certificate_id.as_str(), (c.not_after - now).as_seconds_f64()));
-        self.metrics.custody_state(
-            served,
-            &refused,
-            i64::try_from(keyring.grants_held()).unwrap_or(i64::MAX),
-            i64::try_from(keyring.grants_retired()).unwrap_or(i64::MAX),
-        );
+        let held = i64::try_from(keyring.grants_held()).unwrap_or(i64::MAX);
+        let retired = i64::try_from(keyring.grants_retired()).unwrap_or(i64::MAX);
+        let expiry = |c: &LoadedCertificate| (c.not_after - now).as_seconds_f64();
+        match report.partial {
+            // Only what changed: the others' expiry is brought up to date by the next complete read.
+            Some(_) => {
+                let ended = report.ended.iter().flat_map(|grant| &grant.certificates);
+                let loaded = |id: &str| report.loaded.iter().any(|c| c.certificate_id == id);
+                let removed = report.replaced.iter().chain(ended).map(|c| c.certificate_id.as_str());
+                let updated = report.loaded.iter().map(|c| (c.certificate_id.as_str(), expiry(c)));
+                self.metrics.custody_changes(removed.filter(|id| !loaded(id)), updated, &refused, held, retired);
+            }
+            None => {
+                let served = keyring.served().map(|c| (c.certificate_id.as_str(), expiry(c)));
+                self.metrics.custody_state(served, &refused, held, retired);
+            }
+        }
     }
 }
 

@@ -320,7 +320,9 @@ impl Keyring {
             }
             self.take(outcome, &snapshot.grants, &mut next, &mut report);
         }
-        if partial {
+        if let Scope::Partial { removed, .. } = snapshot.scope {
+            // A removed association is judged to have nothing to serve.
+            judged.extend(removed);
             self.commit_partial(next, &judged, &mut report);
             report.partial = Some(judged);
         } else {
@@ -432,9 +434,12 @@ impl Keyring {
             }
         }
         report.replaced.sort_by(|a, b| a.certificate_id.cmp(&b.certificate_id));
-        if !report.replaced.is_empty() {
-            let held_grants: foldhash::HashSet<&str> = self.served.values().map(|c| c.grant_id.as_str()).collect();
-            self.grants.retain(|id, _| held_grants.contains(id.as_str()));
+        // A grant is held while it serves a certificate: only those of replaced generations may have stopped.
+        for replaced in &report.replaced {
+            let grant_id = replaced.grant_id.as_str();
+            if self.grants.contains_key(grant_id) && !self.served.values().any(|c| c.grant_id == grant_id) {
+                self.grants.remove(grant_id);
+            }
         }
     }
 
@@ -485,7 +490,7 @@ impl Keyring {
             }
             // Only the grants listed may have changed. (A held grant was found by the previous read, so one that
             // is gone is listed as gone; and every association judged has its grant's status listed.)
-            Scope::Partial { gone_grants } => {
+            Scope::Partial { gone_grants, .. } => {
                 let listed = snapshot.grants.iter().map(|(id, status)| (id, Some(status)));
                 listed
                     .chain(gone_grants.iter().map(|id| (id, None)))
@@ -725,7 +730,8 @@ mod tests {
         associations: Vec<AssociationOutcome>,
     ) -> Snapshot {
         let mut snapshot = snapshot(grants, associations);
-        snapshot.scope = Scope::Partial { gone_grants: gone_grants.iter().map(|g| g.to_string()).collect() };
+        let gone_grants = gone_grants.iter().map(|g| g.to_string()).collect();
+        snapshot.scope = Scope::Partial { gone_grants, removed: Vec::new() };
         snapshot
     }
 

@@ -400,6 +400,46 @@ impl Metrics {
             });
         }
         self.certificates_served.set(i64::try_from(seen.len()).unwrap_or(i64::MAX));
+        drop(gauges);
+        self.custody_counts(refused_by_check, grants_active, grants_retired);
+    }
+
+    /// As [`Metrics::custody_state`] after a change to a few certificates: the expiry of `updated` is set,
+    /// that of `removed` dropped, and the others keep the value the last full update gave them (the holder
+    /// makes one on every complete read of the export).
+    pub fn custody_changes<'a>(
+        &self,
+        removed: impl Iterator<Item = &'a str>,
+        updated: impl Iterator<Item = (&'a str, f64)>,
+        refused_by_check: &[(&'static str, i64)],
+        grants_active: i64,
+        grants_retired: i64,
+    ) {
+        let mut gauges = self.expiry_gauges.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for id in removed {
+            if gauges.remove(id).is_some() {
+                self.certificate_expiry.remove(&CertificateLabels { certificate_id: id.to_owned() });
+            }
+        }
+        for (id, seconds) in updated {
+            match gauges.get(id) {
+                Some(gauge) => {
+                    gauge.set(seconds);
+                }
+                None => {
+                    let labels = CertificateLabels { certificate_id: id.to_owned() };
+                    let gauge = self.certificate_expiry.get_or_create(&labels).clone();
+                    gauge.set(seconds);
+                    gauges.insert(labels.certificate_id, gauge);
+                }
+            }
+        }
+        self.certificates_served.set(i64::try_from(gauges.len()).unwrap_or(i64::MAX));
+        drop(gauges);
+        self.custody_counts(refused_by_check, grants_active, grants_retired);
+    }
+
+    fn custody_counts(&self, refused_by_check: &[(&'static str, i64)], grants_active: i64, grants_retired: i64) {
         self.refused.clear();
         for (check, n) in refused_by_check {
             self.refused.get_or_create(&CheckLabels { check }).set(*n);
@@ -436,6 +476,13 @@ mod tests {
         assert!(!text.contains("certificate_id=\"c-a\""), "a certificate no longer served keeps its series: {text}");
         assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-b\"} 15.0"), "{text}");
         assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-c\"} 30.0"), "{text}");
+        assert!(text.contains("sealgate_certificates_served 2"), "{text}");
+
+        metrics.custody_changes(["c-b"].into_iter(), [("c-c", 29.0), ("c-d", 40.0)].into_iter(), &[("1", 1)], 2, 1);
+        let text = metrics.encode();
+        assert!(!text.contains("certificate_id=\"c-b\""), "{text}");
+        assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-c\"} 29.0"), "{text}");
+        assert!(text.contains("sealgate_certificate_expiry_seconds{certificate_id=\"c-d\"} 40.0"), "{text}");
         assert!(text.contains("sealgate_certificates_served 2"), "{text}");
 
         metrics.custody_state(std::iter::empty(), &[], 0, 2);

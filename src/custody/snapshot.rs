@@ -84,10 +84,13 @@ pub enum Scope {
     Complete,
     /// Only the association entries and grant files that may have changed since the previous read by the same
     /// [`ExportReader`], which the caller applied: whatever this snapshot does not list is as that read left
-    /// it, except the grants of `gone_grants`, whose files are gone. See [`ExportReader::read_changes`].
+    /// it, except the grants of `gone_grants`, whose files are gone, and the associations of `removed`, which
+    /// `associations.toml` no longer has. See [`ExportReader::read_changes`].
     Partial {
         /// Grant files the previous read found that are gone.
         gone_grants: Vec<String>,
+        /// Certificate ids of the associations the previous read found that are gone.
+        removed: Vec<String>,
     },
 }
 

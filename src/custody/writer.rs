@@ -557,8 +557,11 @@ impl Custody {
             };
             let grant_key = self.grant_key(&grant)?;
             entry.wrapped_data_key = encode_base64(&self.wrap_data_key(certificate, &grant.grant_id, &grant_key)?);
-            export::write_certificate(&layout, &certificate.chain_pem, &sealed)?;
-            export::write_associations(&layout, &associations)?;
+            // Everything is written before anything is renamed into place: a holder sees the three files change
+            // together, not a new certificate beside an old data key while a large associations.toml is written.
+            let mut staged = export::stage_certificate(&layout, &certificate.chain_pem, &sealed)?;
+            staged.push(export::stage_associations(&layout, &associations)?);
+            fsio::publish(staged)?;
             exports.push(grant.export);
         }
         Ok(exports)

@@ -144,11 +144,13 @@ pub(super) type Problems = HashMap<PathBuf, io::Error>;
 /// whose writer is trusted with far more than hash flooding; foldhash is still seeded per process).
 pub(super) struct FileCache<T> {
     entries: foldhash::HashMap<OsString, Cached<T>>,
+    /// The keys of the racy entries, so that a read need not walk every entry to find them.
+    racy: foldhash::HashSet<OsString>,
 }
 
 impl<T> Default for FileCache<T> {
     fn default() -> Self {
-        Self { entries: foldhash::HashMap::default() }
+        Self { entries: foldhash::HashMap::default(), racy: foldhash::HashSet::default() }
     }
 }
 
@@ -218,7 +220,7 @@ impl<T: Send + Sync> FileCache<T> {
 
     /// The paths whose entries are racy: a refresh examines them whatever it is told.
     pub(super) fn racy_paths(&self) -> impl Iterator<Item = &Path> {
-        self.entries.iter().filter(|(_, cached)| cached.racy).map(|(path, _)| Path::new(path))
+        self.racy.iter().map(Path::new)
     }
 
     fn refresh_paths<Q, P>(
@@ -257,16 +259,18 @@ impl<T: Send + Sync> FileCache<T> {
                     if let Some(entry) = self.entries.get_mut(path.as_os_str()) {
                         entry.stamp = stamp;
                         entry.racy = racy;
+                        self.note_racy(path, racy);
                     }
                 }
                 Refreshed::Read { entry, was_racy } => {
                     counts.read += 1;
                     counts.racy += usize::from(was_racy);
                     live += 1;
+                    self.note_racy(path, entry.racy);
                     self.entries.insert(path.as_os_str().to_owned(), *entry);
                 }
                 Refreshed::Failed(error) => {
-                    self.entries.remove(path.as_os_str());
+                    self.forget(path);
                     problems.insert(path.to_owned(), error);
                 }
             }
@@ -274,6 +278,7 @@ impl<T: Send + Sync> FileCache<T> {
         if prune == Prune::Others && self.entries.len() != live {
             let wanted: foldhash::HashSet<&OsStr> = paths.iter().map(|path| path.as_ref().as_os_str()).collect();
             self.entries.retain(|path, _| wanted.contains(path.as_os_str()));
+            self.racy.retain(|path| wanted.contains(path.as_os_str()));
         }
         (problems, counts)
     }
@@ -286,6 +291,15 @@ impl<T: Send + Sync> FileCache<T> {
     /// Forgets `path`, so that the next refresh reads it whatever its stamp.
     pub(super) fn forget(&mut self, path: &Path) {
         self.entries.remove(path.as_os_str());
+        self.racy.remove(path.as_os_str());
+    }
+
+    fn note_racy(&mut self, path: &Path, racy: bool) {
+        if racy {
+            self.racy.insert(path.as_os_str().to_owned());
+        } else {
+            self.racy.remove(path.as_os_str());
+        }
     }
 
     /// Number of entries.

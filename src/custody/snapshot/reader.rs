@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 
@@ -59,26 +60,28 @@ pub struct ExportReader {
     export: PathBuf,
     grantee: String,
     environment: Environment,
-    associations: FileCache<Result<AssociationsFile, FormatError>>,
+    associations: FileCache<Result<Arc<AssociationsFile>, FormatError>>,
     grants: GrantFiles,
     certificates: FileCache<ParsedChain>,
     sealed_keys: FileCache<ParsedSealedKey>,
     stats: ReadStats,
     /// What the last read left, when a read of named changes may start from it.
     last: Option<LastRead>,
+    /// A superseded `associations.toml`, kept for [`ExportReader::drop_superseded`].
+    superseded: Option<Arc<AssociationsFile>>,
 }
 
 /// What one read left for the next, so that a read of named changes judges only what they concern.
 struct LastRead {
-    /// SHA-256 of the `associations.toml` judged, `None` when there was none.
-    associations: Option<[u8; 32]>,
+    /// SHA-256 of the `associations.toml` judged (`None` when there was none), and what it said.
+    associations: (Option<[u8; 32]>, Arc<AssociationsFile>),
     /// The grant files found.
     listing: Listing,
     /// The first instant at which check 1 may judge a grant file found otherwise without any file changing.
     next_lapse: Option<OffsetDateTime>,
-    /// Entries (by index in `associations.toml`) with files that could not be read: a fresh read would read
-    /// them again, so every read judges them again.
-    unsettled: Vec<usize>,
+    /// Certificate ids of associations with files that could not be read: a fresh read would read them again,
+    /// so every read judges them again.
+    unsettled: Vec<String>,
 }
 
 impl fmt::Debug for ExportReader {
@@ -106,7 +109,14 @@ impl ExportReader {
             sealed_keys: FileCache::default(),
             stats: ReadStats::default(),
             last: None,
+            superseded: None,
         }
+    }
+
+    /// Frees what the last read superseded (the parse of a large `associations.toml` takes milliseconds to
+    /// free): for the caller to do once it has applied the read, rather than before.
+    pub fn drop_superseded(&mut self) {
+        self.superseded = None;
     }
 
     /// What the last read did.
@@ -187,9 +197,11 @@ impl ExportReader {
             &|_| suspect,
         )
         .map_err(|_| no_counts)?;
-        if sha256 != last.associations {
-            return Err(counts);
-        }
+        let (changed_entries, removed) = if sha256 == last.associations.0 {
+            (Vec::new(), Vec::new())
+        } else {
+            associations.changes_since(&last.associations.1).ok_or(counts)?
+        };
 
         // The grant files that may have changed, and the associations that use them or whose own files may have.
         let mut touched_grants: Vec<String> = named
@@ -212,9 +224,11 @@ impl ExportReader {
             .iter()
             .map(|name| name.as_os_str())
             .chain(racy_directories)
-            .filter_map(|name| associations.by_certificate.get(name.to_str()?).copied())
-            .chain(touched_grants.iter().flat_map(|id| associations.by_grant.get(id).into_iter().flatten().copied()))
-            .chain(last.unsettled.iter().copied())
+            .filter_map(|name| name.to_str())
+            .chain(last.unsettled.iter().map(String::as_str))
+            .filter_map(|id| associations.by_certificate.get(id).copied())
+            .chain(associations.entries_under(&touched_grants))
+            .chain(changed_entries)
             .collect();
         touched.sort_unstable();
         touched.dedup();
@@ -252,9 +266,13 @@ impl ExportReader {
         drop(grants);
         self.stats = ReadStats::of(counts, &judged);
         if changed_grants.is_empty() {
-            last.unsettled.retain(|i| touched.binary_search(i).is_err());
-            last.unsettled.extend(touched.iter().zip(&judged).filter(|(_, j)| j.unsettled).map(|(&i, _)| i));
+            last.unsettled
+                .retain(|id| associations.by_certificate.get(id).is_some_and(|i| touched.binary_search(i).is_err()));
+            let unsettled = judged.iter().filter(|j| j.unsettled).map(|j| j.outcome.certificate_id.clone());
+            last.unsettled.extend(unsettled);
             last.next_lapse = next_lapse;
+            let earlier = std::mem::replace(&mut last.associations, (sha256, Arc::clone(&associations)));
+            self.superseded = Some(earlier.1);
             self.last = Some(last);
         } else {
             // A grant file changed during the read: it is read again, and everything judged, next time.
@@ -267,7 +285,7 @@ impl ExportReader {
             read_at: now,
             grants: statuses,
             associations: judged.into_iter().map(|j| j.outcome).collect(),
-            scope: Scope::Partial { gone_grants },
+            scope: Scope::Partial { gone_grants, removed },
         })
     }
 
@@ -324,8 +342,9 @@ impl ExportReader {
         }
         self.stats = ReadStats::of(counts, &judged);
         if changed_grants.is_empty() {
-            let unsettled = judged.iter().enumerate().filter(|(_, j)| j.unsettled).map(|(i, _)| i).collect();
-            self.last = Some(LastRead { associations: associations_sha256, listing, next_lapse, unsettled });
+            let unsettled = judged.iter().filter(|j| j.unsettled).map(|j| j.outcome.certificate_id.clone()).collect();
+            let associations = (associations_sha256, associations);
+            self.last = Some(LastRead { associations, listing, next_lapse, unsettled });
         }
         Ok(Snapshot {
             export: self.export.clone(),
@@ -399,23 +418,25 @@ fn statuses(
 /// nothing; a file that exists but cannot be read or does not parse fails the whole read. Either way the file
 /// has no cache entry left, so a file that comes back is read again. Also returns the file's SHA-256, `None`
 /// when absent.
-fn refresh_associations<'c>(
-    cache: &'c mut FileCache<Result<AssociationsFile, FormatError>>,
+fn refresh_associations(
+    cache: &mut FileCache<Result<Arc<AssociationsFile>, FormatError>>,
     path: &Path,
     certificates_dir: &Path,
     environment: &Environment,
     suspects: Suspects<'_>,
-) -> Result<(Option<[u8; 32]>, &'c AssociationsFile, RefreshCounts)> {
+) -> Result<(Option<[u8; 32]>, Arc<AssociationsFile>, RefreshCounts)> {
     let paths = [path];
-    let parse = |_: &Path, bytes: &[u8]| Associations::parse(bytes).map(|a| AssociationsFile::new(a, certificates_dir));
+    let parse = |_: &Path, bytes: &[u8]| {
+        Associations::parse(bytes).map(|a| Arc::new(AssociationsFile::new(a, certificates_dir)))
+    };
     let (mut problems, counts) = cache.refresh(&paths, environment, suspects, parse);
     match problems.remove(path) {
-        Some(error) if cache::is_missing(&error) => return Ok((None, &NO_ASSOCIATIONS, counts)),
+        Some(error) if cache::is_missing(&error) => return Ok((None, Arc::clone(&NO_ASSOCIATIONS), counts)),
         Some(source) => return Err(ExportError::Io { path: path.to_owned(), source }),
         None => {}
     }
     match cache.get(path).map(|cached| (cached.sha256, &cached.value)) {
-        Some((sha256, Ok(associations))) => Ok((Some(sha256), associations, counts)),
+        Some((sha256, Ok(associations))) => Ok((Some(sha256), Arc::clone(associations), counts)),
         Some((_, Err(source))) => Err(ExportError::Format { path: path.to_owned(), source: source.clone() }),
         // A refreshed path is either cached or a problem; were it neither, failing the read changes nothing.
         None => Err(ExportError::Io { path: path.to_owned(), source: std::io::Error::other("was not read") }),
@@ -423,11 +444,8 @@ fn refresh_associations<'c>(
 }
 
 /// What an absent `associations.toml` says: nothing is associated.
-static NO_ASSOCIATIONS: std::sync::LazyLock<AssociationsFile> = std::sync::LazyLock::new(|| AssociationsFile {
-    entries: Vec::new(),
-    claims: Vec::new(),
-    by_certificate: foldhash::HashMap::default(),
-    by_grant: foldhash::HashMap::default(),
+static NO_ASSOCIATIONS: std::sync::LazyLock<Arc<AssociationsFile>> = std::sync::LazyLock::new(|| {
+    Arc::new(AssociationsFile { entries: Vec::new(), claims: Vec::new(), by_certificate: foldhash::HashMap::default() })
 });
 
 /// A parsed `associations.toml`, with what follows from it alone: which entries are refused before any other
@@ -440,28 +458,57 @@ struct AssociationsFile {
     claims: Vec<Result<CertificatePaths, Refusal>>,
     /// The entry that claims each certificate id (the others naming it are refused whatever their files say).
     by_certificate: foldhash::HashMap<String, usize>,
-    /// The entries that claim a certificate under each grant id, in file order.
-    by_grant: foldhash::HashMap<String, Vec<usize>>,
 }
 
 impl AssociationsFile {
     fn new(associations: Associations, certificates_dir: &Path) -> Self {
-        let mut claimed = HashSet::with_capacity(associations.entries.len());
-        let claims: Vec<_> = associations
+        let mut by_certificate =
+            foldhash::HashMap::with_capacity_and_hasher(associations.entries.len(), Default::default());
+        let claims = associations
             .entries
             .iter()
-            .map(|entry| {
-                claim(entry, &mut claimed).map(|()| CertificatePaths::new(certificates_dir, &entry.certificate_id))
+            .enumerate()
+            .map(|(index, entry)| {
+                claim(entry, index, &mut by_certificate)
+                    .map(|()| CertificatePaths::new(certificates_dir, &entry.certificate_id))
             })
             .collect();
-        drop(claimed);
-        let mut by_certificate = foldhash::HashMap::with_capacity_and_hasher(claims.len(), Default::default());
-        let mut by_grant: foldhash::HashMap<String, Vec<usize>> = foldhash::HashMap::default();
-        for (index, entry) in associations.entries.iter().enumerate().filter(|(i, _)| claims[*i].is_ok()) {
-            by_certificate.insert(entry.certificate_id.clone(), index);
-            by_grant.entry(entry.grant_id.clone()).or_default().push(index);
+        Self { entries: associations.entries, claims, by_certificate }
+    }
+
+    /// The entries that claim a certificate under one of `grant_ids` (sorted), in file order.
+    fn entries_under<'a>(&'a self, grant_ids: &'a [String]) -> impl Iterator<Item = usize> + 'a {
+        let wanted = move |(index, entry): &(usize, &AssociationEntry)| {
+            !grant_ids.is_empty()
+                && self.claims[*index].is_ok()
+                && grant_ids.binary_search_by(|id| id.as_str().cmp(&entry.grant_id)).is_ok()
+        };
+        self.entries.iter().enumerate().filter(wanted).map(|(index, _)| index)
+    }
+
+    /// Which entries differ from `earlier`'s (by index here; new ones included), and the certificate ids
+    /// `earlier` claimed that this file no longer does. `None` when either file refuses an entry by its ids or
+    /// as a duplicate: such refusals depend on file order, and are left to a complete read.
+    fn changes_since(&self, earlier: &AssociationsFile) -> Option<(Vec<usize>, Vec<String>)> {
+        if self.claims.iter().chain(&earlier.claims).any(Result::is_err) {
+            return None;
         }
-        Self { entries: associations.entries, claims, by_certificate, by_grant }
+        let changed = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, entry)| {
+                earlier.by_certificate.get(&entry.certificate_id).is_none_or(|&i| earlier.entries[i] != **entry)
+            })
+            .map(|(index, _)| index)
+            .collect();
+        let removed = earlier
+            .entries
+            .iter()
+            .filter(|entry| !self.by_certificate.contains_key(&entry.certificate_id))
+            .map(|entry| entry.certificate_id.clone())
+            .collect();
+        Some((changed, removed))
     }
 
     /// The claim of `entry`, one of this file's entries.
@@ -517,21 +564,30 @@ fn gate<'a>(
 }
 
 /// Refuses an entry whose ids are invalid (they must never become paths) or whose certificate an earlier entry
-/// already associates (a second association must not compete with the first); otherwise records its
-/// certificate id in `claimed`.
-fn claim<'e>(entry: &'e AssociationEntry, claimed: &mut HashSet<&'e str>) -> Result<(), Refusal> {
+/// already associates (a second association must not compete with the first); otherwise records it, the entry
+/// at `index`, as the one that claims its certificate id.
+fn claim(
+    entry: &AssociationEntry,
+    index: usize,
+    claimed: &mut foldhash::HashMap<String, usize>,
+) -> Result<(), Refusal> {
     for (field, id) in [("certificate_id", &entry.certificate_id), ("grant_id", &entry.grant_id)] {
         if !crate::custody::format::is_valid_id(id) {
             let detail = format!("`{field}` {id:?} does not match [A-Za-z0-9_-]{{1,128}}");
             return Err(Refusal::new(Check::Files, reason::INVALID_ID, detail));
         }
     }
-    if !claimed.insert(&entry.certificate_id) {
-        let detail =
-            format!("an earlier [[association]] entry names {}; only the first is judged", entry.certificate_id);
-        return Err(Refusal::new(Check::Files, reason::DUPLICATE, detail));
+    match claimed.entry(entry.certificate_id.clone()) {
+        std::collections::hash_map::Entry::Occupied(_) => {
+            let detail =
+                format!("an earlier [[association]] entry names {}; only the first is judged", entry.certificate_id);
+            Err(Refusal::new(Check::Files, reason::DUPLICATE, detail))
+        }
+        std::collections::hash_map::Entry::Vacant(vacant) => {
+            vacant.insert(index);
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// What one read needs to judge entries once their files were refreshed.

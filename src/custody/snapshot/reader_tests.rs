@@ -638,7 +638,8 @@ fn a_read_of_named_changes_examines_and_judges_only_what_they_concern() {
     let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["grants/g-1.toml"]));
     assert_eq!(judged(&snapshot), [("c-1", "unchanged"), ("c-2", "unchanged")]);
 
-    // c-1 renewed and associations.toml rewritten with other bytes: every association is judged.
+    // c-1 renewed under a new data key, and associations.toml rewritten with its entry changed and the entries
+    // in another order: c-1 alone is judged.
     fixture.data_keys.remove("c-1");
     fixture.add_certificate("c-1", &["a.example.test"]);
     fixture.entries.remove(0);
@@ -647,17 +648,32 @@ fn a_read_of_named_changes_examines_and_judges_only_what_they_concern() {
     fixture.write();
     let names = ["associations.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"];
     let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &names));
-    assert!(!is_partial(&snapshot));
-    assert_eq!(verdicts(&snapshot), ["served", "unchanged"]);
+    assert!(is_partial(&snapshot));
+    assert_eq!(judged(&snapshot), [("c-1", "served")]);
     assert_eq!(verified(&snapshot, 0).server_names, ["a.example.test"]);
-    // associations.toml is stat'ed twice: once to see whether the read can be partial, once more by the full one.
-    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (4, 3));
+    assert_eq!((reader.last_read().files_checked, reader.last_read().files_read), (3, 3));
 
     // The full read agrees, and finds the unnamed grant file's new inode (same bytes, same inputs).
     served.extend(served_inputs(&snapshot));
     let full = read(&fixture, &mut reader, now(), &served);
     assert_eq!(verdicts(&full), ["unchanged", "unchanged"]);
     assert_eq!(reader.last_read().files_read, 1);
+
+    // c-2's association removed: nothing is judged, and the removal is reported.
+    fixture.entries.retain(|e| e.certificate_id != "c-2");
+    fixture.write();
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["associations.toml"]));
+    assert!(snapshot.associations.is_empty());
+    assert_eq!(snapshot.scope, Scope::Partial { gone_grants: Vec::new(), removed: vec!["c-2".to_owned()] });
+
+    // An entry refused by its ids makes the read complete: such refusals depend on the order of the file.
+    let mut duplicate = fixture.entries[0].clone();
+    duplicate.server_names = Some(vec!["a.example.test".into()]);
+    fixture.entries.push(duplicate);
+    fixture.write();
+    let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["associations.toml"]));
+    assert!(!is_partial(&snapshot));
+    assert_eq!(verdicts(&snapshot), ["unchanged", "refused"]);
 
     // A directory of the layout named, or anything outside it: every association is judged.
     for named in ["grants", "certificates", "..data"] {
@@ -687,8 +703,9 @@ fn a_read_of_named_changes_still_examines_racy_new_and_missing_files() {
     fixture.associate("c-3", "g-1", None);
     fixture.write();
     let snapshot = read_changes(&fixture, &mut reader, &served, &naming(&fixture, &["associations.toml"]));
-    assert_eq!(verdicts(&snapshot), ["unchanged", "unchanged", "served"]);
-    let served = served_inputs(&snapshot);
+    assert_eq!(judged(&snapshot), [("c-3", "served")]);
+    let mut served = served;
+    served.extend(served_inputs(&snapshot));
 
     // A file that went missing has no entry: every later read judges its association again, named or not.
     let aside = move_aside(&fixture.path("certificates/c-3/certificate.pem"));
@@ -728,6 +745,13 @@ fn write_grant(fixture: &Fixture, id: &str) -> Vec<String> {
     let relative = format!("grants/{id}.toml");
     put(&fixture.path(&relative), grant.render().as_bytes());
     vec![relative]
+}
+
+/// Writes the grants and `associations.toml`, as [`Fixture::write`] does, naming them all.
+fn write_all(fixture: &Fixture) -> Vec<String> {
+    fixture.write();
+    let grants = fixture.grants.iter().map(|g| format!("grants/{}.toml", g.grant_id));
+    grants.chain(["associations.toml".to_owned()]).collect()
 }
 
 fn certificate_files(id: &str) -> Vec<String> {
@@ -849,17 +873,51 @@ fn partial_reads_of_named_changes_agree_with_complete_reads() {
             Box::new(|f| {
                 f.add_certificate("c-9", &["c-9.example.test"]);
                 f.associate("c-9", "g-5", None);
-                f.write();
                 let mut named = certificate_files("c-9");
-                named.push("associations.toml".into());
+                named.extend(write_all(f));
                 named
             }),
         ),
         (
-            "renew c-9",
+            "renew c-9 under a new data key",
             Box::new(|f| {
+                f.data_keys.remove("c-9");
                 f.add_certificate("c-9", &["c-9.example.test"]);
-                certificate_files("c-9")
+                f.entries.retain(|e| e.certificate_id != "c-9");
+                f.associate("c-9", "g-5", None);
+                let mut named = certificate_files("c-9");
+                named.extend(write_all(f));
+                named
+            }),
+        ),
+        (
+            "narrow c-2's names",
+            Box::new(|f| {
+                f.entry("c-2").server_names = Some(vec!["www.c-2.example.test".into()]);
+                write_all(f)
+            }),
+        ),
+        (
+            "move c-8 to g-5",
+            Box::new(|f| {
+                f.entries.retain(|e| e.certificate_id != "c-8");
+                f.associate("c-8", "g-5", None);
+                write_all(f)
+            }),
+        ),
+        (
+            "dissociate c-7",
+            Box::new(|f| {
+                f.entries.retain(|e| e.certificate_id != "c-7");
+                write_all(f)
+            }),
+        ),
+        (
+            "associate c-2 twice",
+            Box::new(|f| {
+                let again = f.entry("c-2").clone();
+                f.entries.push(again);
+                write_all(f)
             }),
         ),
     ];
@@ -880,8 +938,9 @@ fn partial_reads_of_named_changes_agree_with_complete_reads() {
             partial_reader.read_changes(now(), &|id| partial.inputs_of(id), &naming(&fixture, &names)).unwrap();
         fixture.assert_no_secrets(&snapshot);
         partial_reads += usize::from(is_partial(&snapshot));
-        if !is_partial(&snapshot) {
-            outcomes.clear();
+        match &snapshot.scope {
+            Scope::Complete => outcomes.clear(),
+            Scope::Partial { removed, .. } => outcomes.retain(|id, _| !removed.contains(id)),
         }
         for outcome in &snapshot.associations {
             outcomes.insert(outcome.certificate_id.clone(), outcome.outcome());
@@ -898,9 +957,9 @@ fn partial_reads_of_named_changes_agree_with_complete_reads() {
             assert_eq!(partial.is_retired(grant), complete.is_retired(grant), "{grant} after: {what}");
         }
     }
-    assert_eq!(partial_reads, 15, "every step but the new association is read in part");
+    assert_eq!(partial_reads, 19, "every read but the one after the duplicate entry is partial");
     let served: Vec<String> = serving(&partial).into_iter().map(|(id, ..)| id).collect();
-    assert_eq!(served, ["c-1", "c-2", "c-6", "c-7", "c-8", "c-9"]);
+    assert_eq!(served, ["c-1", "c-2", "c-6", "c-8", "c-9"]);
 }
 
 #[test]

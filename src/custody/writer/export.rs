@@ -111,7 +111,12 @@ pub(super) fn read_associations(export: &ExportLayout) -> Result<Associations> {
 }
 
 pub(super) fn write_associations(export: &ExportLayout, associations: &Associations) -> Result<()> {
-    fsio::write_atomic(&export.associations(), associations.render().as_bytes(), PUBLIC_FILE_MODE)
+    fsio::publish(vec![stage_associations(export, associations)?])
+}
+
+/// `associations.toml`, staged for [`fsio::publish`].
+pub(super) fn stage_associations(export: &ExportLayout, associations: &Associations) -> Result<fsio::Staged> {
+    fsio::stage(&export.associations(), associations.render().as_bytes(), PUBLIC_FILE_MODE)
 }
 
 /// Creates the export's directories (and the export itself) as needed.
@@ -122,10 +127,22 @@ pub(super) fn create_dirs(export: &ExportLayout) -> Result<()> {
 
 /// Writes a certificate's chain, then its sealed key.
 pub(super) fn write_certificate(export: &ExportLayout, chain_pem: &str, sealed: &format::SealedKey) -> Result<()> {
+    fsio::publish(stage_certificate(export, chain_pem, sealed)?)
+}
+
+/// A certificate's chain and its sealed key, in that order, staged for [`fsio::publish`] (its directory is
+/// created now).
+pub(super) fn stage_certificate(
+    export: &ExportLayout,
+    chain_pem: &str,
+    sealed: &format::SealedKey,
+) -> Result<Vec<fsio::Staged>> {
     let certificate_id = &sealed.certificate_id;
     fsio::create_dir_all(&export.certificate_dir(certificate_id), PUBLIC_DIR_MODE)?;
-    fsio::write_atomic(&export.certificate_pem(certificate_id), chain_pem.as_bytes(), PUBLIC_FILE_MODE)?;
-    fsio::write_atomic(&export.sealed_key(certificate_id), sealed.render().as_bytes(), PUBLIC_FILE_MODE)
+    Ok(vec![
+        fsio::stage(&export.certificate_pem(certificate_id), chain_pem.as_bytes(), PUBLIC_FILE_MODE)?,
+        fsio::stage(&export.sealed_key(certificate_id), sealed.render().as_bytes(), PUBLIC_FILE_MODE)?,
+    ])
 }
 
 /// Writes a grant file (0600: while active, it holds the grant key).

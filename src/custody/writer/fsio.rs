@@ -8,7 +8,7 @@
 use std::fs::{self, DirBuilder, File, Permissions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::{CustodyError, Result};
 use crate::secret::SecretBytes;
@@ -27,6 +27,18 @@ const TEMP_PREFIX: &str = ".tmp-";
 
 /// Replaces `path` with `contents` atomically, with permission bits `mode`.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    publish(vec![stage(path, contents, mode)?])
+}
+
+/// A file written and flushed under a temporary name beside its destination, not yet renamed into place.
+/// Dropped unpublished, its temporary file is removed.
+pub(crate) struct Staged {
+    temp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+/// Writes `contents` with permission bits `mode` to a temporary file beside `path`, flushed, for [`publish`].
+pub(crate) fn stage(path: &Path, contents: &[u8], mode: u32) -> Result<Staged> {
     let dir = parent_of(path);
     let mut temp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
@@ -38,8 +50,23 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
         .map_err(|e| CustodyError::io(temp.path(), "set the permissions of", e))?;
     temp.write_all(contents).map_err(|e| CustodyError::io(temp.path(), "write", e))?;
     temp.as_file().sync_all().map_err(|e| CustodyError::io(temp.path(), "flush", e))?;
-    temp.persist(path).map_err(|e| CustodyError::io(path, "rename a temporary file onto", e.error))?;
-    sync_dir(dir)
+    Ok(Staged { temp, path: path.to_owned() })
+}
+
+/// Renames staged files into place, in order and back to back, then flushes their directories. Each file is
+/// replaced atomically; together they change within microseconds of each other however long writing them
+/// took, so that a holder reading meanwhile rarely sees some changed and others not (FORMAT.md asks it to ride
+/// that out, but each such read costs it a retry).
+pub(crate) fn publish(staged: Vec<Staged>) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for Staged { temp, path } in staged {
+        temp.persist(&path).map_err(|e| CustodyError::io(&path, "rename a temporary file onto", e.error))?;
+        let dir = parent_of(&path);
+        if !dirs.iter().any(|d| d == dir) {
+            dirs.push(dir.to_owned());
+        }
+    }
+    dirs.iter().try_for_each(|dir| sync_dir(dir))
 }
 
 /// Flushes a directory, making the renames and removals in it durable.
