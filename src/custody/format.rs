@@ -517,6 +517,12 @@ impl AssociationEntry {
         is_valid_id(&self.certificate_id) && is_valid_id(&self.grant_id)
     }
 
+    /// Parses the body of one `[[association]]` table (the lines after its header), as [`Associations::parse`]
+    /// parses each entry of the document.
+    pub fn parse_table(text: &str) -> Result<Self, FormatError> {
+        parse_toml(text)
+    }
+
     /// Decodes `wrapped_data_key`, checking its length.
     pub fn wrapped_data_key(&self) -> Result<[u8; WRAPPED_DATA_KEY_LEN], FormatError> {
         decode_base64("wrapped_data_key", &self.wrapped_data_key)?
@@ -553,6 +559,25 @@ impl Associations {
         let doc: AssociationsDocument<'_> = parse_toml(text)?;
         check_format(ASSOCIATIONS_FORMAT, &doc.format)?;
         Ok(Self { entries: doc.association })
+    }
+
+    /// Parses the preamble of `associations.toml` (what precedes its first `[[association]]`), checking what
+    /// [`Associations::parse`] checks of the document itself: the format tag. For readers that parse the
+    /// entries one by one, which must then parse the whole file instead when this fails: it also fails when
+    /// the preamble has an `association` key of its own, however spelt.
+    pub fn parse_preamble(text: &str) -> Result<(), FormatError> {
+        #[derive(Deserialize)]
+        struct Preamble<'a> {
+            #[serde(borrow)]
+            format: Cow<'a, str>,
+            #[serde(default)]
+            association: Option<serde::de::IgnoredAny>,
+        }
+        let preamble: Preamble<'_> = parse_toml(text)?;
+        if preamble.association.is_some() {
+            return Err(FormatError::field("association", "is defined before the first [[association]]"));
+        }
+        check_format(ASSOCIATIONS_FORMAT, &preamble.format)
     }
 
     /// Renders the file.

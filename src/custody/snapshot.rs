@@ -22,6 +22,7 @@ use super::format::FormatError;
 use crate::names;
 use crate::secret::SecretBytes;
 
+mod associations;
 mod cache;
 mod certificate;
 mod checks;

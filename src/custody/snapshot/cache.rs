@@ -201,6 +201,22 @@ impl<T: Send + Sync> FileCache<T> {
         Q: AsRef<Path> + Sync,
         P: Fn(&Path, &[u8]) -> T + Sync,
     {
+        self.refresh_paths(paths, environment, suspects, |path, bytes, _| parse(path, bytes), Prune::Others)
+    }
+
+    /// As [`FileCache::refresh`], giving `parse` the value parsed from the file's previous bytes, if any, so
+    /// that it can reuse what did not change.
+    pub(super) fn refresh_from_previous<Q, P>(
+        &mut self,
+        paths: &[Q],
+        environment: &Environment,
+        suspects: Suspects<'_>,
+        parse: P,
+    ) -> (Problems, RefreshCounts)
+    where
+        Q: AsRef<Path> + Sync,
+        P: Fn(&Path, &[u8], Option<&T>) -> T + Sync,
+    {
         self.refresh_paths(paths, environment, suspects, parse, Prune::Others)
     }
 
@@ -215,7 +231,7 @@ impl<T: Send + Sync> FileCache<T> {
         Q: AsRef<Path> + Sync,
         P: Fn(&Path, &[u8]) -> T + Sync,
     {
-        self.refresh_paths(paths, environment, EVERY_PATH, parse, Prune::Nothing)
+        self.refresh_paths(paths, environment, EVERY_PATH, |path, bytes, _| parse(path, bytes), Prune::Nothing)
     }
 
     /// The paths whose entries are racy: a refresh examines them whatever it is told.
@@ -233,7 +249,7 @@ impl<T: Send + Sync> FileCache<T> {
     ) -> (Problems, RefreshCounts)
     where
         Q: AsRef<Path> + Sync,
-        P: Fn(&Path, &[u8]) -> T + Sync,
+        P: Fn(&Path, &[u8], Option<&T>) -> T + Sync,
     {
         let horizon = environment.racy_horizon();
         let entries = &self.entries;
@@ -314,7 +330,7 @@ fn refresh_one<T>(
     path: &Path,
     environment: &Environment,
     horizon: Timestamp,
-    parse: &impl Fn(&Path, &[u8]) -> T,
+    parse: &impl Fn(&Path, &[u8], Option<&T>) -> T,
 ) -> Refreshed<T> {
     let stamp = match (environment.stat)(path) {
         Ok(stamp) => stamp,
@@ -335,7 +351,8 @@ fn refresh_one<T>(
     match cached {
         Some(c) if c.sha256 == sha256 => Refreshed::Restamped { stamp, racy, was_racy },
         _ => {
-            let entry = Box::new(Cached { stamp, racy, sha256, value: parse(path, bytes.expose()) });
+            let value = parse(path, bytes.expose(), cached.map(|c| &c.value));
+            let entry = Box::new(Cached { stamp, racy, sha256, value });
             Refreshed::Read { entry, was_racy }
         }
     }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use super::associations::AssociationsFile;
 use super::cache::{self, Environment, FileCache, Problems, RefreshCounts, Suspects, EVERY_PATH};
 use super::certificate::{self, CertificateFiles, CertificatePaths, Found, Leaf, ParsedChain, ParsedSealedKey};
 use super::grants::{self as grant_files, Authorized, GrantFiles, Grants, Listing};
@@ -38,7 +39,7 @@ use super::{
     Verdict, VerifiedCertificate,
 };
 use crate::custody::changes::{Changes, InLayout};
-use crate::custody::format::{layout, AssociationEntry, Associations, FormatError};
+use crate::custody::format::{layout, AssociationEntry, FormatError};
 
 /// What the last [`ExportReader::read`] did, for logs, metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,7 +227,7 @@ impl ExportReader {
             .chain(racy_directories)
             .filter_map(|name| name.to_str())
             .chain(last.unsettled.iter().map(String::as_str))
-            .filter_map(|id| associations.by_certificate.get(id).copied())
+            .filter_map(|id| associations.claiming(id))
             .chain(associations.entries_under(&touched_grants))
             .chain(changed_entries)
             .collect();
@@ -238,12 +239,11 @@ impl ExportReader {
         grant_ids.sort_unstable();
         grant_ids.dedup();
         let grants = self.grants.view_some(&last.listing, &grant_ids);
-        let items: Vec<_> = touched.iter().map(|&i| (&associations.entries[i], &associations.claims[i])).collect();
-        let gates = gate(&items, &grants, &self.grantee, now);
+        let gates = gate(&associations, &touched, &grants, &self.grantee, now);
         // Files of associations whose grant now refuses them leave the cache, as a full read prunes them: a read
         // that trusts an unchanged stamp must only ever find entries refreshed since the last event.
         for gate in &gates {
-            if let (GateState::Refused(_), Ok(paths)) = (&gate.state, associations.claim_of(gate.entry)) {
+            if let (GateState::Refused(_), Some(paths)) = (&gate.state, associations.paths_of(gate.index)) {
                 self.certificates.forget(&paths.certificate);
                 self.sealed_keys.forget(&paths.sealed_key);
             }
@@ -266,8 +266,7 @@ impl ExportReader {
         drop(grants);
         self.stats = ReadStats::of(counts, &judged);
         if changed_grants.is_empty() {
-            last.unsettled
-                .retain(|id| associations.by_certificate.get(id).is_some_and(|i| touched.binary_search(i).is_err()));
+            last.unsettled.retain(|id| associations.claiming(id).is_some_and(|i| touched.binary_search(&i).is_err()));
             let unsettled = judged.iter().filter(|j| j.unsettled).map(|j| j.outcome.certificate_id.clone());
             last.unsettled.extend(unsettled);
             last.next_lapse = next_lapse;
@@ -311,8 +310,8 @@ impl ExportReader {
             self.grants.refresh(&self.export.join(layout::GRANTS_DIR), &self.environment, suspects)?;
         counts += grant_counts;
         let grants = self.grants.view(&listing);
-        let items: Vec<_> = associations.entries.iter().zip(&associations.claims).collect();
-        let gates = gate(&items, &grants, &self.grantee, now);
+        let every: Vec<usize> = (0..associations.entries.len()).collect();
+        let gates = gate(&associations, &every, &grants, &self.grantee, now);
         let (problems, file_counts) = refresh_certificates(
             &mut self.certificates,
             &mut self.sealed_keys,
@@ -426,10 +425,11 @@ fn refresh_associations(
     suspects: Suspects<'_>,
 ) -> Result<(Option<[u8; 32]>, Arc<AssociationsFile>, RefreshCounts)> {
     let paths = [path];
-    let parse = |_: &Path, bytes: &[u8]| {
-        Associations::parse(bytes).map(|a| Arc::new(AssociationsFile::new(a, certificates_dir)))
+    let parse = |_: &Path, bytes: &[u8], previous: Option<&Result<Arc<AssociationsFile>, FormatError>>| {
+        let previous = previous.and_then(|p| p.as_deref().ok());
+        AssociationsFile::parse(bytes, certificates_dir, previous).map(Arc::new)
     };
-    let (mut problems, counts) = cache.refresh(&paths, environment, suspects, parse);
+    let (mut problems, counts) = cache.refresh_from_previous(&paths, environment, suspects, parse);
     match problems.remove(path) {
         Some(error) if cache::is_missing(&error) => return Ok((None, Arc::clone(&NO_ASSOCIATIONS), counts)),
         Some(source) => return Err(ExportError::Io { path: path.to_owned(), source }),
@@ -444,85 +444,13 @@ fn refresh_associations(
 }
 
 /// What an absent `associations.toml` says: nothing is associated.
-static NO_ASSOCIATIONS: std::sync::LazyLock<Arc<AssociationsFile>> = std::sync::LazyLock::new(|| {
-    Arc::new(AssociationsFile { entries: Vec::new(), claims: Vec::new(), by_certificate: foldhash::HashMap::default() })
-});
-
-/// A parsed `associations.toml`, with what follows from it alone: which entries are refused before any other
-/// file is looked at (invalid ids, duplicates: they depend on file order), where the others' files are, and
-/// which entries a changed certificate directory or grant file concerns. Cached with the file, so that a read
-/// with an unchanged file redoes none of it.
-struct AssociationsFile {
-    entries: Vec<AssociationEntry>,
-    /// One per entry: its certificate directory's files, or its refusal.
-    claims: Vec<Result<CertificatePaths, Refusal>>,
-    /// The entry that claims each certificate id (the others naming it are refused whatever their files say).
-    by_certificate: foldhash::HashMap<String, usize>,
-}
-
-impl AssociationsFile {
-    fn new(associations: Associations, certificates_dir: &Path) -> Self {
-        let mut by_certificate =
-            foldhash::HashMap::with_capacity_and_hasher(associations.entries.len(), Default::default());
-        let claims = associations
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(index, entry)| {
-                claim(entry, index, &mut by_certificate)
-                    .map(|()| CertificatePaths::new(certificates_dir, &entry.certificate_id))
-            })
-            .collect();
-        Self { entries: associations.entries, claims, by_certificate }
-    }
-
-    /// The entries that claim a certificate under one of `grant_ids` (sorted), in file order.
-    fn entries_under<'a>(&'a self, grant_ids: &'a [String]) -> impl Iterator<Item = usize> + 'a {
-        let wanted = move |(index, entry): &(usize, &AssociationEntry)| {
-            !grant_ids.is_empty()
-                && self.claims[*index].is_ok()
-                && grant_ids.binary_search_by(|id| id.as_str().cmp(&entry.grant_id)).is_ok()
-        };
-        self.entries.iter().enumerate().filter(wanted).map(|(index, _)| index)
-    }
-
-    /// Which entries differ from `earlier`'s (by index here; new ones included), and the certificate ids
-    /// `earlier` claimed that this file no longer does. `None` when either file refuses an entry by its ids or
-    /// as a duplicate: such refusals depend on file order, and are left to a complete read.
-    fn changes_since(&self, earlier: &AssociationsFile) -> Option<(Vec<usize>, Vec<String>)> {
-        if self.claims.iter().chain(&earlier.claims).any(Result::is_err) {
-            return None;
-        }
-        let changed = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, entry)| {
-                earlier.by_certificate.get(&entry.certificate_id).is_none_or(|&i| earlier.entries[i] != **entry)
-            })
-            .map(|(index, _)| index)
-            .collect();
-        let removed = earlier
-            .entries
-            .iter()
-            .filter(|entry| !self.by_certificate.contains_key(&entry.certificate_id))
-            .map(|entry| entry.certificate_id.clone())
-            .collect();
-        Some((changed, removed))
-    }
-
-    /// The claim of `entry`, one of this file's entries.
-    fn claim_of(&self, entry: &AssociationEntry) -> Result<&CertificatePaths, ()> {
-        let index = *self.by_certificate.get(&entry.certificate_id).ok_or(())?;
-        match &self.claims[index] {
-            Ok(paths) if std::ptr::eq(&self.entries[index], entry) => Ok(paths),
-            _ => Err(()),
-        }
-    }
-}
+static NO_ASSOCIATIONS: std::sync::LazyLock<Arc<AssociationsFile>> =
+    std::sync::LazyLock::new(|| Arc::new(AssociationsFile::empty()));
 
 /// One entry after the checks that need no certificate file: its ids, its uniqueness, and check 1.
 struct Gate<'a> {
+    /// The entry's index in the file.
+    index: usize,
     entry: &'a AssociationEntry,
     state: GateState<'a>,
 }
@@ -546,48 +474,23 @@ impl Gate<'_> {
 /// Check 1 for every entry of `items` (with its claim) that was not refused by its ids or as a duplicate, on
 /// several threads.
 fn gate<'a>(
-    items: &[(&'a AssociationEntry, &'a Result<CertificatePaths, Refusal>)],
+    associations: &'a AssociationsFile,
+    indices: &[usize],
     grants: &'a Grants<'a>,
     grantee: &str,
     now: OffsetDateTime,
 ) -> Vec<Gate<'a>> {
-    parallel::map(items, |&(entry, claim)| {
-        let state = match claim {
+    parallel::map(indices, |&index| {
+        let entry = &*associations.entries[index];
+        let state = match associations.claim(index) {
             Ok(paths) => match grants.authorize(&entry.grant_id, grantee, now) {
                 Ok(grant) => GateState::Open { grant, paths },
                 Err(refusal) => GateState::Refused(refusal),
             },
             Err(refusal) => GateState::Refused(refusal.clone()),
         };
-        Gate { entry, state }
+        Gate { index, entry, state }
     })
-}
-
-/// Refuses an entry whose ids are invalid (they must never become paths) or whose certificate an earlier entry
-/// already associates (a second association must not compete with the first); otherwise records it, the entry
-/// at `index`, as the one that claims its certificate id.
-fn claim(
-    entry: &AssociationEntry,
-    index: usize,
-    claimed: &mut foldhash::HashMap<String, usize>,
-) -> Result<(), Refusal> {
-    for (field, id) in [("certificate_id", &entry.certificate_id), ("grant_id", &entry.grant_id)] {
-        if !crate::custody::format::is_valid_id(id) {
-            let detail = format!("`{field}` {id:?} does not match [A-Za-z0-9_-]{{1,128}}");
-            return Err(Refusal::new(Check::Files, reason::INVALID_ID, detail));
-        }
-    }
-    match claimed.entry(entry.certificate_id.clone()) {
-        std::collections::hash_map::Entry::Occupied(_) => {
-            let detail =
-                format!("an earlier [[association]] entry names {}; only the first is judged", entry.certificate_id);
-            Err(Refusal::new(Check::Files, reason::DUPLICATE, detail))
-        }
-        std::collections::hash_map::Entry::Vacant(vacant) => {
-            vacant.insert(index);
-            Ok(())
-        }
-    }
 }
 
 /// What one read needs to judge entries once their files were refreshed.
