@@ -19,6 +19,7 @@ pub mod hygiene;
 pub mod keyring;
 pub mod metrics;
 pub mod names;
+pub mod parking;
 pub mod proxy;
 pub mod redirect;
 pub mod registry;

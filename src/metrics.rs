@@ -173,6 +173,7 @@ pub struct Metrics {
     handshakes: Counter,
     handshake_failures: Family<FailureLabels, Counter>,
     connections_open: Gauge,
+    connections_parked: Gauge,
     requests: Family<StatusLabels, Counter>,
     certificates_served: Gauge,
     certificate_expiry: Family<CertificateLabels, Gauge<f64, AtomicU64>>,
@@ -212,6 +213,7 @@ impl Metrics {
             handshakes: Counter::default(),
             handshake_failures: Family::default(),
             connections_open: Gauge::default(),
+            connections_parked: Gauge::default(),
             requests: Family::default(),
             certificates_served: Gauge::default(),
             certificate_expiry: Family::default(),
@@ -237,6 +239,11 @@ impl Metrics {
             metrics.handshake_failures.clone(),
         );
         registry.register("connections_open", "Open client connections", metrics.connections_open.clone());
+        registry.register(
+            "connections_parked",
+            "Idle HTTP/1 connections parked, holding no HTTP buffers",
+            metrics.connections_parked.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered, by status code", metrics.requests.clone());
         registry.register("certificates_served", "Certificates being served", metrics.certificates_served.clone());
         registry.register(
@@ -324,6 +331,12 @@ impl Metrics {
     pub fn connection_opened(&self) -> ConnectionCount {
         self.connections_open.inc();
         ConnectionCount(self.connections_open.clone())
+    }
+
+    /// An idle HTTP/1 connection was parked; the returned guard counts it out when dropped.
+    pub fn connection_parked(&self) -> ConnectionCount {
+        self.connections_parked.inc();
+        ConnectionCount(self.connections_parked.clone())
     }
 
     /// Number of open connections.
@@ -449,7 +462,7 @@ impl Metrics {
     }
 }
 
-/// Decrements the open-connection gauge when dropped.
+/// Decrements a connection gauge (open, parked) when dropped.
 #[derive(Debug)]
 pub struct ConnectionCount(Gauge);
 

@@ -15,12 +15,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -39,6 +40,7 @@ use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COU
 use crate::custody::snapshot::ExportError;
 use crate::holder::Holder;
 use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics};
+use crate::parking::{IoState, Tracked};
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::registry::ConnectionRegistry;
 use crate::tls::{CertificateStore, TlsError, TlsPolicy, ALPN_H2};
@@ -223,6 +225,8 @@ struct Settings {
     proxy: Arc<Proxy>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    /// `timeouts.header_read`: hyper enforces it, except on a parked connection (see [`crate::parking`]).
+    header_read_timeout: Duration,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     max_connections: usize,
@@ -234,6 +238,7 @@ impl Settings {
             proxy: Arc::new(proxy),
             handshake_timeout: config.tls.handshake_timeout,
             idle_timeout: config.timeouts.idle,
+            header_read_timeout: config.timeouts.header_read,
             http1: http1_builder(&config.limits, &config.timeouts),
             http2: http2_builder(&config.limits, &config.timeouts),
             max_connections: config.limits.max_connections,
@@ -546,10 +551,13 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let activity = Arc::new(Activity::new());
     let requests = Arc::clone(&activity);
     let current = Arc::clone(&shared);
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
         // The proxy current when the request arrives: a reload applies to connections already open.
         let proxy = current.settings.load_full().proxy.clone();
         let info = Arc::clone(&info);
+        if !request.body().is_end_stream() {
+            requests.saw_request_body();
+        }
         let in_flight = requests.request_started();
         async move {
             // Boxed: the handling future is about 3 KiB (forwarding upstream is part of it), and hyper moves the
@@ -564,17 +572,121 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
         drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
-    } else {
-        drive(settings.http1.serve_connection(io, service).with_upgrades(), watch, ConnectionTimeout::HeaderRead).await;
-        // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
-        // stop; the connection stays counted (and registered) until then.
-        if let Some(tunnel) = upgraded.take_tunnel() {
-            let _ = tunnel.await;
+        return;
+    }
+    let state = Arc::new(IoState::default());
+    let mut io = Tracked::new(io, Bytes::new(), Arc::clone(&state));
+    let mut service = service;
+    // Parking waits for a request to complete after each unparking: see `drive_http1`.
+    let mut park_after_request = None;
+    loop {
+        let connection = settings.http1.serve_connection(io, service).with_upgrades();
+        let Some(parts) = drive_http1(connection, watch, &state, park_after_request).await else {
+            break;
+        };
+        io = parts.io.reuse(parts.read_buf);
+        service = parts.service;
+        park_after_request = Some(activity.completed());
+        if !io.has_read_ahead() && !wait_parked(&mut io, watch, settings.header_read_timeout).await {
+            return;
         }
+    }
+    // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
+    // stop; the connection stays counted (and registered) until then.
+    if let Some(tunnel) = upgraded.take_tunnel() {
+        let _ = tunnel.await;
     }
 }
 
+/// How long an HTTP/1 connection is idle before it is parked (see [`crate::parking`]): long enough that a client
+/// sending its next request as soon as it has a response (a keep-alive load loop) never parks, short enough that
+/// idle connections soon hold no HTTP buffers.
+const PARK_AFTER: Duration = Duration::from_millis(50);
+
+/// The TLS stream of an HTTP/1 connection, as handed to hyper.
+type Http1Stream = Tracked<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>;
+
+/// As [`drive`], for HTTP/1, and also parks the connection: once it has been idle for [`PARK_AFTER`], hyper
+/// waits for the client with nothing left to write, and no request of the connection has had a body (hyper could
+/// still be reading one, and taking the connection apart then would take the rest for a new request), the
+/// connection is taken apart and its parts returned. After an unparking (`after_request`: the number of requests
+/// completed then), it is only parked again once a request has completed since: the client may have sent part
+/// of a request head.
+async fn drive_http1<S, B>(
+    connection: http1::UpgradeableConnection<Http1Stream, S>,
+    watch: Watch<'_>,
+    state: &IoState,
+    mut after_request: Option<u64>,
+) -> Option<http1::Parts<Http1Stream, S>>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Watch { shared, grant_ended, activity, idle, peer } = watch;
+    let mut connection = connection;
+    let result = loop {
+        tokio::select! {
+            result = &mut connection => break result,
+            _ = grant_ended.cancelled() => {
+                tracing::debug!(%peer, "closing connection: its certificate's grant ended");
+                return None;
+            }
+            _ = shared.shutdown.cancelled() => {
+                break drained(Pin::new(&mut connection), watch, false).await?;
+            }
+            _ = activity.idle_for(idle) => {
+                tracing::debug!(%peer, "closing connection: idle");
+                shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
+                break drained(Pin::new(&mut connection), watch, true).await?;
+            }
+            _ = activity.parkable(PARK_AFTER, after_request) => {
+                if state.is_waiting_for_client() {
+                    return connection.into_parts();
+                }
+                // hyper is within a message (a head arriving slowly, say): after the next request, perhaps.
+                after_request = Some(activity.completed());
+            }
+        }
+    };
+    report_end(shared, peer, result, ConnectionTimeout::HeaderRead);
+    None
+}
+
+/// Waits for a parked connection's client to send again, with no hyper connection. Returns `false` when the
+/// connection is to close instead: its grant ended, the server is shutting down (the connection is idle: it
+/// closes at once, as hyper closes idle connections when drained), or it stayed idle past `timeouts.idle` or,
+/// as hyper would have enforced, past `timeouts.header_read` since its last request.
+async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Duration) -> bool {
+    let Watch { shared, grant_ended, activity, idle, peer } = watch;
+    let _parked = shared.metrics.connection_parked();
+    let tcp = io.get_ref().inner().get_ref().0;
+    let timeout = tokio::select! {
+        readable = tcp.readable() => return readable.is_ok(),
+        _ = grant_ended.cancelled() => {
+            tracing::debug!(%peer, "closing parked connection: its certificate's grant ended");
+            return false;
+        }
+        _ = shared.shutdown.cancelled() => None,
+        _ = activity.idle_for(idle) => Some(ConnectionTimeout::Idle),
+        _ = tokio::time::sleep_until(activity.idle_since() + header_read) => Some(ConnectionTimeout::HeaderRead),
+    };
+    if let Some(timeout) = timeout {
+        tracing::debug!(%peer, ?timeout, "closing parked connection: idle");
+        shared.metrics.connection_timed_out(timeout);
+    }
+    // A close_notify and a FIN, as hyper would send, if the client takes them promptly.
+    let _ = tokio::time::timeout(
+        PARK_AFTER,
+        std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut *io), cx)),
+    )
+    .await;
+    false
+}
+
 /// What a connection watches besides its own I/O.
+#[derive(Clone, Copy)]
 struct Watch<'a> {
     shared: &'a Shared,
     grant_ended: &'a CancellationToken,
@@ -600,26 +712,43 @@ where
             tracing::debug!(%peer, "closing connection: its certificate's grant ended");
             return;
         }
-        _ = shared.shutdown.cancelled() => {
-            connection.as_mut().drain();
-            tokio::select! {
-                result = connection.as_mut() => result,
-                _ = grant_ended.cancelled() => return,
-                _ = shared.hard_stop.cancelled() => return,
-            }
-        }
+        _ = shared.shutdown.cancelled() => match drained(connection.as_mut(), watch, false).await {
+            Some(result) => result,
+            None => return,
+        },
         _ = activity.idle_for(idle) => {
             tracing::debug!(%peer, "closing connection: idle");
             shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
-            connection.as_mut().drain();
-            tokio::select! {
-                result = connection.as_mut() => result,
-                _ = grant_ended.cancelled() => return,
-                _ = shared.hard_stop.cancelled() => return,
-                _ = activity.idle_for(idle) => return,
+            match drained(connection.as_mut(), watch, true).await {
+                Some(result) => result,
+                None => return,
             }
         }
     };
+    report_end(shared, peer, result, hyper_timeout);
+}
+
+/// Asks a connection to finish its requests and close, and runs it until it has: its result, or `None` when it
+/// was dropped first (its grant ended, the hard stop, or, when `idle_bound`, another `timeouts.idle` idle).
+async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_bound: bool) -> Option<C::Output> {
+    let Watch { shared, grant_ended, activity, idle, .. } = watch;
+    connection.as_mut().drain();
+    let idle_again = async {
+        match idle_bound {
+            true => activity.idle_for(idle).await,
+            false => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = connection => Some(result),
+        _ = grant_ended.cancelled() => None,
+        _ = shared.hard_stop.cancelled() => None,
+        _ = idle_again => None,
+    }
+}
+
+/// Logs how a connection ended; `hyper_timeout` names the deadline hyper enforces itself, for the metrics.
+fn report_end(shared: &Shared, peer: SocketAddr, result: Result<(), hyper::Error>, hyper_timeout: ConnectionTimeout) {
     if let Err(error) = result {
         if error.is_timeout() {
             shared.metrics.connection_timed_out(hyper_timeout);
@@ -629,18 +758,59 @@ where
 }
 
 /// What a connection is doing, for its idle timer: how many requests are in flight, and since when none is.
-/// Updated with two atomic operations per request; the timer wakes at most twice per idle period.
+/// Updated with a few atomic operations per request; the timer wakes at most twice per idle period.
 #[derive(Debug)]
 struct Activity {
     epoch: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds from `epoch` to the end of the last request (0: the connection has had none).
     idle_since_ms: AtomicU64,
+    /// Requests completed.
+    completed: AtomicU64,
+    /// A request of the connection came with a body.
+    saw_request_body: AtomicBool,
 }
 
 impl Activity {
     fn new() -> Self {
-        Self { epoch: Instant::now(), in_flight: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
+        Self {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            saw_request_body: AtomicBool::new(false),
+        }
+    }
+
+    /// Number of requests completed.
+    fn completed(&self) -> u64 {
+        self.completed.load(Ordering::Acquire)
+    }
+
+    /// A request came with a body.
+    fn saw_request_body(&self) {
+        self.saw_request_body.store(true, Ordering::Relaxed);
+    }
+
+    /// When the connection last became idle: the end of its last request, or its start.
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes once the connection may be parked: no request has been in flight for `after`, none has had a
+    /// body, and, with `after_request`, more than that many requests have completed. Wakes at most once per
+    /// `after` while waiting for a request.
+    async fn parkable(&self, after: Duration, after_request: Option<u64>) {
+        loop {
+            self.idle_for(after).await;
+            if self.saw_request_body.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            if after_request.is_none_or(|n| self.completed() > n) {
+                return;
+            }
+            tokio::time::sleep(after).await;
+        }
     }
 
     /// A request arrived; it is in flight until the guard is dropped (when its response has been sent).
@@ -677,6 +847,7 @@ impl Drop for InFlight {
         let activity = &self.0;
         let now = u64::try_from(activity.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.idle_since_ms.store(now, Ordering::Relaxed);
+        activity.completed.fetch_add(1, Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
