@@ -499,7 +499,9 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let _count = shared.metrics.connection_opened();
 
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+    // The phases of a connection are boxed, each allocated only while it runs: the task itself then stays small
+    // (it was 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection).
+    let start = match Box::pin(tokio::time::timeout_at(deadline, acceptor)).await {
         Ok(Ok(start)) => start,
         Ok(Err(error)) => return handshake_failed(&shared, peer, HandshakeFailure::Protocol, &error),
         Err(_) => return handshake_failed(&shared, peer, HandshakeFailure::Timeout, &"no ClientHello in time"),
@@ -508,12 +510,12 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let Some(serving) = shared.store.select(sni.as_deref()) else {
         // No certificate for this name: complete the handshake with a config that resolves nothing, so the
         // client receives an alert rather than a bare close.
-        let _ = tokio::time::timeout_at(deadline, start.into_stream(shared.store.refusing_config())).await;
+        let _ = Box::pin(tokio::time::timeout_at(deadline, start.into_stream(shared.store.refusing_config()))).await;
         return handshake_failed(&shared, peer, HandshakeFailure::UnknownName, &format_args!("SNI {sni:?}"));
     };
     let grant_ended = serving.certificate.grant_ended().clone();
     let certificate = Arc::clone(&serving.certificate.identity);
-    let handshake = start.into_stream(Arc::clone(&serving.config));
+    let handshake = Box::pin(start.into_stream(Arc::clone(&serving.config)));
     // The connection keeps only the identity and the grant's signal, never the key.
     drop(serving);
 
@@ -567,11 +569,13 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
             Ok::<_, Infallible>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
         }
     });
-    let io = TokioIo::new(tls);
+    // Boxed for the task's size: the stream is moved from variable to variable below, and each may take its
+    // 1.2 KiB in the task.
+    let io = TokioIo::new(Box::new(tls));
     let watch =
         Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive).await;
+        Box::pin(drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive)).await;
         return;
     }
     let state = Arc::new(IoState::default());
@@ -581,7 +585,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let mut park_after_request = None;
     loop {
         let connection = settings.http1.serve_connection(io, service).with_upgrades();
-        let Some(parts) = drive_http1(connection, watch, &state, park_after_request).await else {
+        let Some(parts) = Box::pin(drive_http1(connection, watch, &state, park_after_request)).await else {
             break;
         };
         io = parts.io.reuse(parts.read_buf);
@@ -604,7 +608,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// The TLS stream of an HTTP/1 connection, as handed to hyper.
-type Http1Stream = Tracked<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>;
+type Http1Stream = Tracked<TokioIo<Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
 
 /// As [`drive`], for HTTP/1, and also parks the connection: once it has been idle for [`PARK_AFTER`], hyper
 /// waits for the client with nothing left to write, and no request of the connection has had a body (hyper could
