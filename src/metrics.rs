@@ -390,17 +390,7 @@ impl Metrics {
         let mut gauges = self.expiry_gauges.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut seen = foldhash::HashSet::with_capacity_and_hasher(gauges.len(), Default::default());
         for (id, seconds) in served {
-            match gauges.get(id) {
-                Some(gauge) => {
-                    gauge.set(seconds);
-                }
-                None => {
-                    let labels = CertificateLabels { certificate_id: id.to_owned() };
-                    let gauge = self.certificate_expiry.get_or_create(&labels).clone();
-                    gauge.set(seconds);
-                    gauges.insert(labels.certificate_id, gauge);
-                }
-            }
+            self.set_expiry(&mut gauges, id, seconds);
             seen.insert(id);
         }
         if seen.len() != gauges.len() {
@@ -435,21 +425,26 @@ impl Metrics {
             }
         }
         for (id, seconds) in updated {
-            match gauges.get(id) {
-                Some(gauge) => {
-                    gauge.set(seconds);
-                }
-                None => {
-                    let labels = CertificateLabels { certificate_id: id.to_owned() };
-                    let gauge = self.certificate_expiry.get_or_create(&labels).clone();
-                    gauge.set(seconds);
-                    gauges.insert(labels.certificate_id, gauge);
-                }
-            }
+            self.set_expiry(&mut gauges, id, seconds);
         }
         self.certificates_served.set(i64::try_from(gauges.len()).unwrap_or(i64::MAX));
         drop(gauges);
         self.custody_counts(refused_by_check, grants_active, grants_retired);
+    }
+
+    /// Sets the expiry gauge of `id`, creating its series the first time (`gauges`: the handles of the series).
+    fn set_expiry(&self, gauges: &mut foldhash::HashMap<String, Gauge<f64, AtomicU64>>, id: &str, seconds: f64) {
+        match gauges.get(id) {
+            Some(gauge) => {
+                gauge.set(seconds);
+            }
+            None => {
+                let labels = CertificateLabels { certificate_id: id.to_owned() };
+                let gauge = self.certificate_expiry.get_or_create(&labels).clone();
+                gauge.set(seconds);
+                gauges.insert(labels.certificate_id, gauge);
+            }
+        }
     }
 
     fn custody_counts(&self, refused_by_check: &[(&'static str, i64)], grants_active: i64, grants_retired: i64) {

@@ -251,15 +251,7 @@ impl ExportReader {
         let (problems, file_counts) =
             refresh_certificates(&mut self.certificates, &mut self.sealed_keys, &gates, &self.environment, None);
         counts += file_counts;
-        let judge = Judge {
-            grantee: &self.grantee,
-            grants: &grants,
-            associations_path: &associations_path,
-            certificates: &self.certificates,
-            sealed_keys: &self.sealed_keys,
-            problems: &problems,
-        };
-        let judged = judge.judge_all(&gates, known);
+        let judged = self.judge(&grants, &associations_path, &problems, &gates, known);
         let (statuses, changed_grants) = statuses(&grants, &judged, now);
         let next_lapse = [last.next_lapse, grants.next_lapse(now)].into_iter().flatten().min();
         drop(gates);
@@ -321,15 +313,7 @@ impl ExportReader {
         );
         counts += file_counts;
 
-        let judge = Judge {
-            grantee: &self.grantee,
-            grants: &grants,
-            associations_path: &associations_path,
-            certificates: &self.certificates,
-            sealed_keys: &self.sealed_keys,
-            problems: &problems,
-        };
-        let judged = judge.judge_all(&gates, known);
+        let judged = self.judge(&grants, &associations_path, &problems, &gates, known);
         let (statuses, changed_grants) = statuses(&grants, &judged, now);
         let next_lapse = grants.next_lapse(now);
         // The gates and the view borrow the grant cache, which is changed below.
@@ -352,6 +336,28 @@ impl ExportReader {
             associations: judged.into_iter().map(|j| j.outcome).collect(),
             scope: Scope::Complete,
         })
+    }
+}
+
+impl ExportReader {
+    /// Judges the gated entries, their files refreshed (`problems`: those that could not be read).
+    fn judge(
+        &self,
+        grants: &Grants<'_>,
+        associations_path: &Path,
+        problems: &Problems,
+        gates: &[Gate<'_>],
+        known: &dyn Fn(&str) -> Option<[u8; 32]>,
+    ) -> Vec<Judged> {
+        let judge = Judge {
+            grantee: &self.grantee,
+            grants,
+            associations_path,
+            certificates: &self.certificates,
+            sealed_keys: &self.sealed_keys,
+            problems,
+        };
+        judge.judge_all(gates, known)
     }
 }
 
