@@ -9,7 +9,7 @@
 //! That is only sound at a message boundary, with nothing hyper still has to write. [`Tracked`] lets the
 //! connection's driver see both from outside: hyper's last read found nothing to read, and everything it wrote
 //! was flushed. The driver adds what only it knows: no request in flight, and no request body hyper may still be
-//! reading (see `server::drive_http1`).
+//! reading (see `server::drive`).
 
 use std::io;
 use std::pin::Pin;

@@ -575,17 +575,21 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let watch =
         Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        Box::pin(drive(settings.http2.serve_connection(io, service), watch, ConnectionTimeout::KeepAlive)).await;
+        let connection = settings.http2.serve_connection(io, service);
+        Box::pin(drive(connection, watch, ConnectionTimeout::KeepAlive, None)).await;
         return;
     }
     let state = Arc::new(IoState::default());
     let mut io = Tracked::new(io, Bytes::new(), Arc::clone(&state));
     let mut service = service;
-    // Parking waits for a request to complete after each unparking: see `drive_http1`.
+    // Parking waits for a request to complete after each unparking: see `drive`.
     let mut park_after_request = None;
     loop {
         let connection = settings.http1.serve_connection(io, service).with_upgrades();
-        let Some(parts) = Box::pin(drive_http1(connection, watch, &state, park_after_request)).await else {
+        let parking = Parking { state: &state, after_request: park_after_request };
+        let driven = Box::pin(drive(connection, watch, ConnectionTimeout::HeaderRead, Some(parking))).await;
+        // Handed back still running, between messages: the parts of a connection taken apart.
+        let Some(parts) = driven.and_then(http1::UpgradeableConnection::into_parts) else {
             break;
         };
         io = parts.io.reuse(parts.read_buf);
@@ -609,54 +613,6 @@ const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// The TLS stream of an HTTP/1 connection, as handed to hyper.
 type Http1Stream = Tracked<TokioIo<Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
-
-/// As [`drive`], for HTTP/1, and also parks the connection: once it has been idle for [`PARK_AFTER`], hyper
-/// waits for the client with nothing left to write, and no request of the connection has had a body (hyper could
-/// still be reading one, and taking the connection apart then would take the rest for a new request), the
-/// connection is taken apart and its parts returned. After an unparking (`after_request`: the number of requests
-/// completed then), it is only parked again once a request has completed since: the client may have sent part
-/// of a request head.
-async fn drive_http1<S, B>(
-    connection: http1::UpgradeableConnection<Http1Stream, S>,
-    watch: Watch<'_>,
-    state: &IoState,
-    mut after_request: Option<u64>,
-) -> Option<http1::Parts<Http1Stream, S>>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let Watch { shared, grant_ended, activity, idle, peer } = watch;
-    let mut connection = connection;
-    let result = loop {
-        tokio::select! {
-            result = &mut connection => break result,
-            _ = grant_ended.cancelled() => {
-                tracing::debug!(%peer, "closing connection: its certificate's grant ended");
-                return None;
-            }
-            _ = shared.shutdown.cancelled() => {
-                break drained(Pin::new(&mut connection), watch, false).await?;
-            }
-            _ = activity.idle_for(idle) => {
-                tracing::debug!(%peer, "closing connection: idle");
-                shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
-                break drained(Pin::new(&mut connection), watch, true).await?;
-            }
-            _ = activity.parkable(PARK_AFTER, after_request) => {
-                if state.is_waiting_for_client() {
-                    return connection.into_parts();
-                }
-                // hyper is within a message (a head arriving slowly, say): after the next request, perhaps.
-                after_request = Some(activity.completed());
-            }
-        }
-    };
-    report_end(shared, peer, result, ConnectionTimeout::HeaderRead);
-    None
-}
 
 /// Waits for a parked connection's client to send again, with no hyper connection. Returns `false` when the
 /// connection is to close instead: its grant ended, the server is shutting down (the connection is idle: it
@@ -704,32 +660,62 @@ struct Watch<'a> {
 /// gracefully, then dropped at the hard stop), or it has no request in flight for `timeouts.idle` (drained, then
 /// dropped if it stays idle for another such period). `hyper_timeout` names the deadline hyper enforces itself
 /// (HTTP/1: header read; HTTP/2: keep-alive ping), for the metrics.
-async fn drive<C>(connection: C, watch: Watch<'_>, hyper_timeout: ConnectionTimeout)
+///
+/// With `parking` (HTTP/1), the connection is also handed back, still running, to be taken apart (see
+/// [`crate::parking`]) once it has been idle for [`PARK_AFTER`], hyper waits for the client with nothing left to
+/// write, and no request of the connection has had a body (hyper could still be reading one, and taking the
+/// connection apart then would take the rest for a new request). After an unparking (`after_request`: the
+/// number of requests completed then), it is only handed back once a request has completed since: the client
+/// may have sent part of a request head.
+async fn drive<C>(
+    mut connection: C,
+    watch: Watch<'_>,
+    hyper_timeout: ConnectionTimeout,
+    parking: Option<Parking<'_>>,
+) -> Option<C>
 where
-    C: Drain,
+    C: Drain + Unpin,
 {
     let Watch { shared, grant_ended, activity, idle, peer } = watch;
-    let mut connection = std::pin::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = grant_ended.cancelled() => {
-            tracing::debug!(%peer, "closing connection: its certificate's grant ended");
-            return;
-        }
-        _ = shared.shutdown.cancelled() => match drained(connection.as_mut(), watch, false).await {
-            Some(result) => result,
-            None => return,
-        },
-        _ = activity.idle_for(idle) => {
-            tracing::debug!(%peer, "closing connection: idle");
-            shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
-            match drained(connection.as_mut(), watch, true).await {
-                Some(result) => result,
-                None => return,
+    let mut after_request = parking.and_then(|p| p.after_request);
+    let result = loop {
+        let parkable = async {
+            match parking {
+                Some(_) => activity.parkable(PARK_AFTER, after_request).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut connection => break result,
+            _ = grant_ended.cancelled() => {
+                tracing::debug!(%peer, "closing connection: its certificate's grant ended");
+                return None;
+            }
+            _ = shared.shutdown.cancelled() => break drained(Pin::new(&mut connection), watch, false).await?,
+            _ = activity.idle_for(idle) => {
+                tracing::debug!(%peer, "closing connection: idle");
+                shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
+                break drained(Pin::new(&mut connection), watch, true).await?;
+            }
+            _ = parkable => {
+                if parking.is_some_and(|p| p.state.is_waiting_for_client()) {
+                    return Some(connection);
+                }
+                // hyper is within a message (a head arriving slowly, say): after the next request, perhaps.
+                after_request = Some(activity.completed());
             }
         }
     };
     report_end(shared, peer, result, hyper_timeout);
+    None
+}
+
+/// What [`drive`] needs to hand an HTTP/1 connection back for parking.
+#[derive(Clone, Copy)]
+struct Parking<'a> {
+    state: &'a IoState,
+    /// Requests completed when the connection was last unparked, if it was.
+    after_request: Option<u64>,
 }
 
 /// Asks a connection to finish its requests and close, and runs it until it has: its result, or `None` when it
