@@ -576,6 +576,41 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_read_keeps_the_refusals_it_did_not_judge() {
+        let f = Fixture::new();
+        let mut request = IssueRequest::new(["c-3.example.test"]);
+        request.certificate_id = Some("c-3".to_owned());
+        f.custody.issue(&request).unwrap();
+        f.custody.associate(&AssociateRequest::new("c-3", &f.export, GRANTEE)).unwrap();
+        let sealed = f.export.join("certificates/c-3/private-key.sealed");
+        let tampered = std::fs::read_to_string(&sealed).unwrap().replacen("ciphertext = \"", "ciphertext = \"AAAA", 1);
+        std::fs::write(&sealed, tampered).unwrap();
+        let refused = |holder: &Holder| {
+            let text = holder.metrics.encode();
+            text.lines()
+                .filter(|l| l.starts_with("sealgate_associations_refused{"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        // Files just written are re-examined on every read until their stamps can be trusted: trust them now.
+        f.holder.reader().trust_recent_stamps();
+        let report = f.holder.reload().unwrap();
+        assert_eq!(report.refused.len(), 1, "{report:?}");
+        let before = refused(&f.holder);
+        assert_eq!(before.len(), 1, "{before:?}");
+
+        // c-1 renewed, its files named: a partial read judges c-1 alone, and c-3's refusal still counts.
+        f.custody.renew("c-1", &RenewRequest::reissue()).unwrap();
+        let mut changes = Changes::none(&f.export);
+        for name in ["associations.toml", "certificates/c-1/certificate.pem", "certificates/c-1/private-key.sealed"] {
+            changes.add(&f.export.join(name));
+        }
+        let report = f.holder.reload_after(None, &changes).unwrap();
+        assert_eq!(report.partial.as_deref(), Some(&["c-1".to_owned()][..]), "{report:?}");
+        assert_eq!(refused(&f.holder), before);
+    }
+
+    #[test]
     fn a_deleted_export_ends_every_grant_through_the_cached_reader() {
         let f = Fixture::new();
         f.holder.reload().unwrap();

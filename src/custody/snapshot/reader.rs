@@ -131,6 +131,14 @@ impl ExportReader {
         self.environment = environment;
     }
 
+    /// Trusts the stamps of files written in the last seconds (the clock a minute ahead), for tests elsewhere
+    /// that must see which files a read examines.
+    #[cfg(test)]
+    pub(crate) fn trust_recent_stamps(&mut self) {
+        let ahead = || std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        self.environment = Environment { now: ahead, ..Environment::default() };
+    }
+
     /// One read of the export, judging lapses at `now`: the same outcomes as [`super::read_export`], except
     /// that an association whose check 1 passes and whose inputs digest equals `known(certificate_id)` (the
     /// digest of the generation the caller already serves for it) comes back [`Verdict::Unchanged`], without
