@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Method, Request, StatusCode, Uri, Version};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive`, `Proxy-Connection` and the proxy
@@ -33,6 +33,10 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests and responses carry none: one pass over the names costs less than a lookup per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -57,30 +61,44 @@ pub struct ClientSide<'a> {
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded`, replacing whatever the client sent: sealgate is
 /// the edge, so nothing a client claims about earlier hops can be trusted.
 pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>) {
+    use std::fmt::Write as _;
     let ip = client.peer.ip();
-    let for_value = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let host_value = if client.authority.bytes().all(is_token_char) {
-        client.authority.to_owned()
+    let ip_text = ip.to_string();
+    let authority = client.authority;
+    let mut forwarded = String::with_capacity(ip_text.len() + authority.len() + 32);
+    forwarded.push_str("for=");
+    match ip {
+        std::net::IpAddr::V4(_) => forwarded.push_str(&ip_text),
+        std::net::IpAddr::V6(_) => {
+            let _ = write!(forwarded, "\"[{ip_text}]\"");
+        }
+    }
+    forwarded.push_str(";host=");
+    if authority.bytes().all(is_token_char) {
+        forwarded.push_str(authority);
     } else {
-        format!("\"{}\"", client.authority.replace(['\\', '"'], ""))
-    };
-    headers.remove(&FORWARDED);
-    headers.remove(&X_FORWARDED_FOR);
-    headers.remove(&X_FORWARDED_HOST);
-    headers.remove(&X_FORWARDED_PROTO);
-    // The values are built from an IP address and an authority hyper already accepted as a header or URI.
-    if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
-        headers.insert(X_FORWARDED_FOR, v);
+        forwarded.push('"');
+        forwarded.extend(authority.chars().filter(|c| !matches!(c, '\\' | '"')));
+        forwarded.push('"');
     }
+    forwarded.push_str(";proto=https");
+    // `insert` replaces every value the client sent. The values are built from an IP address and an authority
+    // hyper already accepted as a header or URI, so they are valid header values; were one not, the client's
+    // header is removed rather than passed on.
+    set_or_remove(headers, X_FORWARDED_FOR, HeaderValue::from_str(&ip_text).ok());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    if let Ok(v) = HeaderValue::from_str(client.authority) {
-        headers.insert(X_FORWARDED_HOST, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&format!("for={for_value};host={host_value};proto=https")) {
-        headers.insert(FORWARDED, v);
+    set_or_remove(headers, X_FORWARDED_HOST, HeaderValue::from_str(authority).ok());
+    set_or_remove(headers, FORWARDED, HeaderValue::from_str(&forwarded).ok());
+}
+
+fn set_or_remove(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
+    match value {
+        Some(value) => {
+            headers.insert(name, value);
+        }
+        None => {
+            headers.remove(name);
+        }
     }
 }
 
@@ -110,7 +128,7 @@ pub enum ForwardError {
         /// The upstream.
         upstream: String,
         /// What failed.
-        source: hyper_util::client::legacy::Error,
+        source: super::upstream::SendError,
     },
     /// The upstream did not connect or answer in time.
     #[error("upstream {upstream} did not answer within {timeout:?}")]
@@ -172,19 +190,17 @@ pub fn rewrite_head(
     Ok(())
 }
 
-/// One attempt's request: `method` and `path` to `scheme://authority`, with `headers` as [`rewrite_head`] left
-/// them and `host` (the upstream's own `Host`, when the client's is not preserved).
+/// One attempt's request: `method` and `path` (origin-form, as HTTP/1.1 sends it to an origin server), with
+/// `headers` as [`rewrite_head`] left them and `host` (the upstream's own `Host`, when the client's is not
+/// preserved).
 pub fn upstream_request<B>(
     method: Method,
-    target: (Scheme, Authority, PathAndQuery),
+    path: PathAndQuery,
     mut headers: HeaderMap,
     host: Option<HeaderValue>,
     body: B,
 ) -> Result<Request<B>, ForwardError> {
-    let (scheme, authority, path) = target;
     let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(scheme);
-    uri.authority = Some(authority);
     uri.path_and_query = Some(path);
     if let Some(host) = host {
         headers.insert(header::HOST, host);
@@ -195,20 +211,6 @@ pub fn upstream_request<B>(
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = headers;
     Ok(request)
-}
-
-/// Whether a client error is a connect timeout (a connect error whose cause is `TimedOut`).
-pub fn is_timeout(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ impl Proxy {
         }
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
-            record.upstream = upstream;
+            record.upstream = upstream.as_deref().map(str::to_owned);
             (log, record, started.0)
         });
         response.map(|body| LoggedBody::new(body, pending))
@@ -138,7 +138,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         connection: &ConnectionInfo,
-    ) -> (Response<ReplyBody>, Option<String>) {
+    ) -> (Response<ReplyBody>, Option<Arc<str>>) {
         let version = request.version();
         let mut request = match self.limits.admit(request) {
             Ok(request) => request,
@@ -187,7 +187,7 @@ impl Proxy {
                 let client = ClientSide { peer: connection.peer, authority: &authority };
                 match upstreams.forward(request, client, route.response_timeout).await {
                     Ok(response) => {
-                        let upstream = response.extensions().get::<AnsweredBy>().map(|a| a.0.to_string());
+                        let upstream = response.extensions().get::<AnsweredBy>().map(|a| Arc::clone(&a.0));
                         (self.switch_or_pass(response, switch, connection), upstream)
                     }
                     Err(error) => match LimitError::find_in(&error) {
@@ -195,7 +195,7 @@ impl Proxy {
                         Some(limit) => (self.refuse(limit, version, connection), None),
                         None => {
                             tracing::warn!(route = route.index, %error, "upstream request failed");
-                            (respond::error(error.status()), error.upstream().map(str::to_owned))
+                            (respond::error(error.status()), error.upstream().map(Arc::from))
                         }
                     },
                 }

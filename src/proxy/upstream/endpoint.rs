@@ -14,24 +14,24 @@ use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
 use super::outlier::{Clock, Outlier, Verdict};
+use super::pool::{PooledBody, Upstream};
 use crate::config::{OutlierConfig, UpstreamScheme, UpstreamUrl};
 use crate::metrics::{UpstreamMetrics, UpstreamResult};
 
 /// One upstream of a route.
 #[derive(Debug)]
 pub struct Endpoint {
-    /// The URL's scheme, ready for request URIs.
-    pub scheme: Scheme,
     /// `host:port`.
     pub authority: Authority,
     /// The configured URL, as named in logs and metrics.
     pub name: Arc<str>,
     /// `host:port` as a `Host` header, for `preserve_host = false`.
     pub host: HeaderValue,
+    /// Where to connect, and the idle connections to it.
+    pub connections: Upstream,
     route: usize,
     in_flight: AtomicUsize,
     /// The active health checks' verdict; `true` without health checks.
@@ -64,7 +64,7 @@ impl Endpoint {
         let host = HeaderValue::from_str(url.authority.as_str()).unwrap_or(HeaderValue::from_static("invalid"));
         Self {
             host,
-            scheme,
+            connections: Upstream::new(&scheme, &url.authority, stop.clone()),
             authority: url.authority.clone(),
             name: Arc::from(url.to_string()),
             route,
@@ -156,13 +156,13 @@ impl Drop for InFlight {
 /// the body has been delivered or dropped, as Envoy counts active requests.
 #[derive(Debug)]
 pub struct ResponseBody {
-    inner: Incoming,
+    inner: PooledBody,
     _in_flight: InFlight,
 }
 
 impl ResponseBody {
     /// `inner`, counted in flight until dropped.
-    pub fn new(inner: Incoming, in_flight: InFlight) -> Self {
+    pub fn new(inner: PooledBody, in_flight: InFlight) -> Self {
         Self { inner, _in_flight: in_flight }
     }
 }
@@ -172,7 +172,7 @@ impl Body for ResponseBody {
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // `Incoming` is `Unpin`, and so is `Self`.
+        // `PooledBody` is `Unpin`, and so is `Self`.
         Pin::new(&mut self.get_mut().inner).poll_frame(cx)
     }
 

@@ -36,7 +36,7 @@ pub enum CheckError {
     Request(#[from] http::Error),
     /// The request failed in the transport.
     #[error("request failed: {0}")]
-    Transport(#[from] hyper_util::client::legacy::Error),
+    Transport(#[from] super::pool::SendError),
     /// No response headers (and body) within the timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -78,11 +78,7 @@ pub async fn run(endpoint: Arc<Endpoint>, pool: Pool, config: Arc<HealthCheckCon
 
 /// One check.
 async fn check(endpoint: &Endpoint, pool: &Pool, config: &HealthCheckConfig) -> Result<(), CheckError> {
-    let uri = Uri::builder()
-        .scheme(endpoint.scheme.clone())
-        .authority(endpoint.authority.clone())
-        .path_and_query(config.path.clone())
-        .build()?;
+    let uri = Uri::builder().path_and_query(config.path.clone()).build()?;
     let mut request = Request::new(Either::Right(Empty::<Bytes>::new()));
     *request.method_mut() = Method::GET;
     *request.uri_mut() = uri;
@@ -90,7 +86,7 @@ async fn check(endpoint: &Endpoint, pool: &Pool, config: &HealthCheckConfig) -> 
     request.headers_mut().insert(header::HOST, host);
     request.headers_mut().insert(header::USER_AGENT, HeaderValue::from_static("sealgate-health-check"));
     let exchange = async {
-        let response = pool.request(request).await?;
+        let response = pool.send(&endpoint.connections, request).await?;
         let status = response.status();
         // Drain a small body so that the connection goes back to the pool; a large one is dropped with it.
         let _ = http_body_util::Limited::new(response.into_body(), MAX_BODY).collect().await;

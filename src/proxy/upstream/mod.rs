@@ -26,7 +26,7 @@ mod pool;
 mod retry;
 
 pub use endpoint::ResponseBody;
-pub use pool::PoolError;
+pub use pool::{PoolError, SendError};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,11 +159,11 @@ impl UpstreamGroup {
                 None => Either::Right(Empty::new()),
             };
             let host = (!self.preserve_host).then(|| endpoint.host.clone());
-            let target = (endpoint.scheme.clone(), endpoint.authority.clone(), path.clone());
-            let request = forward::upstream_request(parts.method.clone(), target, attempt_headers, host, attempt_body)?;
+            let request =
+                forward::upstream_request(parts.method.clone(), path.clone(), attempt_headers, host, attempt_body)?;
 
             let in_flight = endpoint.start();
-            let error = match tokio::time::timeout_at(deadline, self.pool.request(request)).await {
+            let error = match tokio::time::timeout_at(deadline, self.pool.send(&endpoint.connections, request)).await {
                 Ok(Ok(response)) => {
                     endpoint.succeeded();
                     let (mut head, body) = response.into_parts();
@@ -180,7 +180,7 @@ impl UpstreamGroup {
                     endpoint.failed(UpstreamResult::Timeout);
                     return Err(ForwardError::Timeout { upstream: endpoint.name.to_string(), timeout });
                 }
-                Ok(Err(error)) if forward::is_timeout(&error) => {
+                Ok(Err(error)) if error.is_timeout() => {
                     endpoint.failed(UpstreamResult::Timeout);
                     ForwardError::Timeout { upstream: endpoint.name.to_string(), timeout: self.connect_timeout }
                 }
