@@ -14,6 +14,7 @@ pub mod check;
 pub mod config;
 pub mod custody;
 pub mod daemon;
+pub mod h2streams;
 pub mod holder;
 pub mod hygiene;
 pub mod keyring;

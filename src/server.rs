@@ -25,7 +25,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::h2streams::{LocalStreams, StreamExecutor};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -228,7 +230,7 @@ struct Settings {
     /// `timeouts.header_read`: hyper enforces it, except on a parked connection (see [`crate::parking`]).
     header_read_timeout: Duration,
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
     max_connections: usize,
 }
 
@@ -367,8 +369,9 @@ fn http1_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http1::Bui
 /// The HTTP/2 connection settings. h2 bounds CONTINUATION frames by itself, from the header list size: a header
 /// block may span at most max(5, 1.25 * max_header_bytes / 16 KiB) frames before the connection is closed with
 /// ENHANCE_YOUR_CALM.
-fn http2_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http2::Builder<TokioExecutor> {
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
+fn http2_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http2::Builder<StreamExecutor> {
+    // Streams run in their connection's task (see `h2streams`).
+    let mut http2 = http2::Builder::new(StreamExecutor);
     http2
         .timer(TokioTimer::new())
         .adaptive_window(true)
@@ -575,7 +578,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let watch =
         Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        let connection = settings.http2.serve_connection(io, service);
+        let connection = LocalStreams::new(settings.http2.serve_connection(io, service));
         Box::pin(drive(connection, watch, ConnectionTimeout::KeepAlive, None)).await;
         return;
     }
@@ -884,7 +887,7 @@ where
     }
 }
 
-impl<I, S, B> Drain for http2::Connection<I, S, TokioExecutor>
+impl<I, S, B> Drain for LocalStreams<http2::Connection<I, S, StreamExecutor>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
@@ -895,7 +898,7 @@ where
     S::Future: Send + 'static,
 {
     fn drain(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
+        self.connection().graceful_shutdown();
     }
 }
 

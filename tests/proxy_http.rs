@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
@@ -90,6 +93,47 @@ async fn http2_requests_are_forwarded_as_http1_with_cookies_joined() {
     for (i, task) in tasks.into_iter().enumerate() {
         assert_eq!(task.await.unwrap(), (StatusCode::OK, format!("upstream: /s{i}")));
     }
+}
+
+/// A connection's HTTP/2 streams run in the connection's task (`sealgate::h2streams`): a stream waiting on its
+/// upstream must not hold up the others. The upstream here answers `/slow` only once `/fast`, sent after it on
+/// the same connection, has been answered; a connection that ran its streams one after the other would never
+/// answer either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_waiting_on_its_upstream_does_not_hold_up_the_others() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let fast_answered = Arc::new(tokio::sync::Notify::new());
+    let released = Arc::clone(&fast_answered);
+    let upstream = Upstream::start_async(move |recorded| {
+        let released = Arc::clone(&released);
+        async move {
+            if recorded.uri.path() == "/slow" {
+                released.notified().await;
+            }
+            Some(http::Response::new(Full::new(Bytes::new())))
+        }
+    })
+    .await;
+    let server = f.start(&format!("[[route]]\nupstream = \"{}\"\n", upstream.url())).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let h2 = http2(tls).await;
+
+    let mut slow_sender = h2.clone();
+    let slow = tokio::spawn(async move {
+        text(slow_sender.send_request(get_h2("app.example.test", "/slow")).await.unwrap()).await
+    });
+    assert!(wait_until(Duration::from_secs(10), || upstream.count() == 1).await, "/slow reached the upstream");
+    let mut fast_sender = h2.clone();
+    let fast = tokio::time::timeout(Duration::from_secs(10), async move {
+        text(fast_sender.send_request(get_h2("app.example.test", "/fast")).await.unwrap()).await
+    })
+    .await
+    .expect("/fast answered while /slow waits on the same connection");
+    assert_eq!(fast, (StatusCode::OK, "upstream: /fast".to_owned()));
+    fast_answered.notify_one();
+    let slow = tokio::time::timeout(Duration::from_secs(10), slow).await.expect("/slow answered").unwrap();
+    assert_eq!(slow, (StatusCode::OK, "upstream: /slow".to_owned()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
