@@ -24,7 +24,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::h2streams::{LocalStreams, StreamExecutor};
@@ -41,8 +40,10 @@ use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
 use crate::custody::snapshot::ExportError;
 use crate::holder::Holder;
+use crate::keyring::CertificateIdentity;
 use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics};
 use crate::parking::{IoState, Tracked};
+use crate::proxy::ProxyBody;
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::registry::ConnectionRegistry;
 use crate::tls::{CertificateStore, TlsError, TlsPolicy, ALPN_H2};
@@ -498,50 +499,22 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
 /// `limits.max_connections`) until then.
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
     let settings = shared.settings.load_full();
-    let deadline = Instant::now() + settings.handshake_timeout;
     let _count = shared.metrics.connection_opened();
-
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    // The phases of a connection are boxed, each allocated only while it runs: the task itself then stays small
-    // (it was 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection).
-    let start = match Box::pin(tokio::time::timeout_at(deadline, acceptor)).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(error)) => return handshake_failed(&shared, peer, HandshakeFailure::Protocol, &error),
-        Err(_) => return handshake_failed(&shared, peer, HandshakeFailure::Timeout, &"no ClientHello in time"),
+    // The phases of a connection are boxed, each allocated only while it runs, and each builds what it needs
+    // within its own future: the task itself then holds only what an idle connection needs (1.4 KiB; it was 10 KiB,
+    // most of it the handshake's and hyper's state, kept for the life of an idle connection). What is moved
+    // into a phase is built in a statement of its own, or in the phase: a value moved from a local declared
+    // across an await keeps its room in the task.
+    let Some(established) = Box::pin(handshake(&shared, tcp, peer, settings.handshake_timeout)).await else {
+        return;
     };
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    let Some(serving) = shared.store.select(sni.as_deref()) else {
-        // No certificate for this name: complete the handshake with a config that resolves nothing, so the
-        // client receives an alert rather than a bare close.
-        let _ = Box::pin(tokio::time::timeout_at(deadline, start.into_stream(shared.store.refusing_config()))).await;
-        return handshake_failed(&shared, peer, HandshakeFailure::UnknownName, &format_args!("SNI {sni:?}"));
-    };
-    let grant_ended = serving.certificate.grant_ended().clone();
-    let certificate = Arc::clone(&serving.certificate.identity);
-    let handshake = Box::pin(start.into_stream(Arc::clone(&serving.config)));
-    // The connection keeps only the identity and the grant's signal, never the key.
-    drop(serving);
-
-    let tls = tokio::select! {
-        result = tokio::time::timeout_at(deadline, handshake) => match result {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(error)) => {
-                let reason = if grant_ended.is_cancelled() { HandshakeFailure::Retired } else { classify(&error) };
-                return handshake_failed(&shared, peer, reason, &error);
-            }
-            Err(_) => return handshake_failed(&shared, peer, HandshakeFailure::Timeout, &"handshake not done in time"),
-        },
-        _ = grant_ended.cancelled() => {
-            return handshake_failed(&shared, peer, HandshakeFailure::Retired, &"grant ended during the handshake");
-        }
-    };
+    let Established { tls, sni, certificate, grant_ended } = established;
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
     let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let session = tls.get_ref().1;
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
-    let sni = sni.map(Arc::<str>::from);
     let info = Arc::new(ConnectionInfo {
         peer,
         sni,
@@ -552,34 +525,13 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         hard_stop: shared.hard_stop.clone(),
         tunnel: std::sync::Mutex::new(None),
     });
-    let upgraded = Arc::clone(&info);
     let activity = Arc::new(Activity::new());
-    let requests = Arc::clone(&activity);
-    let current = Arc::clone(&shared);
-    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-        // The proxy current when the request arrives: a reload applies to connections already open.
-        let proxy = current.settings.load_full().proxy.clone();
-        let info = Arc::clone(&info);
-        if !request.body().is_end_stream() {
-            requests.saw_request_body();
-        }
-        let in_flight = requests.request_started();
-        async move {
-            // Boxed: the handling future is about 3 KiB (forwarding upstream is part of it), and hyper moves the
-            // service future several times per request (into its HTTP/2 stream task, into the task's cell).
-            // One allocation instead of those copies: memmove was 14% of an HTTP/2 run's CPU.
-            let response = Box::pin(proxy.handle(request, &info)).await;
-            Ok::<_, Infallible>(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
-        }
-    });
-    // Boxed for the task's size: the stream is moved from variable to variable below, and each may take its
-    // 1.2 KiB in the task.
-    let io = TokioIo::new(Box::new(tls));
+    let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
+    let io = TokioIo::new(tls);
     let watch =
         Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
     if h2 {
-        let connection = LocalStreams::new(settings.http2.serve_connection(io, service));
-        Box::pin(drive(connection, watch, ConnectionTimeout::KeepAlive, None)).await;
+        Box::pin(serve_http2(&settings, io, service, watch)).await;
         return;
     }
     let state = Arc::new(IoState::default());
@@ -588,11 +540,10 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     // Parking waits for a request to complete after each unparking: see `drive`.
     let mut park_after_request = None;
     loop {
-        let connection = settings.http1.serve_connection(io, service).with_upgrades();
         let parking = Parking { state: &state, after_request: park_after_request };
-        let driven = Box::pin(drive(connection, watch, ConnectionTimeout::HeaderRead, Some(parking))).await;
+        let driven = Box::pin(serve_http1(&settings, io, service, watch, parking)).await;
         // Handed back still running, between messages: the parts of a connection taken apart.
-        let Some(parts) = driven.and_then(http1::UpgradeableConnection::into_parts) else {
+        let Some(parts) = driven else {
             break;
         };
         io = parts.io.reuse(parts.read_buf);
@@ -604,9 +555,117 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     }
     // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
     // stop; the connection stays counted (and registered) until then.
-    if let Some(tunnel) = upgraded.take_tunnel() {
+    if let Some(tunnel) = info.take_tunnel() {
         let _ = tunnel.await;
     }
+}
+
+/// A connection whose TLS handshake is done.
+struct Established {
+    /// Boxed for the task's size: the stream is moved from variable to variable, and each may take its 1.2 KiB
+    /// in the task.
+    tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    sni: Option<Arc<str>>,
+    /// The certificate generation the handshake was made with.
+    certificate: Arc<CertificateIdentity>,
+    /// Fires when that certificate's grant ends.
+    grant_ended: CancellationToken,
+}
+
+/// The TLS handshake, within `timeout`: `None` (counted and logged) when it fails, times out, names no served
+/// certificate or the certificate's grant ends meanwhile.
+async fn handshake(shared: &Shared, tcp: TcpStream, peer: SocketAddr, timeout: Duration) -> Option<Established> {
+    let deadline = Instant::now() + timeout;
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(error)) => {
+            handshake_failed(shared, peer, HandshakeFailure::Protocol, &error);
+            return None;
+        }
+        Err(_) => {
+            handshake_failed(shared, peer, HandshakeFailure::Timeout, &"no ClientHello in time");
+            return None;
+        }
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let Some(serving) = shared.store.select(sni.as_deref()) else {
+        // No certificate for this name: complete the handshake with a config that resolves nothing, so the
+        // client receives an alert rather than a bare close.
+        let _ = tokio::time::timeout_at(deadline, start.into_stream(shared.store.refusing_config())).await;
+        handshake_failed(shared, peer, HandshakeFailure::UnknownName, &format_args!("SNI {sni:?}"));
+        return None;
+    };
+    let grant_ended = serving.certificate.grant_ended().clone();
+    let certificate = Arc::clone(&serving.certificate.identity);
+    let handshake = start.into_stream(Arc::clone(&serving.config));
+    // The connection keeps only the identity and the grant's signal, never the key.
+    drop(serving);
+    let failure = tokio::select! {
+        result = tokio::time::timeout_at(deadline, handshake) => match result {
+            Ok(Ok(tls)) => {
+                let sni = sni.map(Arc::<str>::from);
+                return Some(Established { tls: Box::new(tls), sni, certificate, grant_ended });
+            }
+            Ok(Err(error)) => {
+                let reason = if grant_ended.is_cancelled() { HandshakeFailure::Retired } else { classify(&error) };
+                (reason, error.to_string())
+            }
+            Err(_) => (HandshakeFailure::Timeout, "handshake not done in time".to_owned()),
+        },
+        _ = grant_ended.cancelled() => (HandshakeFailure::Retired, "grant ended during the handshake".to_owned()),
+    };
+    handshake_failed(shared, peer, failure.0, &failure.1);
+    None
+}
+
+/// hyper's service for one connection: each request goes to the proxy current when it arrives (a reload applies
+/// to connections already open), counted in the connection's activity.
+#[derive(Clone)]
+struct Service {
+    shared: Arc<Shared>,
+    info: Arc<ConnectionInfo>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Service {
+    type Response = hyper::Response<InFlightBody<ProxyBody>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let proxy = self.shared.settings.load_full().proxy.clone();
+        let info = Arc::clone(&self.info);
+        if !request.body().is_end_stream() {
+            self.activity.saw_request_body();
+        }
+        let in_flight = self.activity.request_started();
+        // Boxed: the handling future is about 1.9 KiB (its forwarding upstream, another 3 KiB, is boxed within),
+        // and hyper moves the service future several times per request (into its HTTP/2 stream, into the
+        // stream's box). One allocation instead of those copies: memmove was 14% of an HTTP/2 run's CPU.
+        Box::pin(async move {
+            let response = proxy.handle(request, &info).await;
+            Ok(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
+        })
+    }
+}
+
+/// An HTTP/2 connection, driven until it ends.
+async fn serve_http2(settings: &Settings, io: TokioIo<Box<TlsStream>>, service: Service, watch: Watch<'_>) {
+    let connection = LocalStreams::new(settings.http2.serve_connection(io, service));
+    drive(connection, watch, ConnectionTimeout::KeepAlive, None).await;
+}
+
+/// An HTTP/1 connection, driven until it ends (`None`) or is handed back for parking (its parts).
+async fn serve_http1(
+    settings: &Settings,
+    io: Http1Stream,
+    service: Service,
+    watch: Watch<'_>,
+    parking: Parking<'_>,
+) -> Option<hyper::server::conn::http1::Parts<Http1Stream, Service>> {
+    let connection = settings.http1.serve_connection(io, service).with_upgrades();
+    drive(connection, watch, ConnectionTimeout::HeaderRead, Some(parking)).await?.into_parts()
 }
 
 /// How long an HTTP/1 connection is idle before it is parked (see [`crate::parking`]): long enough that a client
@@ -614,8 +673,11 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
 /// idle connections soon hold no HTTP buffers.
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
+/// A connection's TLS stream.
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
 /// The TLS stream of an HTTP/1 connection, as handed to hyper.
-type Http1Stream = Tracked<TokioIo<Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
+type Http1Stream = Tracked<TokioIo<Box<TlsStream>>>;
 
 /// Waits for a parked connection's client to send again, with no hyper connection. Returns `false` when the
 /// connection is to close instead: its grant ended, the server is shutting down (the connection is idle: it
