@@ -501,10 +501,10 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let settings = shared.settings.load_full();
     let _count = shared.metrics.connection_opened();
     // The phases of a connection are boxed, each allocated only while it runs, and each builds what it needs
-    // within its own future: the task itself then holds only what an idle connection needs (1.4 KiB; it was 10 KiB,
-    // most of it the handshake's and hyper's state, kept for the life of an idle connection). What is moved
-    // into a phase is built in a statement of its own, or in the phase: a value moved from a local declared
-    // across an await keeps its room in the task.
+    // within its own future: the task itself then holds only what an idle connection needs (1.4 KiB; it was
+    // 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection). What is
+    // moved into a phase is built in a statement of its own, or in the phase: a value moved from a local
+    // declared across an await keeps its room in the task.
     let Some(established) = Box::pin(handshake(&shared, tcp, peer, settings.handshake_timeout)).await else {
         return;
     };
