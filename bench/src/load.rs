@@ -146,9 +146,10 @@ pub async fn handshakes(target: Target, concurrency: usize, timing: Timing, serv
             let names: Vec<_> = target.snis.iter().map(|n| client::server_name(n)).collect();
             let requests: Vec<_> =
                 target.snis.iter().map(|n| client::get_request(&target.path, target.host_for(n), true)).collect();
+            let mut h1 = H1::default();
             while !window.stopped() {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize % names.len();
-                match one_connection(target.addr, &config, &names[i], &requests[i]).await {
+                match one_connection(target.addr, &config, &names[i], &requests[i], &mut h1).await {
                     Ok((status, kind)) => {
                         if kind != Some(HandshakeKind::Full) && window.measuring() {
                             window.resumed.fetch_add(1, Ordering::Relaxed);
@@ -174,10 +175,12 @@ async fn one_connection(
     config: &Arc<rustls::ClientConfig>,
     name: &rustls_pki_types::ServerName<'static>,
     request: &[u8],
+    h1: &mut H1,
 ) -> io::Result<(u16, Option<HandshakeKind>)> {
     let mut tls = client::connect(addr, config, name.clone()).await?;
     let kind = tls.get_ref().1.handshake_kind();
-    let response = H1::default().exchange(&mut tls, request).await?;
+    h1.clear();
+    let response = h1.exchange(&mut tls, request).await?;
     let _ = tls.shutdown().await;
     Ok((response.status, kind))
 }
@@ -461,8 +464,9 @@ pub async fn wait_tls(target: Target, timeout: Duration) -> Result<(), String> {
     let sni = target.snis[0].clone();
     let request = client::get_request(&target.path, target.host_for(&sni), true);
     let deadline = Instant::now() + timeout;
+    let mut h1 = H1::default();
     loop {
-        match one_connection(target.addr, &config, &client::server_name(&sni), &request).await {
+        match one_connection(target.addr, &config, &client::server_name(&sni), &request, &mut h1).await {
             Ok((200, _)) => return Ok(()),
             Ok((status, _)) if Instant::now() > deadline => return Err(format!("status {status}")),
             Err(error) if Instant::now() > deadline => return Err(error.to_string()),
