@@ -501,7 +501,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let settings = shared.settings.load_full();
     let _count = shared.metrics.connection_opened();
     // The phases of a connection are boxed, each allocated only while it runs, and each builds what it needs
-    // within its own future: the task itself then holds only what an idle connection needs (1.4 KiB; it was
+    // within its own future: the task itself then holds only what an idle connection needs (1.3 KiB; it was
     // 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection). What is
     // moved into a phase is built in a statement of its own, or in the phase: a value moved from a local
     // declared across an await keeps its room in the task.
@@ -686,28 +686,35 @@ type Http1Stream = Tracked<TokioIo<Box<TlsStream>>>;
 async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Duration) -> bool {
     let Watch { shared, grant_ended, activity, idle, peer } = watch;
     let _parked = shared.metrics.connection_parked();
+    // No request runs while parked, so both deadlines stay where the last request left them: one timer, for the
+    // earlier (this wait is what an idle connection's task holds, and each timer takes its room in it).
+    let since = activity.idle_since();
+    let (deadline, kind) = match idle <= header_read {
+        true => (since + idle, ConnectionTimeout::Idle),
+        false => (since + header_read, ConnectionTimeout::HeaderRead),
+    };
     let tcp = io.get_ref().inner().get_ref().0;
-    let timeout = tokio::select! {
+    let timed_out = tokio::select! {
         readable = tcp.readable() => return readable.is_ok(),
         _ = grant_ended.cancelled() => {
             tracing::debug!(%peer, "closing parked connection: its certificate's grant ended");
             return false;
         }
-        _ = shared.shutdown.cancelled() => None,
-        _ = activity.idle_for(idle) => Some(ConnectionTimeout::Idle),
-        _ = tokio::time::sleep_until(activity.idle_since() + header_read) => Some(ConnectionTimeout::HeaderRead),
+        _ = shared.shutdown.cancelled() => false,
+        _ = tokio::time::sleep_until(deadline) => true,
     };
-    if let Some(timeout) = timeout {
-        tracing::debug!(%peer, ?timeout, "closing parked connection: idle");
-        shared.metrics.connection_timed_out(timeout);
+    if timed_out {
+        tracing::debug!(%peer, timeout = ?kind, "closing parked connection: idle");
+        shared.metrics.connection_timed_out(kind);
     }
-    // A close_notify and a FIN, as hyper would send, if the client takes them promptly.
-    let _ = tokio::time::timeout(
-        PARK_AFTER,
-        std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut *io), cx)),
-    )
-    .await;
+    Box::pin(close_parked(io)).await;
     false
+}
+
+/// Sends a close_notify and a FIN, as hyper would, if the client takes them promptly.
+async fn close_parked(io: &mut Http1Stream) {
+    let shutdown = std::future::poll_fn(|cx| hyper::rt::Write::poll_shutdown(Pin::new(&mut *io), cx));
+    let _ = tokio::time::timeout(PARK_AFTER, shutdown).await;
 }
 
 /// What a connection watches besides its own I/O.

@@ -88,6 +88,24 @@ async fn a_parked_connection_is_closed_by_its_grant_retirement_and_by_the_header
     assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"HeaderRead\"}").await, 1.0);
 }
 
+/// The idle deadline, when it is the earlier of the two, closes a parked connection and is counted as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_closed_by_the_idle_deadline() {
+    let f = Fixture::new();
+    f.serve("c-app", &[HOST]);
+    let server = f.start(&format!("{HELLO}\n[timeouts]\nheader_read = \"60s\"\nidle = \"1s\"\n")).await;
+    let admin = server.admin_addr.unwrap();
+    let mut idle = tls_to(&f, &server, HOST, b"http/1.1").await;
+    idle.write_all(&get()).await.unwrap();
+    assert_eq!(raw::read_response(&mut idle, DEADLINE).await.status(), Some(200));
+    let answered = tokio::time::Instant::now();
+    wait_parked(admin, 1.0).await;
+    assert!(raw::closed_within(&mut idle, DEADLINE).await.is_some(), "a parked connection outlived the idle deadline");
+    assert!(answered.elapsed() >= Duration::from_millis(900), "closed {:?} after its request", answered.elapsed());
+    assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Idle\"}").await, 1.0);
+    assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"HeaderRead\"}").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_whose_requests_have_bodies_is_not_parked() {
     let f = Fixture::new();
