@@ -119,7 +119,7 @@ fn bench_run_quick_against_sealgate_writes_every_scenario() {
     assert_eq!(row(&md, "| metric |"), ["metric", "sealgate", "sealgate/nginx", "sealgate/HAProxy", "better"]);
     for start in METRIC_ROWS {
         let cells = row(&md, start);
-        assert!(number(cells[1]) > 0.0, "{start} {cells:?}");
+        assert!(number(cells[1]) > 0.0, "{start} {cells:?} in:\n{md}");
         assert_eq!(cells[2..4], ["—", "—"], "{start} {cells:?}");
     }
     for scenario in ["handshake", "keepalive", "h2", "proxied", "bulk", "idle", "latency"] {
