@@ -26,6 +26,18 @@ fn get() -> Vec<u8> {
     format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n").into_bytes()
 }
 
+/// A connection to `host` that makes one request, is parked (the only parked connection) and then closed by
+/// the server: how long after its answer it was closed. Panics if it is not closed within [`DEADLINE`].
+async fn parked_until_closed(f: &Fixture, server: &sealgate::server::RunningServer, host: &str) -> Duration {
+    let mut idle = tls_to(f, server, host, b"http/1.1").await;
+    idle.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+    assert_eq!(raw::read_response(&mut idle, DEADLINE).await.status(), Some(200));
+    let answered = tokio::time::Instant::now();
+    wait_parked(server.admin_addr.unwrap(), 1.0).await;
+    assert!(raw::closed_within(&mut idle, DEADLINE).await.is_some(), "a parked connection was not closed");
+    answered.elapsed()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_serves_its_next_requests_including_a_head_sent_in_pieces() {
     let f = Fixture::new();
@@ -77,14 +89,8 @@ async fn a_parked_connection_is_closed_by_its_grant_retirement_and_by_the_header
     wait_parked(admin, 0.0).await;
 
     // The header-read deadline, which hyper enforces between requests, holds for a parked connection too.
-    let mut idle = tls_to(&f, &server, "other.example.test", b"http/1.1").await;
-    idle.write_all(b"GET / HTTP/1.1\r\nHost: other.example.test\r\n\r\n").await.unwrap();
-    assert_eq!(raw::read_response(&mut idle, DEADLINE).await.status(), Some(200));
-    let answered = tokio::time::Instant::now();
-    wait_parked(admin, 1.0).await;
-    let closed = raw::closed_within(&mut idle, DEADLINE).await;
-    assert!(closed.is_some(), "a parked connection outlived the header-read deadline");
-    assert!(answered.elapsed() >= Duration::from_millis(900), "closed {:?} after its request", answered.elapsed());
+    let closed_after = parked_until_closed(&f, &server, "other.example.test").await;
+    assert!(closed_after >= Duration::from_millis(900), "closed {closed_after:?} after its request");
     assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"HeaderRead\"}").await, 1.0);
 }
 
@@ -95,13 +101,8 @@ async fn a_parked_connection_is_closed_by_the_idle_deadline() {
     f.serve("c-app", &[HOST]);
     let server = f.start(&format!("{HELLO}\n[timeouts]\nheader_read = \"60s\"\nidle = \"1s\"\n")).await;
     let admin = server.admin_addr.unwrap();
-    let mut idle = tls_to(&f, &server, HOST, b"http/1.1").await;
-    idle.write_all(&get()).await.unwrap();
-    assert_eq!(raw::read_response(&mut idle, DEADLINE).await.status(), Some(200));
-    let answered = tokio::time::Instant::now();
-    wait_parked(admin, 1.0).await;
-    assert!(raw::closed_within(&mut idle, DEADLINE).await.is_some(), "a parked connection outlived the idle deadline");
-    assert!(answered.elapsed() >= Duration::from_millis(900), "closed {:?} after its request", answered.elapsed());
+    let closed_after = parked_until_closed(&f, &server, HOST).await;
+    assert!(closed_after >= Duration::from_millis(900), "closed {closed_after:?} after its request");
     assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Idle\"}").await, 1.0);
     assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"HeaderRead\"}").await, 0.0);
 }

@@ -110,6 +110,16 @@ async fn connection(f: &Fixture, server: &RunningServer) -> SendRequest<Full<Byt
     http1(connect(server.tls_addrs[0], HOST, f.client(&[b"http/1.1"])).await.unwrap()).await
 }
 
+/// `n` client connections, each sending one request at the same time as the others.
+async fn requests_at_once(f: &Fixture, server: &RunningServer, n: usize) -> Vec<SendRequest<Full<Bytes>>> {
+    let mut clients = Vec::new();
+    for _ in 0..n {
+        clients.push(connection(f, server).await);
+    }
+    futures_util::future::join_all(clients.iter_mut().map(get_ok)).await;
+    clients
+}
+
 async fn get_ok(sender: &mut SendRequest<Full<Bytes>>) {
     let exchange = async {
         sender.ready().await.unwrap();
@@ -131,11 +141,7 @@ async fn upstream_connections_are_reused() {
     assert_eq!(upstream.accepted(), 1, "twenty requests in turn, one upstream connection");
 
     // Requests at once need connections at once; afterwards they are all reused.
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(connection(&f, &server).await);
-    }
-    futures_util::future::join_all(clients.iter_mut().map(get_ok)).await;
+    let mut clients = requests_at_once(&f, &server, 4).await;
     let after_burst = upstream.accepted();
     assert!((1..=5).contains(&after_burst), "{after_burst} upstream connections for at most 5 requests at once");
     for client in &mut clients {
@@ -167,11 +173,7 @@ async fn at_most_pool_max_idle_per_host_connections_stay_idle() {
     // Slow answers, so that six requests at once need six connections.
     let upstream = RawUpstream::start(After::KeepAlive, Duration::from_millis(300)).await;
     let server = start(&f, &upstream, "pool_max_idle_per_host = 2").await;
-    let mut clients = Vec::new();
-    for _ in 0..6 {
-        clients.push(connection(&f, &server).await);
-    }
-    futures_util::future::join_all(clients.iter_mut().map(get_ok)).await;
+    let mut clients = requests_at_once(&f, &server, 6).await;
     assert_eq!(upstream.accepted(), 6);
     assert!(wait_until(DEADLINE, || upstream.ended() == 4).await, "{} of 6 closed; 4 expected", upstream.ended());
     // The two kept are used again.
