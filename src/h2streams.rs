@@ -77,11 +77,6 @@ impl<C> LocalStreams<C> {
     {
         Pin::new(&mut self.get_mut().connection)
     }
-
-    /// Streams running.
-    pub fn streams(&self) -> usize {
-        self.streams.len()
-    }
 }
 
 impl<C: Future + Unpin> Future for LocalStreams<C> {
@@ -114,11 +109,19 @@ impl<C: Future + Unpin> Future for LocalStreams<C> {
 /// Runs `poll` with stream collection on for this thread, and returns what it returned with the streams it
 /// started.
 fn collect_started<T>(poll: impl FnOnce() -> T) -> (T, Vec<StreamFuture>) {
-    // A `LocalStreams` polled from within another's connection poll (not something hyper does) would see the
-    // outer collection: keep it aside and restore it after.
-    let outer = STARTED.with(|started| started.borrow_mut().replace(Vec::new()));
+    /// Puts back the collection that was on before (`None`, unless a `LocalStreams` is polled from within
+    /// another's connection poll, which hyper does not do), however `poll` ends: a panic in it, which Tokio
+    /// catches with the thread still running, must not leave collection on for whatever runs next here.
+    struct Restore(Option<Vec<StreamFuture>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            STARTED.with(|started| *started.borrow_mut() = outer);
+        }
+    }
+    let _restore = Restore(STARTED.with(|started| started.borrow_mut().replace(Vec::new())));
     let output = poll();
-    let started = STARTED.with(|started| std::mem::replace(&mut *started.borrow_mut(), outer)).unwrap_or_default();
+    let started = STARTED.with(|started| started.borrow_mut().take()).unwrap_or_default();
     (output, started)
 }
 
@@ -162,6 +165,13 @@ mod tests {
         // One poll: the connection starts the streams, they run, the connection sees them done.
         let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut local).poll(cx))).await;
         assert_eq!(polled, Poll::Ready(16));
+    }
+
+    #[tokio::test]
+    async fn a_connection_poll_that_panics_leaves_collection_off() {
+        let panicked = std::panic::catch_unwind(|| collect_started(|| panic!("a connection poll panics")));
+        assert!(panicked.is_err());
+        assert!(STARTED.with(|started| started.borrow().is_none()));
     }
 
     #[tokio::test]
