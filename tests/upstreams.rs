@@ -342,6 +342,32 @@ async fn https_upstreams_are_verified_against_the_route_ca_with_the_upstream_hos
     assert_eq!(attempts(admin, 1, &url, "error").await, Some(1.0));
 }
 
+/// An https upstream that accepts the TCP connection but never answers the TLS handshake: `connect_timeout`
+/// bounds the TCP connection and the handshake together, so the client gets 504 after it, not after the far
+/// longer `response_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_tls_handshake_counts_against_connect_timeout() {
+    let f = fixture();
+    let (ca, _) = tls_upstream_identity("localhost");
+    std::fs::write(f.dir.path().join("upstream-ca.pem"), ca).unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}", silent.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let proxy = "[proxy]\nconnect_timeout = \"300ms\"\nresponse_timeout = \"30s\"\n\n";
+    let routes = format!("{proxy}{}", route("/", std::slice::from_ref(&url), "ca = \"upstream-ca.pem\"\nretries = 0"));
+    let server = f.start(&routes).await;
+    let mut c = connection(&f, &server).await;
+    let started = std::time::Instant::now();
+    let (status, body) = send(&mut c, "GET", "/x", "").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5), "answered after {:?}", started.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_upstream_ca_stops_the_server_from_starting() {
     let f = fixture();
