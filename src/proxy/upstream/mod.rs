@@ -80,7 +80,6 @@ pub struct UpstreamGroup {
     pool: Pool,
     retries: u32,
     preserve_host: bool,
-    connect_timeout: Duration,
     clock: Clock,
     /// Stops the health checks and readmission timers when the group is dropped.
     _stop: DropGuard,
@@ -122,7 +121,6 @@ impl UpstreamGroup {
             pool,
             retries: config.retries,
             preserve_host: proxy.preserve_host,
-            connect_timeout: proxy.connect_timeout,
             clock,
             _stop: stop.drop_guard(),
         })
@@ -180,9 +178,9 @@ impl UpstreamGroup {
                     endpoint.failed(UpstreamResult::Timeout);
                     return Err(ForwardError::Timeout { upstream: endpoint.name.to_string(), timeout });
                 }
-                Ok(Err(error)) if error.is_timeout() => {
+                Ok(Err(SendError::ConnectTimeout(connect_timeout))) => {
                     endpoint.failed(UpstreamResult::Timeout);
-                    ForwardError::Timeout { upstream: endpoint.name.to_string(), timeout: self.connect_timeout }
+                    ForwardError::Timeout { upstream: endpoint.name.to_string(), timeout: connect_timeout }
                 }
                 Ok(Err(source)) => {
                     endpoint.failed(UpstreamResult::Error);

@@ -107,13 +107,6 @@ pub enum SendError {
     Exchange(#[source] hyper::Error),
 }
 
-impl SendError {
-    /// Whether the upstream did not connect in time (answered as 504 rather than 502).
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, Self::ConnectTimeout(_))
-    }
-}
-
 /// A route's pool: how to make connections. The idle connections themselves are each [`Upstream`]'s.
 #[derive(Debug, Clone)]
 pub struct Pool {
