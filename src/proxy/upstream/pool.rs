@@ -101,6 +101,10 @@ pub enum SendError {
     /// An `https` upstream on a route without a `ca` (the configuration refuses that).
     #[error("no CA to verify an https upstream with")]
     NoTrust,
+    /// An `https` upstream whose host is no TLS server name (the configuration refuses that too): it is never
+    /// spoken to in plain text instead.
+    #[error("the upstream's host is not a name or address TLS can verify")]
+    NoServerName,
     /// The exchange failed: the connection closed or reset before a complete response head, or the response
     /// is not valid HTTP/1.1.
     #[error("{0}")]
@@ -195,12 +199,13 @@ impl Pool {
             let tcp = TcpStream::connect((&*upstream.host, upstream.port)).await.map_err(SendError::Connect)?;
             // Requests and responses are written whole; Nagle would only delay the last segment.
             tcp.set_nodelay(true).map_err(SendError::Connect)?;
-            match &upstream.server_name {
-                None => http1::handshake(TokioIo::new(tcp)).await.map(|(sender, connection)| {
+            match &upstream.security {
+                Security::Plain => http1::handshake(TokioIo::new(tcp)).await.map(|(sender, connection)| {
                     spawn_connection(connection);
                     sender
                 }),
-                Some(name) => {
+                Security::NoServerName => return Err(SendError::NoServerName),
+                Security::Tls(name) => {
                     let tls = TlsConnector::from(self.shared.tls.clone().ok_or(SendError::NoTrust)?);
                     let stream = tls.connect(name.clone(), tcp).await.map_err(SendError::Tls)?;
                     http1::handshake(TokioIo::new(stream)).await.map(|(sender, connection)| {
@@ -236,8 +241,7 @@ pub struct Upstream {
     /// The host to connect to (a name to resolve, or an IP address without brackets).
     host: Box<str>,
     port: u16,
-    /// The name to verify (and send as SNI) for `https`; `None` for `http`.
-    server_name: Option<ServerName<'static>>,
+    security: Security,
     idle: Arc<IdleList>,
     /// Cancelled when the route is dropped: ends the reaper.
     stop: CancellationToken,
@@ -249,10 +253,23 @@ impl Upstream {
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         let https = *scheme == Scheme::HTTPS;
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        // A validated upstream URL's host is a DNS name or an IP address: both make a server name.
-        let server_name = if https { ServerName::try_from(host.to_owned()).ok() } else { None };
-        Self { host: host.into(), port, server_name, idle: Arc::default(), stop }
+        let security = match https {
+            false => Security::Plain,
+            true => ServerName::try_from(host.to_owned()).map_or(Security::NoServerName, Security::Tls),
+        };
+        Self { host: host.into(), port, security, idle: Arc::default(), stop }
     }
+}
+
+/// What an upstream's connections speak over TCP.
+#[derive(Debug)]
+enum Security {
+    /// `http`.
+    Plain,
+    /// `https`, verifying (and sending as SNI, unless it is an address) this name.
+    Tls(ServerName<'static>),
+    /// `https` with a host that makes no server name: connections fail.
+    NoServerName,
 }
 
 /// An upstream's idle connections, most recently used last.
@@ -435,8 +452,12 @@ mod tests {
         let stop = CancellationToken::new();
         let v6 = Upstream::new(&Scheme::HTTPS, &"[::1]:8443".parse().unwrap(), stop.clone());
         assert_eq!((&*v6.host, v6.port), ("::1", 8443));
-        assert!(matches!(v6.server_name, Some(ServerName::IpAddress(_))));
+        assert!(matches!(v6.security, Security::Tls(ServerName::IpAddress(_))));
         let named = Upstream::new(&Scheme::HTTP, &"app.internal:8080".parse().unwrap(), stop);
-        assert_eq!((&*named.host, named.port, named.server_name.is_none()), ("app.internal", 8080, true));
+        assert_eq!((&*named.host, named.port), ("app.internal", 8080));
+        assert!(matches!(named.security, Security::Plain));
+        // A host TLS cannot verify is never spoken to in plain text instead.
+        let invalid = Upstream::new(&Scheme::HTTPS, &"a..b:443".parse().unwrap(), CancellationToken::new());
+        assert!(matches!(invalid.security, Security::NoServerName));
     }
 }
