@@ -301,10 +301,12 @@ pub async fn swap_under_load(
         let (window, config) = (window.clone(), config.clone());
         tasks.push(tokio::spawn(async move {
             let request = client::get_request("/", sni, true);
+            let mut h1 = H1::default();
             while !window.stop.load(Ordering::Relaxed) {
                 let result = async {
                     let mut tls = client::connect(addr, &config, client::server_name(sni)).await?;
-                    let response = H1::default().exchange(&mut tls, &request).await?;
+                    h1.clear();
+                    let response = h1.exchange(&mut tls, &request).await?;
                     let _ = tls.shutdown().await;
                     io::Result::Ok(response.status)
                 }
