@@ -27,6 +27,7 @@ pub mod registry;
 pub mod secret;
 pub mod server;
 pub mod tls;
+pub mod tls_stream;
 
 #[cfg(test)]
 mod test_util;

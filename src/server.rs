@@ -30,7 +30,6 @@ use crate::h2streams::{LocalStreams, StreamExecutor};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -511,8 +510,8 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let Established { tls, sni, certificate, grant_ended } = established;
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-    let session = tls.get_ref().1;
+    let session = tls.session();
+    let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
     let info = Arc::new(ConnectionInfo {
@@ -564,7 +563,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
 struct Established {
     /// Boxed for the task's size: the stream is moved from variable to variable, and each may take its 1.2 KiB
     /// in the task.
-    tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    tls: Box<TlsStream>,
     sni: Option<Arc<str>>,
     /// The certificate generation the handshake was made with.
     certificate: Arc<CertificateIdentity>,
@@ -576,8 +575,7 @@ struct Established {
 /// certificate or the certificate's grant ends meanwhile.
 async fn handshake(shared: &Shared, tcp: TcpStream, peer: SocketAddr, timeout: Duration) -> Option<Established> {
     let deadline = Instant::now() + timeout;
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout_at(deadline, acceptor).await {
+    let start = match tokio::time::timeout_at(deadline, crate::tls_stream::accept(tcp)).await {
         Ok(Ok(start)) => start,
         Ok(Err(error)) => {
             handshake_failed(shared, peer, HandshakeFailure::Protocol, &error);
@@ -674,7 +672,7 @@ async fn serve_http1(
 const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// A connection's TLS stream.
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+type TlsStream = crate::tls_stream::TlsStream;
 
 /// The TLS stream of an HTTP/1 connection, as handed to hyper.
 type Http1Stream = Tracked<TokioIo<Box<TlsStream>>>;
@@ -693,7 +691,7 @@ async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Durati
         true => (since + idle, ConnectionTimeout::Idle),
         false => (since + header_read, ConnectionTimeout::HeaderRead),
     };
-    let tcp = io.get_ref().inner().get_ref().0;
+    let tcp = io.get_ref().inner().tcp();
     let timed_out = tokio::select! {
         readable = tcp.readable() => return readable.is_ok(),
         _ = grant_ended.cancelled() => {
