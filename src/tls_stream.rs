@@ -20,6 +20,7 @@
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -211,34 +212,52 @@ impl TlsStream {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity() + self.staging.capacity()
     }
 
-    /// Runs rustls over the bytes received: handshake messages are processed; records rustls has to send are
-    /// encoded into the send buffer; application data goes into `read` as far as it has room, then into the
+    /// Runs rustls over the receive buffer (see [`Self::process_input`]), leaving it with what rustls has not
+    /// taken: at most part of a record.
+    fn process(&mut self, read: Option<&mut ReadBuf<'_>>, send: AppData<'_>) -> Result<Stop, rustls::Error> {
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let (result, taken) = self.process_input(&mut incoming, read, send);
+        incoming.drain(..taken);
+        self.incoming = incoming;
+        result
+    }
+
+    /// Runs rustls over `input`, bytes received: handshake messages are processed; records rustls has to send
+    /// are encoded into the send buffer; application data goes into `read` as far as it has room, then into the
     /// plaintext buffer; once application data may be sent, `send` is done. Processing continues until rustls
-    /// needs more input or may send application data, so that the receive buffer is left with at most part of
-    /// a record.
-    fn process(&mut self, mut read: Option<&mut ReadBuf<'_>>, send: AppData<'_>) -> Result<Stop, rustls::Error> {
+    /// needs more input or may send application data: what it has not taken of `input` (the count it took is
+    /// returned) is at most part of a record, to be given again with the bytes that follow.
+    fn process_input(
+        &mut self,
+        input: &mut [u8],
+        mut read: Option<&mut ReadBuf<'_>>,
+        send: AppData<'_>,
+    ) -> (Result<Stop, rustls::Error>, usize) {
         if let Some(error) = &self.failed {
-            return Err(error.clone());
+            return (Err(error.clone()), 0);
         }
-        let result = self.process_records(&mut read, send);
+        let mut taken = 0;
+        let result = self.process_records(input, &mut taken, &mut read, send);
         if let Err(error) = &result {
             self.failed = Some(error.clone());
-            self.encode_alerts();
+            self.encode_alerts(&mut input[taken..]);
         }
-        result
+        (result, taken)
     }
 
     fn process_records(
         &mut self,
+        input: &mut [u8],
+        taken: &mut usize,
         read: &mut Option<&mut ReadBuf<'_>>,
         send: AppData<'_>,
     ) -> Result<Stop, rustls::Error> {
         loop {
-            let Self { conn, incoming, plaintext, outgoing, outgoing_end, close_sent, peer_closed, .. } = self;
-            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming);
+            let Self { conn, plaintext, outgoing, outgoing_end, close_sent, peer_closed, .. } = self;
+            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut input[*taken..]);
             let stop = match state {
                 Err(error) => {
-                    incoming.drain(..discard);
+                    *taken += discard;
                     return Err(error);
                 }
                 Ok(ConnectionState::ReadTraffic(mut traffic)) => {
@@ -320,7 +339,7 @@ impl TlsStream {
                 }
                 Ok(_) => return Err(rustls::Error::General("unexpected state of the TLS connection".into())),
             };
-            self.incoming.drain(..discard);
+            *taken += discard;
             if let Some(stop) = stop {
                 return Ok(stop);
             }
@@ -328,11 +347,12 @@ impl TlsStream {
     }
 
     /// After an error, encodes the alerts rustls queued for the client into the send buffer.
-    fn encode_alerts(&mut self) {
+    fn encode_alerts(&mut self, input: &mut [u8]) {
+        let mut taken = 0;
         // Each round encodes one queued record or ends; a connection queues one alert, perhaps two.
         for _ in 0..8 {
-            let Self { conn, incoming, outgoing, outgoing_end, .. } = self;
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
+            let Self { conn, outgoing, outgoing_end, .. } = self;
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[taken..]);
             let more = match state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     let mut room = 0;
@@ -354,7 +374,7 @@ impl TlsStream {
                 }
                 _ => false,
             };
-            self.incoming.drain(..discard);
+            taken += discard;
             if !more {
                 return;
             }
@@ -376,8 +396,35 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
+    /// Reads what the socket has and runs rustls over it, application data going into `read` first.
+    fn poll_receive(&mut self, cx: &mut Context<'_>, read: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let result = if self.incoming.is_empty() {
+            // The common case (a request, the next records of a body): read onto the stack and process the
+            // records there, so that the stream holds a receive buffer only for a record split across reads.
+            let mut storage = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+            let mut received = ReadBuf::uninit(&mut storage);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut received))?;
+            if received.filled().is_empty() {
+                self.tcp_eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            let input = received.filled_mut();
+            let (result, taken) = self.process_input(input, Some(read), AppData::Nothing);
+            self.incoming.extend_from_slice(&input[taken..]);
+            result
+        } else {
+            ready!(self.poll_fill_incoming(cx))?;
+            self.process(Some(read), AppData::Nothing)
+        };
+        if let Err(error) = result {
+            let _ = self.poll_send(cx);
+            return Poll::Ready(Err(invalid_data(error)));
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Reads what the socket has into the receive buffer.
-    fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_fill_incoming(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.incoming.capacity() - self.incoming.len() < MIN_READ_ROOM {
             self.incoming.reserve_exact(READ_SIZE);
         }
@@ -427,7 +474,7 @@ impl TlsStream {
             if self.tcp_eof || self.peer_closed {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof")));
             }
-            ready!(self.poll_receive(cx))?;
+            ready!(self.poll_fill_incoming(cx))?;
         }
     }
 
@@ -498,25 +545,18 @@ impl AsyncRead for TlsStream {
                 );
                 return Poll::Ready(Err(error));
             }
-            let filled = buf.filled().len();
-            if let Err(error) = this.process(Some(buf), AppData::Nothing) {
-                let _ = this.poll_send(cx);
-                return Poll::Ready(Err(invalid_data(error)));
-            }
-            if buf.filled().len() > filled || this.plaintext_read < this.plaintext.len() {
-                return Poll::Ready(Ok(()));
-            }
             // Records rustls answered with (a key update, say) go out before the wait, or once the socket
             // takes them: a pending send registers this task for the socket's writability too.
             if let Poll::Ready(Err(error)) = this.poll_send(cx) {
                 return Poll::Ready(Err(error));
             }
-            if this.peer_closed {
-                continue;
-            }
-            if this.poll_receive(cx)?.is_pending() {
+            let filled = buf.filled().len();
+            if this.poll_receive(cx, buf)?.is_pending() {
                 this.release_empty_buffers();
                 return Poll::Pending;
+            }
+            if buf.filled().len() > filled {
+                return Poll::Ready(Ok(()));
             }
         }
     }
