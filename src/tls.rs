@@ -4,7 +4,7 @@
 //! scopes resumption: a session made with one generation can only be resumed by that generation's config, so
 //! no session made before a renewal or a retirement resumes after it (rustls does not tie a resumed session to
 //! the key, and `ServerConfig` clones share their storage). The server reads the ClientHello first
-//! (`LazyConfigAcceptor`), selects the generation by SNI here, then completes the handshake with its config.
+//! ([`crate::tls_stream::accept`]), selects the generation by SNI here, then completes the handshake with its config.
 //!
 //! The table is immutable and published whole through [`ArcSwap`]: a handshake sees either the old table or the
 //! new one, never a mix.

@@ -799,6 +799,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_update_from_the_client_is_answered_and_data_keeps_flowing() {
+        let (server, client) = configs(&[&rustls::version::TLS13]);
+        let (server, client) = pair(server, client).await;
+        let (mut server, mut client) = (server.expect("server"), client.expect("client"));
+        for round in 0..3u8 {
+            // The client's KeyUpdate asks for ours: the server has to encode it while reading.
+            client.get_mut().1.refresh_traffic_keys().expect("key update");
+            client.write_all(&[round; 1000]).await.expect("client write");
+            client.flush().await.expect("client flush");
+            let mut received = [0; 1000];
+            tokio::time::timeout(DEADLINE, server.read_exact(&mut received)).await.expect("in time").expect("read");
+            assert_eq!(received, [round; 1000]);
+            server.write_all(&[round + 10; 1000]).await.expect("server write");
+            server.flush().await.expect("server flush");
+            let mut back = [0; 1000];
+            tokio::time::timeout(DEADLINE, client.read_exact(&mut back)).await.expect("in time").expect("read");
+            assert_eq!(back, [round + 10; 1000]);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_holds_writes_back_with_a_bounded_buffer() {
+        let (server, client) = configs(&[&rustls::version::TLS13]);
+        let (server, client) = pair(server, client).await;
+        let (mut server, _client) = (server.expect("server"), client.expect("client"));
+        let large = vec![7; 64 << 20];
+        // Far more than the socket buffers take: the write waits for the client.
+        let waited = tokio::time::timeout(Duration::from_millis(500), server.write_all(&large)).await;
+        assert!(waited.is_err(), "64 MiB written to a client that reads nothing");
+        let held = server.buffered_capacity();
+        assert!(held <= 2 * (SEND_HIGH_WATER + MAX_WRITE), "{held} bytes buffered");
+    }
+
+    #[tokio::test]
     async fn a_handshake_the_config_cannot_complete_is_answered_with_an_alert() {
         let (_, client) = configs(&[&rustls::version::TLS13]);
         // A server config that has no certificate for any name.
