@@ -386,6 +386,11 @@ pub struct TimeoutsConfig {
     /// arriving then is cut off, and the client gets 408 unless the response has begun. The response is not
     /// covered (downloads and event streams may run long; the upstream's first byte is `proxy.response_timeout`).
     pub request: Duration,
+    /// A client that takes none of what sealgate has to send it (a response, a tunnel's bytes) for this long is
+    /// disconnected (nginx's `send_timeout`): a stalled reader would otherwise hold its connection and
+    /// its request open for ever, since a request in flight keeps `idle` from firing. Measured between two
+    /// writes the socket takes, not over a whole response.
+    pub send: Duration,
     /// HTTP/2: a PING is sent after this long without a frame from the client.
     pub h2_keep_alive_interval: Duration,
     /// HTTP/2: the connection is closed when a PING is not acknowledged within this.
@@ -401,6 +406,7 @@ impl Default for TimeoutsConfig {
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             request: Duration::from_secs(60),
+            send: Duration::from_secs(60),
             h2_keep_alive_interval: Duration::from_secs(30),
             h2_keep_alive_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(10),
@@ -647,6 +653,8 @@ struct RawTimeouts {
     idle: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     request: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    send: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     h2_keep_alive_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -938,6 +946,7 @@ impl Context<'_> {
             header_read: positive("header_read", raw.header_read, defaults.header_read)?,
             idle: positive("idle", raw.idle, defaults.idle)?,
             request: positive("request", raw.request, defaults.request)?,
+            send: positive("send", raw.send, defaults.send)?,
             h2_keep_alive_interval: positive(
                 "h2_keep_alive_interval",
                 raw.h2_keep_alive_interval,
@@ -1436,7 +1445,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
         assert_eq!(config.limits, LimitsConfig::default());
         assert_eq!(config.limits.max_header_count, DEFAULT_MAX_HEADER_COUNT);
         let text = format!(
-            "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\n\
+            "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\nsend = \"20s\"\n\
              h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\ndrain = \"30s\"\n\
              [limits]\nmax_connections = 50_000\nmax_header_count = 64\nmax_header_bytes = 16384\n\
              max_uri_bytes = 4096\nmax_body_bytes = 1_048_576\nh2_max_concurrent_streams = 250\n"
@@ -1448,6 +1457,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
                 header_read: Duration::from_secs(2),
                 idle: Duration::from_secs(90),
                 request: Duration::from_secs(300),
+                send: Duration::from_secs(20),
                 h2_keep_alive_interval: Duration::from_secs(15),
                 h2_keep_alive_timeout: Duration::from_secs(5),
                 drain: Duration::from_secs(30),

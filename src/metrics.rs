@@ -44,6 +44,8 @@ pub enum ConnectionTimeout {
     Idle,
     /// HTTP/2: a keep-alive PING was not acknowledged in `timeouts.h2_keep_alive_timeout`.
     KeepAlive,
+    /// The client took nothing sent to it for `timeouts.send`.
+    Send,
 }
 
 /// Why a request was refused by a limit or a framing check (the answers sealgate gives itself, beyond those

@@ -227,6 +227,8 @@ struct Settings {
     proxy: Arc<Proxy>,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    /// `timeouts.send`, set on each connection's TLS stream.
+    send_timeout: Duration,
     /// `timeouts.header_read`: hyper enforces it, except on a parked connection (see [`crate::parking`]).
     header_read_timeout: Duration,
     http1: http1::Builder,
@@ -240,6 +242,7 @@ impl Settings {
             proxy: Arc::new(proxy),
             handshake_timeout: config.tls.handshake_timeout,
             idle_timeout: config.timeouts.idle,
+            send_timeout: config.timeouts.send,
             header_read_timeout: config.timeouts.header_read,
             http1: http1_builder(&config.limits, &config.timeouts),
             http2: http2_builder(&config.limits, &config.timeouts),
@@ -507,7 +510,8 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     let Some(established) = Box::pin(handshake(&shared, tcp, peer, settings.handshake_timeout)).await else {
         return;
     };
-    let Established { tls, sni, certificate, grant_ended } = established;
+    let Established { mut tls, sni, certificate, grant_ended } = established;
+    tls.set_send_timeout(settings.send_timeout);
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
     let session = tls.session();
@@ -810,11 +814,26 @@ async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_b
 /// Logs how a connection ended; `hyper_timeout` names the deadline hyper enforces itself, for the metrics.
 fn report_end(shared: &Shared, peer: SocketAddr, result: Result<(), hyper::Error>, hyper_timeout: ConnectionTimeout) {
     if let Err(error) = result {
-        if error.is_timeout() {
+        if is_send_timeout(&error) {
+            shared.metrics.connection_timed_out(ConnectionTimeout::Send);
+        } else if error.is_timeout() {
             shared.metrics.connection_timed_out(hyper_timeout);
         }
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
+}
+
+/// Whether `error` came from the TLS stream's send timeout.
+fn is_send_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        let io = error.downcast_ref::<std::io::Error>();
+        if io.and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<crate::tls_stream::SendTimedOut>()) {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// What a connection is doing, for its idle timer: how many requests are in flight, and since when none is.

@@ -18,17 +18,19 @@
 //! are [`io::ErrorKind::InvalidData`] errors carrying the [`rustls::Error`], after the alert rustls chose has been
 //! sent if the socket takes it.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use rustls::server::{Accepted, Acceptor, ClientHello, ServerConfig, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 /// Room asked of the receive buffer before each read of the socket: one whole TLS record (a header, 2^14 bytes
 /// and the most a cipher may add), so that a large upload takes one read per record.
@@ -121,6 +123,8 @@ impl StartHandshake {
             peer_closed: false,
             close_sent: false,
             failed: None,
+            send_timeout: None,
+            send_stalled: None,
         };
         poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
@@ -151,7 +155,24 @@ pub struct TlsStream {
     close_sent: bool,
     /// The TLS error that ended the connection: every later call fails with it.
     failed: Option<rustls::Error>,
+    /// How long the socket may take nothing of what is to be sent (`None`: for ever).
+    send_timeout: Option<Duration>,
+    /// Runs from the first write the socket refused until one it takes.
+    send_stalled: Option<Pin<Box<Sleep>>>,
 }
+
+/// The error of a write the client took nothing of for the stream's send timeout (an
+/// [`io::ErrorKind::TimedOut`] error carries it).
+#[derive(Debug)]
+pub struct SendTimedOut(Duration);
+
+impl std::fmt::Display for SendTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client took nothing sent to it for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for SendTimedOut {}
 
 /// The state of the stream, never its contents or keys.
 impl std::fmt::Debug for TlsStream {
@@ -200,6 +221,12 @@ impl TlsStream {
     /// The TLS session: version, cipher suite, ALPN protocol, server name.
     pub fn session(&self) -> &UnbufferedServerConnection {
         &self.conn
+    }
+
+    /// Sets how long the client may take nothing of what is to be sent before writes fail with
+    /// [`SendTimedOut`].
+    pub fn set_send_timeout(&mut self, timeout: Duration) {
+        self.send_timeout = Some(timeout);
     }
 
     /// The socket, to wait for it to be readable without reading.
@@ -381,19 +408,33 @@ impl TlsStream {
         }
     }
 
-    /// Sends the send buffer; releases it once sent.
+    /// Sends the send buffer; fails once the socket has taken none of it for the send timeout.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.outgoing_sent < self.outgoing_end {
-            let sent =
-                ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.outgoing_sent..self.outgoing_end]))?;
-            if sent == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            let unsent = &self.outgoing[self.outgoing_sent..self.outgoing_end];
+            match Pin::new(&mut self.tcp).poll_write(cx, unsent) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(sent)) => {
+                    self.outgoing_sent += sent;
+                    self.send_stalled = None;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return self.poll_send_stall(cx),
             }
-            self.outgoing_sent += sent;
         }
         self.outgoing_sent = 0;
         self.outgoing_end = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// The socket takes nothing: pending, unless that has lasted the send timeout.
+    fn poll_send_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(timeout) = self.send_timeout else {
+            return Poll::Pending;
+        };
+        let stall = self.send_stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(stall.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, SendTimedOut(timeout))))
     }
 
     /// Reads what the socket has and runs rustls over it, application data going into `read` first.
@@ -830,6 +871,21 @@ mod tests {
         assert!(waited.is_err(), "64 MiB written to a client that reads nothing");
         let held = server.buffered_capacity();
         assert!(held <= 2 * (SEND_HIGH_WATER + MAX_WRITE), "{held} bytes buffered");
+    }
+
+    #[tokio::test]
+    async fn writes_fail_once_the_client_has_taken_nothing_for_the_send_timeout() {
+        let (server, client) = configs(&[&rustls::version::TLS13]);
+        let (server, client) = pair(server, client).await;
+        let (mut server, _client) = (server.expect("server"), client.expect("client"));
+        server.set_send_timeout(Duration::from_millis(300));
+        let large = vec![7; 64 << 20];
+        let start = tokio::time::Instant::now();
+        let written = tokio::time::timeout(DEADLINE, server.write_all(&large)).await.expect("failed in time");
+        let error = written.expect_err("64 MiB written to a client that reads nothing");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(error.get_ref().is_some_and(|inner| inner.is::<SendTimedOut>()), "{error:?}");
+        assert!(start.elapsed() >= Duration::from_millis(300), "failed after {:?}", start.elapsed());
     }
 
     #[tokio::test]

@@ -299,3 +299,60 @@ async fn http2_keep_alive_pings_close_a_dead_peer_and_keep_a_live_one() {
     let admin = server.admin_addr.unwrap();
     assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"KeepAlive\"}").await, 1.0);
 }
+
+/// A TLS client whose socket takes at most a few KiB before the server has to wait for it (its receive buffer
+/// set small, so the kernel does not grow it).
+async fn small_window_client(
+    f: &Fixture,
+    server: &sealgate::server::RunningServer,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(server.tls_addrs[0]).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
+    tokio_rustls::TlsConnector::from(f.client(&[b"http/1.1"])).connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_response_is_disconnected_after_the_send_timeout() {
+    let f = Fixture::new();
+    const BODY: usize = 16 << 20;
+    let body = Bytes::from(vec![b'x'; BODY]);
+    let upstream = Upstream::start_with(move |_| hyper::Response::new(Full::new(body.clone()))).await;
+    let routes = format!("[[route]]\nupstream = \"{}\"\n", upstream.url());
+    // The request deadline and the idle timer cannot close these connections: a request is in flight.
+    let server = server_with(&f, &routes, "[timeouts]\nsend = \"300ms\"\nrequest = \"60s\"").await;
+    let admin = server.admin_addr.unwrap();
+    let request = format!("GET /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+
+    // A client that reads with pauses shorter than the timeout gets the whole body.
+    let mut reader = small_window_client(&f, &server).await;
+    reader.write_all(request.as_bytes()).await.unwrap();
+    let mut received = 0;
+    let mut buf = vec![0; 64 * 1024];
+    let start = Instant::now();
+    let mut pause_at = 0;
+    while received < BODY {
+        // A 150 ms pause at each of the first four MiB: each shorter than the timeout (the kernel lets the
+        // server write again only once the client has taken a good part of the socket's buffer).
+        if received >= pause_at && pause_at < 4 << 20 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            pause_at += 1 << 20;
+        }
+        match tokio::time::timeout_at(start + 4 * DEADLINE, reader.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => received += n,
+            other => panic!("the response ended after {received} bytes: {other:?}"),
+        }
+    }
+    assert_eq!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Send\"}").await, 0.0);
+
+    // One that stops reading is disconnected.
+    let mut stalled = small_window_client(&f, &server).await;
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let series = "sealgate_connection_timeouts_total{timeout=\"Send\"}";
+    assert!(
+        eventually(DEADLINE, || async { raw::metric(admin, series).await == 1.0 }).await,
+        "the stalled connection was not timed out"
+    );
+    assert!(raw::closed_within(&mut stalled, DEADLINE).await.is_some(), "the stalled connection stays open");
+}
