@@ -59,20 +59,30 @@ pub struct ClientSide<'a> {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded`, replacing whatever the client sent: sealgate is
-/// the edge, so nothing a client claims about earlier hops can be trusted.
-pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>) {
-    use std::fmt::Write as _;
-    let ip = client.peer.ip();
-    let ip_text = ip.to_string();
+/// the edge, so nothing a client claims about earlier hops can be trusted. `host` is `client.authority` as a
+/// header value (`None`: not a valid one), for `X-Forwarded-Host`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>, host: Option<HeaderValue>) {
     let authority = client.authority;
-    let mut forwarded = String::with_capacity(ip_text.len() + authority.len() + 32);
+    let mut forwarded = String::with_capacity(authority.len() + 64);
     forwarded.push_str("for=");
-    match ip {
-        std::net::IpAddr::V4(_) => forwarded.push_str(&ip_text),
-        std::net::IpAddr::V6(_) => {
-            let _ = write!(forwarded, "\"[{ip_text}]\"");
+    // The address goes into `Forwarded` (IPv6 quoted and bracketed) and, the same text, into `X-Forwarded-For`.
+    let ip_text = match client.peer.ip() {
+        std::net::IpAddr::V4(ip) => {
+            let start = forwarded.len();
+            push_ipv4(&mut forwarded, ip);
+            start..forwarded.len()
         }
-    }
+        std::net::IpAddr::V6(ip) => {
+            use std::fmt::Write as _;
+            forwarded.push_str("\"[");
+            let start = forwarded.len();
+            let _ = write!(forwarded, "{ip}");
+            let end = forwarded.len();
+            forwarded.push_str("]\"");
+            start..end
+        }
+    };
+    let for_ip = HeaderValue::from_str(&forwarded[ip_text]).ok();
     forwarded.push_str(";host=");
     if authority.bytes().all(is_token_char) {
         forwarded.push_str(authority);
@@ -85,10 +95,27 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>) {
     // `insert` replaces every value the client sent. The values are built from an IP address and an authority
     // hyper already accepted as a header or URI, so they are valid header values; were one not, the client's
     // header is removed rather than passed on.
-    set_or_remove(headers, X_FORWARDED_FOR, HeaderValue::from_str(&ip_text).ok());
+    set_or_remove(headers, X_FORWARDED_FOR, for_ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    set_or_remove(headers, X_FORWARDED_HOST, HeaderValue::from_str(authority).ok());
+    set_or_remove(headers, X_FORWARDED_HOST, host);
     set_or_remove(headers, FORWARDED, HeaderValue::from_str(&forwarded).ok());
+}
+
+/// Appends `ip` in dotted decimal. This runs for every proxied request: `Display` through the formatting
+/// machinery cost several times more.
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
 }
 
 fn set_or_remove(headers: &mut HeaderMap, name: HeaderName, value: Option<HeaderValue>) {
@@ -180,13 +207,17 @@ pub fn rewrite_head(
     if from_http2 {
         join_cookies(&mut parts.headers);
     }
+    // The client's `Host` field is the authority as a header value already (an HTTP/2 request has none).
+    let host = match parts.headers.get(header::HOST) {
+        Some(host) if host.as_bytes() == client.authority.as_bytes() => Some(host.clone()),
+        _ => HeaderValue::from_str(client.authority).ok(),
+    };
     if preserve_host {
-        let host = HeaderValue::from_str(client.authority).map_err(|_| ForwardError::InvalidHost)?;
-        parts.headers.insert(header::HOST, host);
+        parts.headers.insert(header::HOST, host.clone().ok_or(ForwardError::InvalidHost)?);
     } else {
         parts.headers.remove(header::HOST);
     }
-    set_forwarded(&mut parts.headers, client);
+    set_forwarded(&mut parts.headers, client, host);
     Ok(())
 }
 
@@ -240,12 +271,21 @@ mod tests {
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
         let peer: SocketAddr = "[2001:db8::1]:5555".parse().unwrap();
-        set_forwarded(&mut headers, ClientSide { peer, authority: "app.example.com:8443" });
+        let authority = "app.example.com:8443";
+        set_forwarded(&mut headers, ClientSide { peer, authority }, HeaderValue::from_str(authority).ok());
         assert_eq!(headers[&X_FORWARDED_FOR], "2001:db8::1");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
         assert_eq!(headers[&X_FORWARDED_HOST], "app.example.com:8443");
         assert_eq!(headers[&FORWARDED], "for=\"[2001:db8::1]\";host=\"app.example.com:8443\";proto=https");
         assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+
+        for ip in ["0.0.0.0", "127.0.0.1", "10.9.99.100", "255.255.255.255", "192.168.1.20"] {
+            let peer = SocketAddr::new(ip.parse().unwrap(), 1);
+            set_forwarded(&mut headers, ClientSide { peer, authority: "a.test" }, None);
+            assert_eq!(headers[&X_FORWARDED_FOR], ip);
+            assert_eq!(headers[&FORWARDED], format!("for={ip};host=a.test;proto=https").as_str());
+            assert!(!headers.contains_key(&X_FORWARDED_HOST));
+        }
     }
 
     #[test]
