@@ -4,6 +4,8 @@
 //! A wildcard `*.example.com` covers exactly one leftmost label (`a.example.com`, not `example.com` nor
 //! `a.b.example.com`), as in RFC 6125 section 6.4.3 and the custody format.
 
+use std::borrow::Cow;
+
 /// Lower-cases `name` and drops one trailing dot, the form every comparison here uses.
 pub fn normalize(name: &str) -> String {
     let name = name.strip_suffix('.').unwrap_or(name);
@@ -65,8 +67,9 @@ pub fn validate_server_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Extracts the host from a `Host` header or `:authority` value: strips a port and IPv6 brackets and
-/// normalises. Returns `None` when the value is empty or malformed.
-pub fn host_of_authority(authority: &str) -> Option<String> {
+/// normalises (borrowing when the host is in normal form already, as it nearly always is: this runs for every
+/// request). Returns `None` when the value is empty or malformed.
+pub fn host_of_authority(authority: &str) -> Option<Cow<'_, str>> {
     let authority = authority.trim();
     if authority.is_empty() || authority.contains('@') {
         return None;
@@ -84,7 +87,14 @@ pub fn host_of_authority(authority: &str) -> Option<String> {
             None => authority,
         }
     };
-    (!host.is_empty()).then(|| normalize(host))
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some(match host.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(host.to_ascii_lowercase()),
+        false => Cow::Borrowed(host),
+    })
 }
 
 fn is_port(s: &str) -> bool {
