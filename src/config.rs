@@ -389,7 +389,8 @@ pub struct TimeoutsConfig {
     /// A client that takes none of what sealgate has to send it (a response, a tunnel's bytes) for this long is
     /// disconnected (nginx's `send_timeout`): a stalled reader would otherwise hold its connection and
     /// its request open for ever, since a request in flight keeps `idle` from firing. Measured between two
-    /// writes the socket takes, not over a whole response.
+    /// writes the socket takes, not over a whole response. On HTTP/2, a stream whose response waits this long
+    /// on the client's flow-control window with no progress is reset.
     pub send: Duration,
     /// HTTP/2: a PING is sent after this long without a frame from the client.
     pub h2_keep_alive_interval: Duration,

@@ -177,7 +177,7 @@ impl RunningServer {
         reloaded.closed = closed.iter().map(|l| l.addr).collect();
         current.listeners = kept.into_iter().chain(opened).collect();
 
-        let settings = Settings::new(&config, proxy);
+        let settings = Settings::new(&config, proxy, &self.shared.metrics);
         let (old, new) = (self.shared.settings.load().max_connections, settings.max_connections);
         if new > old {
             self.shared.connections.add_permits(new - old);
@@ -237,7 +237,7 @@ struct Settings {
 }
 
 impl Settings {
-    fn new(config: &Config, proxy: Proxy) -> Self {
+    fn new(config: &Config, proxy: Proxy, metrics: &Arc<Metrics>) -> Self {
         Self {
             proxy: Arc::new(proxy),
             handshake_timeout: config.tls.handshake_timeout,
@@ -245,7 +245,7 @@ impl Settings {
             send_timeout: config.timeouts.send,
             header_read_timeout: config.timeouts.header_read,
             http1: http1_builder(&config.limits, &config.timeouts),
-            http2: http2_builder(&config.limits, &config.timeouts),
+            http2: http2_builder(&config.limits, &config.timeouts, metrics),
             max_connections: config.limits.max_connections,
         }
     }
@@ -280,7 +280,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         registry,
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
-        settings: ArcSwap::from_pointee(Settings::new(&config, proxy)),
+        settings: ArcSwap::from_pointee(Settings::new(&config, proxy, &metrics)),
         connections: Arc::new(Semaphore::new(config.limits.max_connections)),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
@@ -372,9 +372,16 @@ fn http1_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http1::Bui
 /// The HTTP/2 connection settings. h2 bounds CONTINUATION frames by itself, from the header list size: a header
 /// block may span at most max(5, 1.25 * max_header_bytes / 16 KiB) frames before the connection is closed with
 /// ENHANCE_YOUR_CALM.
-fn http2_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http2::Builder<StreamExecutor> {
-    // Streams run in their connection's task (see `h2streams`).
-    let mut http2 = http2::Builder::new(StreamExecutor);
+fn http2_builder(
+    limits: &LimitsConfig,
+    timeouts: &TimeoutsConfig,
+    metrics: &Arc<Metrics>,
+) -> http2::Builder<StreamExecutor> {
+    // Streams run in their connection's task (see `h2streams`), reset when their client gives them no window
+    // for `timeouts.send`.
+    let metrics = Arc::clone(metrics);
+    let on_stall = Arc::new(move || metrics.connection_timed_out(ConnectionTimeout::Send));
+    let mut http2 = http2::Builder::new(StreamExecutor::with_stall_timeout(timeouts.send, on_stall));
     http2
         .timer(TokioTimer::new())
         .adaptive_window(true)
@@ -642,12 +649,17 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Service 
             self.activity.saw_request_body();
         }
         let in_flight = self.activity.request_started();
+        // HTTP/2: the executor watches the stream for a client that gives it no window (see `h2streams`).
+        let progress = crate::h2streams::progress_of_next_stream();
         // Boxed: the handling future is about 1.9 KiB (its forwarding upstream, another 3 KiB, is boxed within),
         // and hyper moves the service future several times per request (into its HTTP/2 stream, into the
         // stream's box). One allocation instead of those copies: memmove was 14% of an HTTP/2 run's CPU.
         Box::pin(async move {
             let response = proxy.handle(request, &info).await;
-            Ok(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight }))
+            if let Some(progress) = &progress {
+                progress.begin();
+            }
+            Ok(response.map(|body| InFlightBody { inner: body, _in_flight: in_flight, progress }))
         })
     }
 }
@@ -936,6 +948,8 @@ impl Drop for InFlight {
 struct InFlightBody<B> {
     inner: B,
     _in_flight: InFlight,
+    /// HTTP/2: where the body's polls are recorded for the stream's watcher.
+    progress: Option<Arc<crate::h2streams::StreamProgress>>,
 }
 
 impl<B: Body + Unpin> Body for InFlightBody<B> {
@@ -943,7 +957,11 @@ impl<B: Body + Unpin> Body for InFlightBody<B> {
     type Error = B::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(progress) = &self.progress {
+            progress.polled(matches!(polled, Poll::Ready(Some(_))));
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -356,3 +356,43 @@ async fn a_client_that_stops_reading_a_response_is_disconnected_after_the_send_t
     );
     assert!(raw::closed_within(&mut stalled, DEADLINE).await.is_some(), "the stalled connection stays open");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_its_client_gives_no_window_is_reset_after_the_send_timeout() {
+    let f = Fixture::new();
+    let slow = slow_upstream(Duration::from_millis(400)).await;
+    let upstream = Upstream::start().await;
+    let routes = format!(
+        "[[route]]\npath = \"/slow\"\nupstream = \"http://{slow}\"\n[[route]]\nupstream = \"{}\"\n",
+        upstream.url()
+    );
+    let server = server_with(&f, &routes, "[timeouts]\nsend = \"300ms\"\nrequest = \"60s\"").await;
+    let admin = server.admin_addr.unwrap();
+    let series = "sealgate_connection_timeouts_total{timeout=\"Send\"}";
+
+    // A client whose streams start with no window (SETTINGS_INITIAL_WINDOW_SIZE 0) and that never opens one:
+    // the response head goes out, its body cannot, and the stream is reset.
+    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    assert!(h2.send(&h2raw::frame(h2raw::SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0])).await);
+    h2.settled(DEADLINE).await;
+    let request = h2raw::request_block("GET", HOST, "/stalled", &[]);
+    let start = Instant::now();
+    assert!(h2.send(&h2raw::frame(h2raw::HEADERS, h2raw::END_STREAM | h2raw::END_HEADERS, 1, &request)).await);
+    let reset = h2.until(DEADLINE, |event| matches!(event, Event::Reset { stream: 1, .. })).await;
+    assert_eq!(reset, Some(Event::Reset { stream: 1, code: h2raw::CANCEL }));
+    assert_closed_in_time(Some(start.elapsed()), "a stream with no window");
+    assert!(eventually(DEADLINE, || async { raw::metric(admin, series).await == 1.0 }).await);
+
+    // The connection lives on, and a stream waiting on a slow upstream (head and body 400 ms apart each) is
+    // not the client's stall: it completes.
+    assert!(h2.send(&h2raw::frame(h2raw::SETTINGS, 0, 0, &[0, 4, 0, 1, 0, 0])).await);
+    let request = h2raw::request_block("GET", HOST, "/slow", &[]);
+    assert!(h2.send(&h2raw::frame(h2raw::HEADERS, h2raw::END_STREAM | h2raw::END_HEADERS, 3, &request)).await);
+    let done = h2
+        .until(DEADLINE, |event| {
+            matches!(event, Event::Data { stream: 3, end_stream: true, .. } | Event::Reset { stream: 3, .. })
+        })
+        .await;
+    assert!(matches!(done, Some(Event::Data { stream: 3, end_stream: true, .. })), "{done:?}");
+    assert_eq!(raw::metric(admin, series).await, 1.0);
+}
