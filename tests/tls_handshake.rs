@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use rustls::{AlertDescription, ProtocolVersion};
@@ -71,9 +72,11 @@ async fn unknown_or_missing_sni_gets_a_handshake_alert() {
     let error = connect(server.tls_addrs[0], "a.example.test", Arc::new(no_sni)).await.unwrap_err();
     assert!(alert_of(&error).is_some(), "expected an alert, got {error}");
 
-    // The refusals are counted.
-    let metrics = server.metrics.encode();
-    assert!(metrics.contains("sealgate_tls_handshake_failures_total{reason=\"UnknownName\"} 2"), "{metrics}");
+    // The refusals are counted (the server counts a refusal once it has sent the alert: the client may see the
+    // alert first).
+    let counted = "sealgate_tls_handshake_failures_total{reason=\"UnknownName\"} 2";
+    let both = wait_until(Duration::from_secs(5), || server.metrics.encode().contains(counted)).await;
+    assert!(both, "{}", server.metrics.encode());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
