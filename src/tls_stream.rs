@@ -58,7 +58,9 @@ pub async fn accept(tcp: TcpStream) -> io::Result<StartHandshake> {
     let mut received = Vec::new();
     let mut fed = 0;
     loop {
-        received.reserve(READ_SIZE.saturating_sub(received.capacity() - received.len()));
+        if received.capacity() - received.len() < MIN_READ_ROOM {
+            received.reserve(READ_SIZE);
+        }
         tcp.readable().await?;
         match tcp.try_read_buf(&mut received) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof")),
