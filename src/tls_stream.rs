@@ -27,7 +27,9 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use rustls::server::{Accepted, Acceptor, ClientHello, ServerConfig, UnbufferedServerConnection};
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -308,17 +310,7 @@ impl TlsStream {
                     return Err(rustls::Error::General("early data, which was not offered".into()));
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let mut room = 0;
-                    loop {
-                        reserve(outgoing, *outgoing_end, room);
-                        match encode.encode(&mut outgoing[*outgoing_end..]) {
-                            Ok(written) => break *outgoing_end += written,
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                                room = required_size;
-                            }
-                            Err(EncodeError::AlreadyEncoded) => break,
-                        }
-                    }
+                    encode_record(&mut encode, outgoing, outgoing_end);
                     None
                 }
                 // The records are in the send buffer, which is flushed before any wait for the client.
@@ -384,17 +376,7 @@ impl TlsStream {
             let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[taken..]);
             let more = match state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let mut room = 0;
-                    loop {
-                        reserve(outgoing, *outgoing_end, room);
-                        match encode.encode(&mut outgoing[*outgoing_end..]) {
-                            Ok(written) => break *outgoing_end += written,
-                            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                                room = required_size;
-                            }
-                            Err(EncodeError::AlreadyEncoded) => break,
-                        }
-                    }
+                    encode_record(&mut encode, outgoing, outgoing_end);
                     true
                 }
                 Ok(ConnectionState::TransmitTlsData(transmit)) => {
@@ -658,6 +640,19 @@ impl AsyncWrite for TlsStream {
         }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Encodes the record rustls has to send at `outgoing[*end..]`, growing the buffer to fit it.
+fn encode_record<Data>(encode: &mut EncodeTlsData<'_, Data>, outgoing: &mut Vec<u8>, end: &mut usize) {
+    let mut room = 0;
+    loop {
+        reserve(outgoing, *end, room);
+        match encode.encode(&mut outgoing[*end..]) {
+            Ok(written) => return *end += written,
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => room = required_size,
+            Err(EncodeError::AlreadyEncoded) => return,
+        }
     }
 }
 
