@@ -2,7 +2,7 @@
 //! private keys in memory only and dropping them the moment their grant is retired.
 //!
 //! Data flows one way: export -> [`custody::snapshot`] -> [`keyring`] -> [`tls`] certificate table -> handshake
-//! -> connection ([`server`]) -> route ([`proxy`]) -> upstream. Retirement flows back only as events: the
+//! ([`tls_stream`], rustls' unbuffered API) -> connection ([`server`]) -> route ([`proxy`]) -> upstream. Retirement flows back only as events: the
 //! keyring drops a grant's keys and fires its signal, which the table and the connections made with its
 //! certificates obey. [`holder`] drives the first half of that flow. [`audit`] keeps the hash-chained record of
 //! those custody events (never of requests) that security teams verify with `sealgate audit verify`.
