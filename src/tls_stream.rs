@@ -328,34 +328,21 @@ impl TlsStream {
                     Some(Stop::Closed)
                 }
                 Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    let mut written = 0;
-                    let mut room = 0;
-                    loop {
-                        let wanted = match send {
-                            AppData::Write(data) => data.len() + data.len().div_ceil(1 << 14) * RECORD_OVERHEAD,
-                            AppData::CloseNotify => RECORD_OVERHEAD,
-                            AppData::Nothing => break,
-                        };
-                        reserve(outgoing, *outgoing_end, room.max(wanted));
-                        let result = match send {
-                            AppData::Write(data) => traffic.encrypt(data, &mut outgoing[*outgoing_end..]),
-                            _ => traffic.queue_close_notify(&mut outgoing[*outgoing_end..]),
-                        };
-                        match result {
-                            Ok(encrypted) => {
-                                *outgoing_end += encrypted;
-                                match send {
-                                    AppData::Write(data) => written = data.len(),
-                                    _ => *close_sent = true,
-                                }
-                                break;
-                            }
-                            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                                room = required_size;
-                            }
-                            Err(EncryptError::EncryptExhausted) => return Err(rustls::Error::EncryptError),
+                    let written = match send {
+                        AppData::Nothing => 0,
+                        AppData::Write(data) => {
+                            let room = data.len() + data.len().div_ceil(1 << 14) * RECORD_OVERHEAD;
+                            encrypt_into(outgoing, outgoing_end, room, |out| traffic.encrypt(data, out))?;
+                            data.len()
                         }
-                    }
+                        AppData::CloseNotify => {
+                            encrypt_into(outgoing, outgoing_end, RECORD_OVERHEAD, |out| {
+                                traffic.queue_close_notify(out)
+                            })?;
+                            *close_sent = true;
+                            0
+                        }
+                    };
                     Some(Stop::Writable(written))
                 }
                 Ok(_) => return Err(rustls::Error::General("unexpected state of the TLS connection".into())),
@@ -652,6 +639,27 @@ fn encode_record<Data>(encode: &mut EncodeTlsData<'_, Data>, outgoing: &mut Vec<
             Ok(written) => return *end += written,
             Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => room = required_size,
             Err(EncodeError::AlreadyEncoded) => return,
+        }
+    }
+}
+
+/// Runs `encrypt` (application data or a close_notify) into `outgoing[*end..]`, with `room` bytes there at
+/// first and as many as rustls asks for after.
+fn encrypt_into(
+    outgoing: &mut Vec<u8>,
+    end: &mut usize,
+    mut room: usize,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), rustls::Error> {
+    loop {
+        reserve(outgoing, *end, room);
+        match encrypt(&mut outgoing[*end..]) {
+            Ok(encrypted) => {
+                *end += encrypted;
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => room = required_size,
+            Err(EncryptError::EncryptExhausted) => return Err(rustls::Error::EncryptError),
         }
     }
 }
