@@ -592,14 +592,20 @@ impl AsyncWrite for TlsStream {
         if first.len() >= GATHER_BELOW {
             return this.poll_write_data(cx, first);
         }
-        // Small slices are copied into one record; the first large one ends the record.
+        // Small slices are copied into one record; the first large one ends the record. The buffer is sized
+        // once for what it gathers (it is freed while the stream waits, so growing it would reallocate).
+        let mut gathered = first.len();
+        let count = 1 + slices
+            .take_while(|slice| {
+                let fits = slice.len() < GATHER_BELOW && gathered + slice.len() <= MAX_WRITE;
+                gathered += if fits { slice.len() } else { 0 };
+                fits
+            })
+            .count();
         let mut staging = std::mem::take(&mut this.staging);
         staging.clear();
-        staging.extend_from_slice(first);
-        for slice in slices {
-            if slice.len() >= GATHER_BELOW || staging.len() + slice.len() > MAX_WRITE {
-                break;
-            }
+        staging.reserve_exact(gathered);
+        for slice in bufs.iter().filter(|slice| !slice.is_empty()).take(count) {
             staging.extend_from_slice(slice);
         }
         let result = this.poll_write_data(cx, &staging);

@@ -35,7 +35,7 @@ use crate::names;
 use crate::tls::CertificateStore;
 use forward::ClientSide;
 use limits::{LimitError, Limits};
-use routes::{Action, RouteTable};
+use routes::{Action, Route, RouteTable};
 use tokio_util::sync::CancellationToken;
 use upgrade::{Kind, UpgradeHeaders};
 use upstream::{AnsweredBy, ResponseBody, UpstreamError};
@@ -164,26 +164,15 @@ impl Proxy {
                 None => return (respond::error(StatusCode::INTERNAL_SERVER_ERROR), None),
             },
         };
-        let Some(authority) = request_authority(&request).map(str::to_owned) else {
-            return (respond::error(StatusCode::BAD_REQUEST), None);
-        };
-        let Some(host) = names::host_of_authority(&authority) else {
-            return (respond::error(StatusCode::BAD_REQUEST), None);
-        };
-        if !self.is_served_on(&host, connection) {
-            tracing::debug!(
-                host = %host,
-                certificate = %connection.certificate.certificate_id,
-                "421: host not served by this connection's certificate"
-            );
-            return (respond::error(StatusCode::MISDIRECTED_REQUEST), None);
-        }
-        let Some(route) = self.routes.find(&host, request.uri().path()) else {
-            return (respond::error(StatusCode::NOT_FOUND), None);
+        let route = match self.route_of(&request, connection) {
+            Ok(route) => route,
+            Err(status) => return (respond::error(status), None),
         };
         match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
+                // Owned only here, where the request moves on: route_of checked it is there.
+                let authority = request_authority(&request).unwrap_or_default().to_owned();
                 let client = ClientSide { peer: connection.peer, authority: &authority };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
                 // forwarding is most of this future's size (about 3 KiB), which every request would otherwise
@@ -205,6 +194,23 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// The route for the request's host and path, once the host is known to be served on this connection: or
+    /// the status that refuses it (400 no or a malformed host, 421 a host this connection's certificate does not
+    /// serve, 404 no route).
+    fn route_of<B>(&self, request: &Request<B>, connection: &ConnectionInfo) -> Result<&Route, StatusCode> {
+        let authority = request_authority(request).ok_or(StatusCode::BAD_REQUEST)?;
+        let host = names::host_of_authority(authority).ok_or(StatusCode::BAD_REQUEST)?;
+        if !self.is_served_on(&host, connection) {
+            tracing::debug!(
+                host = %host,
+                certificate = %connection.certificate.certificate_id,
+                "421: host not served by this connection's certificate"
+            );
+            return Err(StatusCode::MISDIRECTED_REQUEST);
+        }
+        self.routes.find(&host, request.uri().path()).ok_or(StatusCode::NOT_FOUND)
     }
 
     /// Passes an upstream response on, or, for an upgrade the upstream agreed to, answers the client's switch and

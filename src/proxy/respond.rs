@@ -12,7 +12,11 @@ use super::ReplyBody as ProxyBody;
 pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
     let mut r = Response::new(Either::Right(Full::new(response.body.clone())));
     *r.status_mut() = response.status;
-    r.headers_mut().insert(header::CONTENT_TYPE, response.content_type.clone());
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, response.content_type.clone());
+    if let Some(length) = &response.content_length {
+        headers.insert(header::CONTENT_LENGTH, length.clone());
+    }
     r
 }
 

@@ -46,6 +46,9 @@ pub struct FixedResponse {
     pub body: Bytes,
     /// `Content-Type`.
     pub content_type: HeaderValue,
+    /// `Content-Length`, made once here rather than by hyper for every answer; `None` for the statuses that
+    /// carry no body (204, 304).
+    pub content_length: Option<HeaderValue>,
 }
 
 impl Route {
@@ -84,6 +87,11 @@ impl RouteTable {
                         }
                         RouteAction::Respond(response) => Action::Respond(FixedResponse {
                             status: response.status,
+                            content_length: (!matches!(
+                                response.status,
+                                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+                            ))
+                            .then(|| HeaderValue::from(response.body.len())),
                             body: Bytes::from(response.body.clone()),
                             // The configuration checked that the content type is a valid header value.
                             content_type: HeaderValue::from_str(&response.content_type)
