@@ -229,7 +229,7 @@ struct Settings {
     idle_timeout: Duration,
     /// `timeouts.send`, set on each connection's TLS stream.
     send_timeout: Duration,
-    /// `timeouts.header_read`: hyper enforces it, except on a parked connection (see [`crate::parking`]).
+    /// `timeouts.header_read`, enforced by [`drive`] and, on a parked connection, [`wait_parked`].
     header_read_timeout: Duration,
     http1: http1::Builder,
     http2: http2::Builder<StreamExecutor>,
@@ -244,7 +244,7 @@ impl Settings {
             idle_timeout: config.timeouts.idle,
             send_timeout: config.timeouts.send,
             header_read_timeout: config.timeouts.header_read,
-            http1: http1_builder(&config.limits, &config.timeouts),
+            http1: http1_builder(&config.limits),
             http2: http2_builder(&config.limits, &config.timeouts, metrics),
             max_connections: config.limits.max_connections,
         }
@@ -351,16 +351,12 @@ pub const H2_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// with GOAWAY (RUSTSEC-2024-0003, "MadeYouReset"). hyper's default is 1024; a well-behaved client causes none.
 pub const H2_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 64;
 
-/// The HTTP/1 connection settings. hyper restarts the header-read timer every time the connection waits for a
-/// request head (the first one and every keep-alive one), so it also bounds the pause between requests.
-fn http1_builder(limits: &LimitsConfig, timeouts: &TimeoutsConfig) -> http1::Builder {
+/// The HTTP/1 connection settings. `timeouts.header_read` is not hyper's business: [`drive`] enforces it with
+/// the connection's idle timer. hyper's own re-armed a timer for every request (a timer-wheel removal and
+/// insertion, about 7 % of the instructions of a small keep-alive request), and it takes no timer without one.
+fn http1_builder(limits: &LimitsConfig) -> http1::Builder {
     let mut http1 = http1::Builder::new();
-    // The header-read timeout is silently off without a timer.
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read)
-        .keep_alive(true)
-        .max_header_size(limits.max_header_bytes);
+    http1.header_read_timeout(None::<Duration>).keep_alive(true).max_header_size(limits.max_header_bytes);
     // Setting `max_headers` moves hyper's header parser from the stack to a per-request heap buffer: only when the
     // limit differs from hyper's own.
     if limits.max_header_count != DEFAULT_MAX_HEADER_COUNT {
@@ -550,7 +546,8 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     // Parking waits for a request to complete after each unparking: see `drive`.
     let mut park_after_request = None;
     loop {
-        let parking = Parking { state: &state, after_request: park_after_request };
+        let parking =
+            Parking { state: &state, after_request: park_after_request, header_read: settings.header_read_timeout };
         let driven = Box::pin(serve_http1(&settings, io, service, watch, parking)).await;
         // Handed back still running, between messages: the parts of a connection taken apart.
         let Some(parts) = driven else {
@@ -667,7 +664,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Service 
 /// An HTTP/2 connection, driven until it ends.
 async fn serve_http2(settings: &Settings, io: TokioIo<Box<TlsStream>>, service: Service, watch: Watch<'_>) {
     let connection = LocalStreams::new(settings.http2.serve_connection(io, service));
-    drive(connection, watch, ConnectionTimeout::KeepAlive, None).await;
+    drive(connection, watch, Some(ConnectionTimeout::KeepAlive), None).await;
 }
 
 /// An HTTP/1 connection, driven until it ends (`None`) or is handed back for parking (its parts).
@@ -679,7 +676,7 @@ async fn serve_http1(
     parking: Parking<'_>,
 ) -> Option<hyper::server::conn::http1::Parts<Http1Stream, Service>> {
     let connection = settings.http1.serve_connection(io, service).with_upgrades();
-    drive(connection, watch, ConnectionTimeout::HeaderRead, Some(parking)).await?.into_parts()
+    drive(connection, watch, None, Some(parking)).await?.into_parts()
 }
 
 /// How long an HTTP/1 connection is idle before it is parked (see [`crate::parking`]): long enough that a client
@@ -744,8 +741,9 @@ struct Watch<'a> {
 
 /// Runs an HTTP connection until it ends, its grant ends (dropped at once), the server shuts down (drained
 /// gracefully, then dropped at the hard stop), or it has no request in flight for `timeouts.idle` (drained, then
-/// dropped if it stays idle for another such period). `hyper_timeout` names the deadline hyper enforces itself
-/// (HTTP/1: header read; HTTP/2: keep-alive ping), for the metrics.
+/// dropped if it stays idle for another such period), or, HTTP/1, no request head arrives in
+/// `timeouts.header_read` (closed). `hyper_timeout` names the deadline hyper enforces itself, if any (HTTP/2:
+/// keep-alive ping), for the metrics.
 ///
 /// With `parking` (HTTP/1), the connection is also handed back, still running, to be taken apart (see
 /// [`crate::parking`]) once it has been idle for [`PARK_AFTER`], hyper waits for the client with nothing left to
@@ -756,7 +754,7 @@ struct Watch<'a> {
 async fn drive<C>(
     mut connection: C,
     watch: Watch<'_>,
-    hyper_timeout: ConnectionTimeout,
+    hyper_timeout: Option<ConnectionTimeout>,
     parking: Option<Parking<'_>>,
 ) -> Option<C>
 where
@@ -768,6 +766,14 @@ where
         let parkable = async {
             match parking {
                 Some(_) => activity.parkable(PARK_AFTER, after_request).await,
+                None => std::future::pending().await,
+            }
+        };
+        // HTTP/1: a request head is due `timeouts.header_read` after the connection became idle (its start, or
+        // its last response), as hyper counts it: the first head, every keep-alive one, and the pause before it.
+        let header_read = async {
+            match parking {
+                Some(parking) => activity.idle_for(parking.header_read).await,
                 None => std::future::pending().await,
             }
         };
@@ -787,6 +793,11 @@ where
                 shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
                 break drained(Pin::new(&mut connection), watch, true).await?;
             }
+            _ = header_read => {
+                tracing::debug!(%peer, "closing connection: no request head within timeouts.header_read");
+                shared.metrics.connection_timed_out(ConnectionTimeout::HeaderRead);
+                return None;
+            }
             _ = parkable => {
                 if parking.is_some_and(|p| p.state.is_waiting_for_client()) {
                     return Some(connection);
@@ -800,12 +811,14 @@ where
     None
 }
 
-/// What [`drive`] needs to hand an HTTP/1 connection back for parking.
+/// What [`drive`] needs for an HTTP/1 connection: to hand it back for parking, and its header-read deadline.
 #[derive(Clone, Copy)]
 struct Parking<'a> {
     state: &'a IoState,
     /// Requests completed when the connection was last unparked, if it was.
     after_request: Option<u64>,
+    /// `timeouts.header_read`.
+    header_read: Duration,
 }
 
 /// Asks a connection to finish its requests and close, and runs it until it has: its result, or `None` when it
@@ -815,7 +828,11 @@ async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_b
     connection.as_mut().drain();
     let idle_again = async {
         match idle_bound {
-            true => activity.idle_for(idle).await,
+            // Another period from now: `idle_for` alone counts from the idleness that started the drain.
+            true => {
+                tokio::time::sleep(idle).await;
+                activity.idle_for(idle).await;
+            }
             false => std::future::pending().await,
         }
     };
@@ -828,12 +845,17 @@ async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_b
 }
 
 /// Logs how a connection ended; `hyper_timeout` names the deadline hyper enforces itself, for the metrics.
-fn report_end(shared: &Shared, peer: SocketAddr, result: Result<(), hyper::Error>, hyper_timeout: ConnectionTimeout) {
+fn report_end(
+    shared: &Shared,
+    peer: SocketAddr,
+    result: Result<(), hyper::Error>,
+    hyper_timeout: Option<ConnectionTimeout>,
+) {
     if let Err(error) = result {
         if is_send_timeout(&error) {
             shared.metrics.connection_timed_out(ConnectionTimeout::Send);
-        } else if error.is_timeout() {
-            shared.metrics.connection_timed_out(hyper_timeout);
+        } else if let Some(timeout) = hyper_timeout.filter(|_| error.is_timeout()) {
+            shared.metrics.connection_timed_out(timeout);
         }
         tracing::debug!(%peer, %error, "connection ended with an error");
     }
@@ -914,9 +936,11 @@ impl Activity {
         InFlight(Arc::clone(self))
     }
 
-    /// Completes once no request has been in flight for `limit`.
+    /// Completes once no request has been in flight for `limit`, counted from when the connection became idle
+    /// (not from this call: the loop in [`drive`] makes these futures again).
     async fn idle_for(&self, limit: Duration) {
-        let mut deadline = Instant::now() + limit;
+        // With a request in flight, `idle_since` is stale and the first wake finds the request and re-arms.
+        let mut deadline = self.idle_since() + limit;
         loop {
             tokio::time::sleep_until(deadline).await;
             // Acquire pairs with the Release in `InFlight::drop`: a count of 0 comes with its `idle_since_ms`.
