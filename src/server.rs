@@ -763,20 +763,10 @@ where
     let Watch { shared, grant_ended, activity, idle, peer } = watch;
     let mut after_request = parking.and_then(|p| p.after_request);
     let result = loop {
-        let parkable = async {
-            match parking {
-                Some(_) => activity.parkable(PARK_AFTER, after_request).await,
-                None => std::future::pending().await,
-            }
-        };
         // HTTP/1: a request head is due `timeouts.header_read` after the connection became idle (its start, or
         // its last response), as hyper counts it: the first head, every keep-alive one, and the pause before it.
-        let header_read = async {
-            match parking {
-                Some(parking) => activity.idle_for(parking.header_read).await,
-                None => std::future::pending().await,
-            }
-        };
+        let deadlines =
+            IdleDeadlines { idle, header_read: parking.map(|p| p.header_read), park: parking.map(|_| after_request) };
         // Biased: the connection first, as it is what wakes the task nearly every time (the random start costs
         // a draw per wake); the others still get their turn whenever it waits, which hyper does at least every
         // few messages.
@@ -788,27 +778,48 @@ where
                 return None;
             }
             _ = shared.shutdown.cancelled() => break drained(Pin::new(&mut connection), watch, false).await?,
-            _ = activity.idle_for(idle) => {
-                tracing::debug!(%peer, "closing connection: idle");
-                shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
-                break drained(Pin::new(&mut connection), watch, true).await?;
-            }
-            _ = header_read => {
-                tracing::debug!(%peer, "closing connection: no request head within timeouts.header_read");
-                shared.metrics.connection_timed_out(ConnectionTimeout::HeaderRead);
-                return None;
-            }
-            _ = parkable => {
-                if parking.is_some_and(|p| p.state.is_waiting_for_client()) {
-                    return Some(connection);
+            due = activity.first_due(deadlines) => match due {
+                Due::Idle => {
+                    tracing::debug!(%peer, "closing connection: idle");
+                    shared.metrics.connection_timed_out(ConnectionTimeout::Idle);
+                    break drained(Pin::new(&mut connection), watch, true).await?;
                 }
-                // hyper is within a message (a head arriving slowly, say): after the next request, perhaps.
-                after_request = Some(activity.completed());
-            }
+                Due::HeaderRead => {
+                    tracing::debug!(%peer, "closing connection: no request head within timeouts.header_read");
+                    shared.metrics.connection_timed_out(ConnectionTimeout::HeaderRead);
+                    return None;
+                }
+                Due::Park => {
+                    if parking.is_some_and(|p| p.state.is_waiting_for_client()) {
+                        return Some(connection);
+                    }
+                    // hyper is within a message (a head arriving slowly, say): after the next request, perhaps.
+                    after_request = Some(activity.completed());
+                }
+            },
         }
     };
     report_end(shared, peer, result, hyper_timeout);
     None
+}
+
+/// The idleness deadlines [`drive`] watches, with one timer ([`Activity::first_due`]).
+#[derive(Clone, Copy)]
+struct IdleDeadlines {
+    /// `timeouts.idle`.
+    idle: Duration,
+    /// HTTP/1: `timeouts.header_read`.
+    header_read: Option<Duration>,
+    /// HTTP/1: parking, after [`PARK_AFTER`] and, if a count is given, once more requests than that have completed.
+    park: Option<Option<u64>>,
+}
+
+/// What [`Activity::first_due`] found due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Idle,
+    HeaderRead,
+    Park,
 }
 
 /// What [`drive`] needs for an HTTP/1 connection: to hand it back for parking, and its header-read deadline.
@@ -914,19 +925,52 @@ impl Activity {
         self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed))
     }
 
-    /// Completes once the connection may be parked: no request has been in flight for `after`, none has had a
-    /// body, and, with `after_request`, more than that many requests have completed. Wakes at most once per
-    /// `after` while waiting for a request.
-    async fn parkable(&self, after: Duration, after_request: Option<u64>) {
+    /// The first of `deadlines` the connection's idleness reaches, with one timer (each wake of the connection's
+    /// task polls it: one timer costs a third of three). Parking is due once no request has been in flight for
+    /// [`PARK_AFTER`], none has had a body, and, with an `after_request` count, more requests than that have
+    /// completed (checked again every [`PARK_AFTER`] until then). Of the closing deadlines passed together, the
+    /// earlier wins; closing wins over parking.
+    async fn first_due(&self, deadlines: IdleDeadlines) -> Due {
+        let shortest = [deadlines.header_read, deadlines.park.map(|_| PARK_AFTER)]
+            .into_iter()
+            .flatten()
+            .fold(deadlines.idle, Duration::min);
+        // With a request in flight, `idle_since` is stale and the first wake finds the request and re-arms.
+        let mut wake = self.idle_since() + shortest;
         loop {
-            self.idle_for(after).await;
-            if self.saw_request_body.load(Ordering::Relaxed) {
-                return std::future::pending().await;
+            tokio::time::sleep_until(wake).await;
+            // Acquire pairs with the Release in `InFlight::drop`: a count of 0 comes with its `idle_since_ms`.
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                wake = Instant::now() + shortest;
+                continue;
             }
-            if after_request.is_none_or(|n| self.completed() > n) {
-                return;
+            let (now, since) = (Instant::now(), self.idle_since());
+            let closing = [(Some(deadlines.idle), Due::Idle), (deadlines.header_read, Due::HeaderRead)];
+            let mut passed: Option<(Instant, Due)> = None;
+            let mut next = since + deadlines.idle;
+            for (expires, due) in closing.into_iter().filter_map(|(limit, due)| Some((since + limit?, due))) {
+                if now >= expires {
+                    passed = passed.filter(|(first, _)| *first <= expires).or(Some((expires, due)));
+                } else {
+                    next = next.min(expires);
+                }
             }
-            tokio::time::sleep(after).await;
+            if let Some((_, due)) = passed {
+                return due;
+            }
+            if let Some(after_request) = deadlines.park {
+                if !self.saw_request_body.load(Ordering::Relaxed) {
+                    let parkable = since + PARK_AFTER;
+                    if now < parkable {
+                        next = next.min(parkable);
+                    } else if after_request.is_none_or(|n| self.completed() > n) {
+                        return Due::Park;
+                    } else {
+                        next = next.min(now + PARK_AFTER);
+                    }
+                }
+            }
+            wake = next;
         }
     }
 
@@ -1066,4 +1110,85 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .filter(|(_, same)| !same)
     .map(|(name, _)| name)
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    fn deadlines(idle: Duration, header_read: Option<Duration>, park: Option<Option<u64>>) -> IdleDeadlines {
+        IdleDeadlines { idle, header_read, park }
+    }
+
+    /// What `first_due` finds, and how long after the call.
+    async fn due(activity: &Activity, deadlines: IdleDeadlines) -> (Due, Duration) {
+        let start = Instant::now();
+        let due = tokio::time::timeout(LONG, activity.first_due(deadlines)).await.expect("a deadline comes due");
+        (due, start.elapsed())
+    }
+
+    #[tokio::test]
+    async fn the_earlier_closing_deadline_comes_due() {
+        let ms = Duration::from_millis;
+        let (found, after) = due(&Activity::new(), deadlines(LONG, Some(ms(100)), None)).await;
+        assert_eq!(found, Due::HeaderRead);
+        assert!(after >= ms(100) && after < LONG, "{after:?}");
+        let (found, after) = due(&Activity::new(), deadlines(ms(100), Some(LONG), None)).await;
+        assert_eq!(found, Due::Idle);
+        assert!(after >= ms(100) && after < LONG, "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn deadlines_count_from_when_the_connection_became_idle() {
+        let activity = Activity::new();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Made again by the drive loop, the future keeps the deadline: 200 ms from the start, not from now.
+        let (found, after) = due(&activity, deadlines(Duration::from_millis(200), None, None)).await;
+        assert_eq!(found, Due::Idle);
+        assert!(after < Duration::from_millis(150), "{after:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_holds_every_deadline_back() {
+        let activity = Arc::new(Activity::new());
+        let request = activity.request_started();
+        let short = deadlines(Duration::from_millis(60), Some(Duration::from_millis(60)), Some(None));
+        let held = tokio::time::timeout(Duration::from_millis(300), activity.first_due(short)).await;
+        assert!(held.is_err(), "nothing is due while a request is in flight: {held:?}");
+        drop(request);
+        let (found, after) = due(&activity, deadlines(LONG, Some(Duration::from_millis(100)), None)).await;
+        assert_eq!(found, Due::HeaderRead);
+        // `idle_since` is kept in whole milliseconds.
+        assert!(after >= Duration::from_millis(95), "counted from the request's end: {after:?}");
+    }
+
+    #[tokio::test]
+    async fn parking_comes_before_the_closing_deadlines_unless_a_body_was_seen() {
+        let (found, after) = due(&Activity::new(), deadlines(LONG, Some(LONG), Some(None))).await;
+        assert_eq!(found, Due::Park);
+        assert!(after >= PARK_AFTER && after < LONG, "{after:?}");
+        let activity = Activity::new();
+        activity.saw_request_body();
+        let (found, _) = due(&activity, deadlines(LONG, Some(Duration::from_millis(300)), Some(None))).await;
+        assert_eq!(found, Due::HeaderRead, "a connection that had a body is never parked");
+    }
+
+    #[tokio::test]
+    async fn after_an_unparking_parking_waits_for_a_completed_request() {
+        let activity = Arc::new(Activity::new());
+        let completes = {
+            let activity = Arc::clone(&activity);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                drop(activity.request_started());
+            })
+        };
+        let (found, after) = due(&activity, deadlines(LONG, Some(LONG), Some(Some(0)))).await;
+        assert_eq!(found, Due::Park);
+        let earliest = Duration::from_millis(195) + PARK_AFTER;
+        assert!(after >= earliest, "parked only after the request: {after:?}");
+        completes.await.expect("the request task");
+    }
 }

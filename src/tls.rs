@@ -33,6 +33,9 @@ pub enum TlsError {
     /// rustls refused the combination of provider and protocol versions.
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// The crypto provider's random generator failed: no handshake could be made.
+    #[error("the TLS random generator failed: {0:?}")]
+    Random(rustls::crypto::GetRandomFailed),
 }
 
 /// Result alias of this module.
@@ -88,6 +91,9 @@ impl TlsPolicy {
     /// Builds the policy from `[tls]`.
     pub fn new(config: &TlsConfig) -> Result<Self> {
         let mut provider = aws_lc_rs::default_provider();
+        // aws-lc seeds its random generator on first use, from CPU jitter: about 0.4 billion instructions, once
+        // per process. Here, at start, rather than in the first client's handshake.
+        provider.secure_random.fill(&mut [0; 32]).map_err(TlsError::Random)?;
         if !config.key_exchange.is_empty() {
             provider.kx_groups = config.key_exchange.iter().map(|k| kx_group(*k)).collect();
         }
