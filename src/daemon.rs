@@ -25,8 +25,11 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// Runs the server until SIGTERM or SIGINT, then drains it.
 pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
     let mut drain = config.timeouts.drain;
-    let server = server::start(config).await?;
+    // Watched before the server starts: a change written as soon as the server says it listens (a deployment
+    // tool's next step) is then seen, where a watch made after the start missed it, and took the changed
+    // contents for those already loaded.
     let mut file = ConfigFile::new(path);
+    let server = server::start(config).await?;
     let (mut term, mut int, mut hup) =
         match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
             (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),

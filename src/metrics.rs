@@ -64,6 +64,11 @@ pub enum RequestRefusal {
     Framing,
     /// 400: the client's body was malformed or cut short.
     BadBody,
+    /// HTTP/1, 431 (or 414) from hyper's parser: a head over `limits.max_header_bytes` or the field count.
+    HeadTooLarge,
+    /// HTTP/1, 400 from hyper's parser: a head that is not HTTP/1 (bad syntax, invalid framing headers, an
+    /// HTTP/2 preface on an HTTP/1 connection).
+    Malformed,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -40,7 +40,7 @@ use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COU
 use crate::custody::snapshot::ExportError;
 use crate::holder::Holder;
 use crate::keyring::CertificateIdentity;
-use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics};
+use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics, RequestRefusal};
 use crate::parking::{IoState, Tracked};
 use crate::proxy::ProxyBody;
 use crate::proxy::{ConnectionInfo, Proxy};
@@ -867,6 +867,11 @@ fn report_end(
             shared.metrics.connection_timed_out(ConnectionTimeout::Send);
         } else if let Some(timeout) = hyper_timeout.filter(|_| error.is_timeout()) {
             shared.metrics.connection_timed_out(timeout);
+        } else if error.is_parse_too_large() {
+            // hyper answered (431, 414) and closed: the refusals its parser makes count with sealgate's own.
+            shared.metrics.request_refused(RequestRefusal::HeadTooLarge);
+        } else if error.is_parse() {
+            shared.metrics.request_refused(RequestRefusal::Malformed);
         }
         tracing::debug!(%peer, %error, "connection ended with an error");
     }

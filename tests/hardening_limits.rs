@@ -121,9 +121,20 @@ async fn too_many_or_too_large_headers_get_431_and_long_uris_414() {
         "an HTTP/2 header list over 4096 bytes: {outcome:?}"
     );
 
+    // A head hyper's parser refuses as malformed: 400, counted with the rest.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    assert_eq!(h1_status(&mut tls, "/", "Not a header line\r\n").await, Some(400));
+
     let admin = server.admin_addr.unwrap();
     assert_eq!(raw::metric(admin, "sealgate_requests_refused_total{reason=\"TooManyHeaders\"}").await, 1.0);
     assert_eq!(raw::metric(admin, "sealgate_requests_refused_total{reason=\"UriTooLong\"}").await, 2.0);
+    // hyper's own refusals (the two HTTP/1.1 431s, the 400) are counted as their connections end, which the
+    // client may see first.
+    for (reason, count) in [("HeadTooLarge", 2.0), ("Malformed", 1.0)] {
+        let series = format!("sealgate_requests_refused_total{{reason=\"{reason}\"}}");
+        let counted = eventually(DEADLINE, || async { raw::metric(admin, &series).await == count }).await;
+        assert!(counted, "{series}: {}", raw::metric(admin, &series).await);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
