@@ -839,10 +839,10 @@ async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_b
     connection.as_mut().drain();
     let idle_again = async {
         match idle_bound {
-            // Another period from now: `idle_for` alone counts from the idleness that started the drain.
+            // Another period from now: the idle deadline alone counts from the idleness that started the drain.
             true => {
                 tokio::time::sleep(idle).await;
-                activity.idle_for(idle).await;
+                activity.first_due(IdleDeadlines { idle, header_read: None, park: None }).await;
             }
             false => std::future::pending().await,
         }
@@ -983,26 +983,6 @@ impl Activity {
     fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(Arc::clone(self))
-    }
-
-    /// Completes once no request has been in flight for `limit`, counted from when the connection became idle
-    /// (not from this call: the loop in [`drive`] makes these futures again).
-    async fn idle_for(&self, limit: Duration) {
-        // With a request in flight, `idle_since` is stale and the first wake finds the request and re-arms.
-        let mut deadline = self.idle_since() + limit;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            // Acquire pairs with the Release in `InFlight::drop`: a count of 0 comes with its `idle_since_ms`.
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                deadline = Instant::now() + limit;
-                continue;
-            }
-            let expires = self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::Relaxed)) + limit;
-            if Instant::now() >= expires {
-                return;
-            }
-            deadline = expires;
-        }
     }
 }
 
