@@ -172,6 +172,22 @@ respond = { status = 200 }
     }
 
     #[test]
+    fn fixed_answers_carry_their_length_unless_the_status_has_no_body() {
+        let t = table(
+            "[[route]]\npath = \"/a\"\nrespond = { status = 200, body = \"hello\\n\" }\n\
+             [[route]]\npath = \"/b\"\nrespond = { status = 204 }\n\
+             [[route]]\npath = \"/c\"\nrespond = { status = 304 }\n",
+        );
+        let length = |path: &str| match &t.find("h", path).unwrap().action {
+            Action::Respond(fixed) => fixed.content_length.clone(),
+            Action::Upstream(_) => panic!("a respond route"),
+        };
+        assert_eq!(length("/a"), Some(HeaderValue::from_static("6")));
+        assert_eq!(length("/b"), None);
+        assert_eq!(length("/c"), None);
+    }
+
+    #[test]
     fn no_route_without_a_catch_all() {
         let t = table("[[route]]\nhost = \"a.test\"\npath = \"/x\"\nrespond = { status = 200 }\n");
         assert_eq!(index(&t, "a.test", "/y"), None);
