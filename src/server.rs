@@ -42,6 +42,7 @@ use crate::holder::Holder;
 use crate::keyring::CertificateIdentity;
 use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics, RequestRefusal};
 use crate::parking::{IoState, Tracked};
+use crate::proxy::forward::ForwardingCache;
 use crate::proxy::ProxyBody;
 use crate::proxy::{ConnectionInfo, Proxy};
 use crate::registry::ConnectionRegistry;
@@ -530,6 +531,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
         grant_ended: grant_ended.clone(),
         hard_stop: shared.hard_stop.clone(),
         tunnel: std::sync::Mutex::new(None),
+        forwarding: ForwardingCache::default(),
     });
     let activity = Arc::new(Activity::new());
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };

@@ -6,8 +6,10 @@
 //! upstream's body to the client response, so memory stays bounded whatever their size.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, StatusCode, Uri, Version};
@@ -56,49 +58,90 @@ pub struct ClientSide<'a> {
     pub peer: SocketAddr,
     /// The request's `Host` / `:authority`, as the client sent it.
     pub authority: &'a str,
+    /// The connection's forwarding header values, made once.
+    pub cache: &'a ForwardingCache,
+}
+
+/// The forwarding header values of one client connection, made for its first proxied request and reused by the
+/// next ones with the same authority (all of them, nearly always). Made per request they were three allocations
+/// and an address formatted every time. Boxed, so that a connection that never goes upstream pays a pointer.
+#[derive(Debug, Default)]
+pub struct ForwardingCache(OnceLock<Box<ForwardingValues>>);
+
+#[derive(Debug)]
+struct ForwardingValues {
+    /// The authority the values were made for.
+    authority: Box<str>,
+    /// `X-Forwarded-For`.
+    for_ip: Option<HeaderValue>,
+    /// `X-Forwarded-Host`.
+    host: Option<HeaderValue>,
+    /// `Forwarded`.
+    forwarded: Option<HeaderValue>,
+}
+
+impl ForwardingValues {
+    /// The values for a request from `peer` to `authority`; `host` is `authority` as a header value (`None`: not a
+    /// valid one). The values build on an IP address and an authority hyper already accepted as a header or URI,
+    /// so they are valid header values; were one not, it is `None` and the client's header is removed.
+    fn new(peer: SocketAddr, authority: &str, host: Option<HeaderValue>) -> Self {
+        let mut forwarded = String::with_capacity(authority.len() + 64);
+        forwarded.push_str("for=");
+        // The address goes into `Forwarded` (IPv6 quoted and bracketed) and, the same text, into `X-Forwarded-For`.
+        let ip_text = match peer.ip() {
+            std::net::IpAddr::V4(ip) => {
+                let start = forwarded.len();
+                push_ipv4(&mut forwarded, ip);
+                start..forwarded.len()
+            }
+            std::net::IpAddr::V6(ip) => {
+                use std::fmt::Write as _;
+                forwarded.push_str("\"[");
+                let start = forwarded.len();
+                let _ = write!(forwarded, "{ip}");
+                let end = forwarded.len();
+                forwarded.push_str("]\"");
+                start..end
+            }
+        };
+        let for_ip = HeaderValue::from_str(&forwarded[ip_text]).ok();
+        forwarded.push_str(";host=");
+        if authority.bytes().all(is_token_char) {
+            forwarded.push_str(authority);
+        } else {
+            forwarded.push('"');
+            forwarded.extend(authority.chars().filter(|c| !matches!(c, '\\' | '"')));
+            forwarded.push('"');
+        }
+        forwarded.push_str(";proto=https");
+        let forwarded = HeaderValue::from_maybe_shared(Bytes::from(forwarded)).ok();
+        Self { authority: authority.into(), for_ip, host, forwarded }
+    }
 }
 
 /// Sets `X-Forwarded-For`, `-Proto`, `-Host` and `Forwarded`, replacing whatever the client sent: sealgate is
 /// the edge, so nothing a client claims about earlier hops can be trusted. `host` is `client.authority` as a
 /// header value (`None`: not a valid one), for `X-Forwarded-Host`.
 pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>, host: Option<HeaderValue>) {
-    let authority = client.authority;
-    let mut forwarded = String::with_capacity(authority.len() + 64);
-    forwarded.push_str("for=");
-    // The address goes into `Forwarded` (IPv6 quoted and bracketed) and, the same text, into `X-Forwarded-For`.
-    let ip_text = match client.peer.ip() {
-        std::net::IpAddr::V4(ip) => {
-            let start = forwarded.len();
-            push_ipv4(&mut forwarded, ip);
-            start..forwarded.len()
+    let fresh;
+    let values = match client.cache.0.get() {
+        Some(cached) if *cached.authority == *client.authority => cached,
+        Some(_) => {
+            fresh = ForwardingValues::new(client.peer, client.authority, host);
+            &fresh
         }
-        std::net::IpAddr::V6(ip) => {
-            use std::fmt::Write as _;
-            forwarded.push_str("\"[");
-            let start = forwarded.len();
-            let _ = write!(forwarded, "{ip}");
-            let end = forwarded.len();
-            forwarded.push_str("]\"");
-            start..end
-        }
+        None => client.cache.0.get_or_init(|| {
+            // An owned copy: `host` may share the buffer hyper read the request into, which the connection must
+            // not keep alive.
+            let host = host.and_then(|host| HeaderValue::from_bytes(host.as_bytes()).ok());
+            Box::new(ForwardingValues::new(client.peer, client.authority, host))
+        }),
     };
-    let for_ip = HeaderValue::from_str(&forwarded[ip_text]).ok();
-    forwarded.push_str(";host=");
-    if authority.bytes().all(is_token_char) {
-        forwarded.push_str(authority);
-    } else {
-        forwarded.push('"');
-        forwarded.extend(authority.chars().filter(|c| !matches!(c, '\\' | '"')));
-        forwarded.push('"');
-    }
-    forwarded.push_str(";proto=https");
-    // `insert` replaces every value the client sent. The values are built from an IP address and an authority
-    // hyper already accepted as a header or URI, so they are valid header values; were one not, the client's
-    // header is removed rather than passed on.
-    set_or_remove(headers, X_FORWARDED_FOR, for_ip);
+    // `insert` replaces every value the client sent.
+    set_or_remove(headers, X_FORWARDED_FOR, values.for_ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-    set_or_remove(headers, X_FORWARDED_HOST, host);
-    set_or_remove(headers, FORWARDED, HeaderValue::from_str(&forwarded).ok());
+    set_or_remove(headers, X_FORWARDED_HOST, values.host.clone());
+    set_or_remove(headers, FORWARDED, values.forwarded.clone());
 }
 
 /// Appends `ip` in dotted decimal. This runs for every proxied request: `Display` through the formatting
@@ -272,7 +315,12 @@ mod tests {
         headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
         let peer: SocketAddr = "[2001:db8::1]:5555".parse().unwrap();
         let authority = "app.example.com:8443";
-        set_forwarded(&mut headers, ClientSide { peer, authority }, HeaderValue::from_str(authority).ok());
+        let cache = ForwardingCache::default();
+        set_forwarded(
+            &mut headers,
+            ClientSide { peer, authority, cache: &cache },
+            HeaderValue::from_str(authority).ok(),
+        );
         assert_eq!(headers[&X_FORWARDED_FOR], "2001:db8::1");
         assert_eq!(headers[&X_FORWARDED_PROTO], "https");
         assert_eq!(headers[&X_FORWARDED_HOST], "app.example.com:8443");
@@ -281,11 +329,32 @@ mod tests {
 
         for ip in ["0.0.0.0", "127.0.0.1", "10.9.99.100", "255.255.255.255", "192.168.1.20"] {
             let peer = SocketAddr::new(ip.parse().unwrap(), 1);
-            set_forwarded(&mut headers, ClientSide { peer, authority: "a.test" }, None);
+            let cache = ForwardingCache::default();
+            set_forwarded(&mut headers, ClientSide { peer, authority: "a.test", cache: &cache }, None);
             assert_eq!(headers[&X_FORWARDED_FOR], ip);
             assert_eq!(headers[&FORWARDED], format!("for={ip};host=a.test;proto=https").as_str());
             assert!(!headers.contains_key(&X_FORWARDED_HOST));
         }
+    }
+
+    #[test]
+    fn a_connections_values_serve_its_authority_and_no_other() {
+        let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
+        let cache = ForwardingCache::default();
+        let first = |authority| ClientSide { peer, authority, cache: &cache };
+        let mut headers = HeaderMap::new();
+        set_forwarded(&mut headers, first("a.test"), HeaderValue::from_str("a.test").ok());
+        assert_eq!(headers[&FORWARDED], "for=192.0.2.7;host=a.test;proto=https");
+        // Another authority on the same connection (HTTP/2 coalescing) gets its own values, not the cached ones.
+        let mut other = HeaderMap::new();
+        set_forwarded(&mut other, first("b.test:8443"), HeaderValue::from_str("b.test:8443").ok());
+        assert_eq!(other[&FORWARDED], "for=192.0.2.7;host=\"b.test:8443\";proto=https");
+        assert_eq!(other[&X_FORWARDED_HOST], "b.test:8443");
+        // The first authority again: the cached values, still its own.
+        let mut again = HeaderMap::new();
+        again.insert(X_FORWARDED_HOST, HeaderValue::from_static("forged"));
+        set_forwarded(&mut again, first("a.test"), None);
+        assert_eq!(again, headers);
     }
 
     #[test]

@@ -33,12 +33,12 @@ use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::tls::CertificateStore;
-use forward::ClientSide;
+use forward::{ClientSide, ForwardingCache};
 use limits::{LimitError, Limits};
 use routes::{Action, Route, RouteTable};
 use tokio_util::sync::CancellationToken;
 use upgrade::{Kind, UpgradeHeaders};
-use upstream::{AnsweredBy, ResponseBody, UpstreamError};
+use upstream::{ResponseBody, UpstreamError};
 
 /// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
 pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
@@ -68,6 +68,8 @@ pub struct ConnectionInfo {
     /// An HTTP/1.1 connection's WebSocket tunnel, once upgraded: the connection task waits for it (so that the
     /// connection is counted, and closed with its grant, for as long as the tunnel lives).
     pub tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The forwarding header values of the connection's proxied requests, made for the first.
+    pub forwarding: ForwardingCache,
 }
 
 impl ConnectionInfo {
@@ -173,15 +175,17 @@ impl Proxy {
             Action::Upstream(upstreams) => {
                 // Owned only here, where the request moves on: route_of checked it is there.
                 let authority = request_authority(&request).unwrap_or_default().to_owned();
-                let client = ClientSide { peer: connection.peer, authority: &authority };
+                let client = ClientSide { peer: connection.peer, authority: &authority, cache: &connection.forwarding };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
                 // forwarding is most of this future's size (about 3 KiB), which every request would otherwise
                 // carry, and copy, for the answers that need none.
                 let forwarding = Box::pin(upstreams.forward(request, client, route.response_timeout));
                 match forwarding.await {
                     Ok(response) => {
-                        let upstream = response.extensions().get::<AnsweredBy>().map(|a| Arc::clone(&a.0));
-                        (self.switch_or_pass(response, switch, connection), upstream)
+                        // Named from the body, which holds the upstream anyway: an extension would cost the
+                        // response an allocated map.
+                        let upstream = Arc::clone(response.body().upstream());
+                        (self.switch_or_pass(response, switch, connection), Some(upstream))
                     }
                     Err(error) => match LimitError::find_in(&error) {
                         // The client's body was refused on its way upstream: the client's fault, not the upstream's.

@@ -157,13 +157,18 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: PooledBody,
-    _in_flight: InFlight,
+    in_flight: InFlight,
 }
 
 impl ResponseBody {
     /// `inner`, counted in flight until dropped.
     pub fn new(inner: PooledBody, in_flight: InFlight) -> Self {
-        Self { inner, _in_flight: in_flight }
+        Self { inner, in_flight }
+    }
+
+    /// The upstream that answered, as named in logs and metrics.
+    pub fn upstream(&self) -> &Arc<str> {
+        &self.in_flight.0.name
     }
 }
 

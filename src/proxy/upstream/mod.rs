@@ -127,8 +127,8 @@ impl UpstreamGroup {
     }
 
     /// Forwards `request` to one of the upstreams, retrying as [`retry`] allows, and waits until `timeout` (for
-    /// all attempts together) for the response headers. The response body is streamed.
-    /// Forwards `request`, retrying as the route allows; the response carries [`AnsweredBy`] in its extensions.
+    /// all attempts together) for the response headers. The response body is streamed; it names the upstream
+    /// that answered ([`ResponseBody::upstream`]).
     pub async fn forward(
         &self,
         request: Request<crate::proxy::limits::RequestBody>,
@@ -170,7 +170,6 @@ impl UpstreamGroup {
                     if head.status != http::StatusCode::SWITCHING_PROTOCOLS {
                         forward::remove_hop_by_hop(&mut head.headers);
                     }
-                    head.extensions.insert(AnsweredBy(Arc::clone(&endpoint.name)));
                     return Ok(Response::from_parts(head, ResponseBody::new(body, in_flight)));
                 }
                 Err(_) => {
@@ -216,7 +215,3 @@ impl UpstreamGroup {
         }
     }
 }
-
-/// Which upstream answered a response (a response extension), for the access log.
-#[derive(Debug, Clone)]
-pub struct AnsweredBy(pub Arc<str>);
