@@ -171,7 +171,9 @@ impl Pool {
                 },
             }
         }
-        let mut sender = self.connect(upstream).await?;
+        // Boxed: connecting (name resolution, a TLS client connection) is most of this future's size, which every
+        // request would otherwise carry and copy, though nearly all of them find an idle connection.
+        let mut sender = Box::pin(self.connect(upstream)).await?;
         let response = sender.send_request(request).await.map_err(SendError::Exchange)?;
         Ok(self.lease(upstream, sender, response))
     }
