@@ -1,12 +1,12 @@
 //! A route's upstreams, used the way nginx, HAProxy and Envoy users expect:
 //!
-//! - [`pool`]: the connection pool (HTTP/1.1 to `http` and `https` upstreams, TLS verified against the route's
+//! - `pool`: the connection pool (HTTP/1.1 to `http` and `https` upstreams, TLS verified against the route's
 //!   `ca`);
-//! - [`balancer`]: `round_robin` or `least_requests`;
-//! - [`outlier`]: passive ejection after consecutive transport failures;
-//! - [`health`]: active HTTP health checks, one task per upstream, stopped when the group is dropped;
-//! - [`retry`]: which failed requests are sent again;
-//! - [`endpoint`]: one upstream's state (requests in flight, health verdict, ejection, metrics).
+//! - `balancer`: `round_robin` or `least_requests`;
+//! - `outlier`: passive ejection after consecutive transport failures;
+//! - `health`: active HTTP health checks, one task per upstream, stopped when the group is dropped;
+//! - `retry`: which failed requests are sent again;
+//! - `endpoint`: one upstream's state (requests in flight, health verdict, ejection, metrics).
 //!
 //! **Choosing.** A request goes to an *available* upstream (passing its health checks, not ejected) that it has
 //! not been sent to yet. When no upstream is available, sealgate does what nginx does when every server is
@@ -15,7 +15,7 @@
 //! attempt, where refusing would fail every request until the judgement changes. When every attempt fails the
 //! client gets 502 (or 504 when the last attempt ran out of time), as with a single upstream.
 //!
-//! **Retries** (see [`retry`]) go to an available upstream not tried yet for the request, else to any upstream
+//! **Retries** (see `retry`) go to an available upstream not tried yet for the request, else to any upstream
 //! not tried yet, else to one already tried; all attempts share the route's timeout as one deadline.
 
 mod balancer;
@@ -126,7 +126,7 @@ impl UpstreamGroup {
         })
     }
 
-    /// Forwards `request` to one of the upstreams, retrying as [`retry`] allows, and waits until `timeout` (for
+    /// Forwards `request` to one of the upstreams, retrying as `retry` allows, and waits until `timeout` (for
     /// all attempts together) for the response headers. The response body is streamed; it names the upstream
     /// that answered ([`ResponseBody::upstream`]).
     pub async fn forward(
