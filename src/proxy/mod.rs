@@ -177,8 +177,8 @@ impl Proxy {
                 let authority = request_authority(&request).unwrap_or_default().to_owned();
                 let client = ClientSide { peer: connection.peer, authority: &authority, cache: &connection.forwarding };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
-                // forwarding is most of this future's size (about 3 KiB), which every request would otherwise
-                // carry, and copy, for the answers that need none.
+                // forwarding is most of this future's size, which every request would otherwise carry, and copy,
+                // for the answers that need none.
                 let forwarding = Box::pin(upstreams.forward(request, client, route.response_timeout));
                 match forwarding.await {
                     Ok(response) => {
