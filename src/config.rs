@@ -704,6 +704,15 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const MAX_RETRIES: u32 = 5;
 
 impl Config {
+    /// Whether route `route` forwards to `upstream` (an upstream URL as it displays, the name metrics and logs
+    /// give it).
+    pub fn names_upstream(&self, route: usize, upstream: &str) -> bool {
+        self.routes.get(route).is_some_and(|r| match &r.action {
+            RouteAction::Upstream(group) => group.upstreams.iter().any(|url| url.to_string() == upstream),
+            RouteAction::Respond(_) => false,
+        })
+    }
+
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self> {
         crate::hygiene::refuse_world_writable(path, "configuration file").map_err(|e| ConfigError {

@@ -194,6 +194,8 @@ pub struct Metrics {
     retirement_latency: Histogram,
     upstream_requests: Family<UpstreamResultLabels, Counter>,
     upstream_healthy: Family<UpstreamLabels, Gauge>,
+    /// The upstreams with series, so that those a reload removes can be found ([`Metrics::retain_upstreams`]).
+    upstream_series: std::sync::Mutex<foldhash::HashSet<UpstreamLabels>>,
     connections_refused: Family<RefusalLabels, Counter>,
     accept_errors: Counter,
     connection_timeouts: Family<TimeoutLabels, Counter>,
@@ -233,6 +235,7 @@ impl Metrics {
             ]),
             upstream_requests: Family::default(),
             upstream_healthy: Family::default(),
+            upstream_series: std::sync::Mutex::default(),
             connections_refused: Family::default(),
             accept_errors: Counter::default(),
             connection_timeouts: Family::default(),
@@ -310,10 +313,31 @@ impl Metrics {
             let labels = UpstreamResultLabels { route, upstream: upstream.to_owned(), result: result.label() };
             self.upstream_requests.get_or_create(&labels).clone()
         });
-        let healthy =
-            self.upstream_healthy.get_or_create(&UpstreamLabels { route, upstream: upstream.to_owned() }).clone();
+        let labels = UpstreamLabels { route, upstream: upstream.to_owned() };
+        let healthy = self.upstream_healthy.get_or_create(&labels).clone();
         healthy.set(1);
+        self.upstream_series.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(labels);
         UpstreamMetrics { results, healthy }
+    }
+
+    /// Removes the series of the upstreams `configured` no longer names (by route index and URL, as given to
+    /// [`Metrics::upstream`]): after a reload that removed an upstream, a scrape shows no health gauge or
+    /// counters for it, as if it were still there and healthy. A proxy still finishing requests on the old
+    /// configuration updates series no longer exported, which is harmless.
+    pub fn retain_upstreams(&self, configured: impl Fn(usize, &str) -> bool) {
+        // The set is valid after any panic of a holder (inserts and removals only): poisoning is ignored.
+        let mut series = self.upstream_series.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        series.retain(|labels| {
+            if configured(labels.route, &labels.upstream) {
+                return true;
+            }
+            self.upstream_healthy.remove(labels);
+            for result in UpstreamResult::ALL {
+                let (route, upstream) = (labels.route, labels.upstream.clone());
+                self.upstream_requests.remove(&UpstreamResultLabels { route, upstream, result: result.label() });
+            }
+            false
+        });
     }
 
     /// Renders the Prometheus text exposition format.

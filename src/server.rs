@@ -187,6 +187,7 @@ impl RunningServer {
             self.shared.connections.forget_permits(old - new);
         }
         self.shared.settings.store(Arc::new(settings));
+        self.shared.metrics.retain_upstreams(|route, upstream| config.names_upstream(route, upstream));
         current.config = config;
         if !reloaded.need_restart.is_empty() {
             tracing::warn!(sections = ?reloaded.need_restart, "these changes take effect at the next start");

@@ -378,3 +378,35 @@ async fn an_unreadable_upstream_ca_stops_the_server_from_starting() {
     let error = sealgate::server::start(config).await.unwrap_err().to_string();
     assert!(error.contains("route[0]") && error.contains("missing-ca.pem"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_removes_the_series_of_the_upstreams_it_removes() {
+    let f = fixture();
+    let (kept, removed) = (Upstream::start().await, Upstream::start().await);
+    let path = f.dir.path().join("proxy.toml");
+    let server = start_server(f.dir.path(), &f.config(&route("/", &[kept.url(), removed.url()], ""))).await;
+    let admin = server.admin_addr.unwrap();
+    let mut sender = connection(&f, &server).await;
+    for _ in 0..2 {
+        assert_eq!(send(&mut sender, "GET", "/", "").await.0, StatusCode::OK);
+    }
+    for url in [kept.url(), removed.url()] {
+        assert_eq!(healthy(admin, 0, &url).await, Some(1.0), "{url}");
+        assert_eq!(attempts(admin, 0, &url, "ok").await, Some(1.0), "{url}");
+    }
+
+    // The same upstreams again: nothing removed, counts kept.
+    let same = f.config(&route("/", &[kept.url(), removed.url()], ""));
+    server.reload(sealgate::config::Config::parse(&same, &path).unwrap()).await.unwrap();
+    assert_eq!(attempts(admin, 0, &removed.url(), "ok").await, Some(1.0));
+
+    let fewer = f.config(&route("/", &[kept.url()], ""));
+    server.reload(sealgate::config::Config::parse(&fewer, &path).unwrap()).await.unwrap();
+    assert_eq!(healthy(admin, 0, &removed.url()).await, None, "no gauge claims the removed upstream is healthy");
+    assert_eq!(attempts(admin, 0, &removed.url(), "ok").await, None);
+    assert_eq!(healthy(admin, 0, &kept.url()).await, Some(1.0));
+    assert_eq!(attempts(admin, 0, &kept.url(), "ok").await, Some(1.0));
+    sender.ready().await.unwrap();
+    assert_eq!(send(&mut sender, "GET", "/", "").await.0, StatusCode::OK);
+    assert_eq!(attempts(admin, 0, &kept.url(), "ok").await, Some(2.0), "the kept upstream's series still counts");
+}
