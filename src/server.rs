@@ -147,9 +147,15 @@ impl RunningServer {
     /// (custody, TLS policy, admin, audit, process, runtime, log, redirects) are reported in
     /// [`Reloaded::need_restart`]. On any error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<Reloaded> {
-        let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
-        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)?;
+        // Reloads one at a time from here: the proxy creates its upstreams' metric series, and the series of
+        // upstreams the configuration no longer names are removed below, which must not race another reload.
         let mut current = self.current.lock().await;
+        let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
+        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)
+            .inspect_err(|_| {
+            // The routes built before the one that failed created series for upstreams that are not in use.
+            self.shared.metrics.retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
+        })?;
         let mut reloaded =
             Reloaded { need_restart: restart_only_changes(&current.config, &config), ..Default::default() };
 
@@ -163,6 +169,10 @@ impl RunningServer {
                 Ok(open) => opened.push(open),
                 Err(error) => {
                     opened.iter().for_each(|l: &OpenListener| l.stop.cancel());
+                    drop(proxy);
+                    self.shared
+                        .metrics
+                        .retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
                     return Err(error);
                 }
             }

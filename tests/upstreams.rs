@@ -400,6 +400,18 @@ async fn a_reload_removes_the_series_of_the_upstreams_it_removes() {
     server.reload(sealgate::config::Config::parse(&same, &path).unwrap()).await.unwrap();
     assert_eq!(attempts(admin, 0, &removed.url(), "ok").await, Some(1.0));
 
+    // A configuration refused (its second route's CA cannot be read) leaves no series for the upstream its first
+    // route would have added.
+    let newcomer = Upstream::start().await;
+    let refused = f.config(&format!(
+        "{}{}",
+        route("/", &[kept.url(), removed.url(), newcomer.url()], ""),
+        route("/tls", &["https://127.0.0.1:9".to_owned()], "ca = \"/nonexistent/ca.pem\"")
+    ));
+    assert!(server.reload(sealgate::config::Config::parse(&refused, &path).unwrap()).await.is_err());
+    assert_eq!(healthy(admin, 0, &newcomer.url()).await, None);
+    assert_eq!(healthy(admin, 0, &removed.url()).await, Some(1.0), "the running configuration's series stay");
+
     let fewer = f.config(&route("/", &[kept.url()], ""));
     server.reload(sealgate::config::Config::parse(&fewer, &path).unwrap()).await.unwrap();
     assert_eq!(healthy(admin, 0, &removed.url()).await, None, "no gauge claims the removed upstream is healthy");
