@@ -147,15 +147,19 @@ impl RunningServer {
     /// (custody, TLS policy, admin, audit, process, runtime, log, redirects) are reported in
     /// [`Reloaded::need_restart`]. On any error nothing changes.
     pub async fn reload(&self, config: Config) -> Result<Reloaded> {
-        // Reloads one at a time from here: the proxy creates its upstreams' metric series, and the series of
-        // upstreams the configuration no longer names are removed below, which must not race another reload.
+        // One reload at a time: building a proxy creates its upstreams' metric series, and the series the running
+        // configuration does not name are removed after each attempt, which must not race another reload.
         let mut current = self.current.lock().await;
+        let result = self.apply(&mut current, config).await;
+        // Applied, the series of removed upstreams go; refused, so do those a partly built proxy created.
+        self.shared.metrics.retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
+        result
+    }
+
+    /// [`RunningServer::reload`]'s work, with the reload lock held.
+    async fn apply(&self, current: &mut Current, config: Config) -> Result<Reloaded> {
         let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
-        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)
-            .inspect_err(|_| {
-            // The routes built before the one that failed created series for upstreams that are not in use.
-            self.shared.metrics.retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
-        })?;
+        let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)?;
         let mut reloaded =
             Reloaded { need_restart: restart_only_changes(&current.config, &config), ..Default::default() };
 
@@ -169,10 +173,6 @@ impl RunningServer {
                 Ok(open) => opened.push(open),
                 Err(error) => {
                     opened.iter().for_each(|l: &OpenListener| l.stop.cancel());
-                    drop(proxy);
-                    self.shared
-                        .metrics
-                        .retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
                     return Err(error);
                 }
             }
@@ -197,7 +197,6 @@ impl RunningServer {
             self.shared.connections.forget_permits(old - new);
         }
         self.shared.settings.store(Arc::new(settings));
-        self.shared.metrics.retain_upstreams(|route, upstream| config.names_upstream(route, upstream));
         current.config = config;
         if !reloaded.need_restart.is_empty() {
             tracing::warn!(sections = ?reloaded.need_restart, "these changes take effect at the next start");
