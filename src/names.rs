@@ -70,6 +70,14 @@ pub fn validate_server_name(name: &str) -> Result<(), &'static str> {
 /// normalises (borrowing when the host is in normal form already, as it nearly always is: this runs for every
 /// request). Returns `None` when the value is empty or malformed.
 pub fn host_of_authority(authority: &str) -> Option<Cow<'_, str>> {
+    // What nearly every request sends: a lowercase name or IPv4 address without a port, already normal. One
+    // pass over its bytes instead of the searches below (a third of the routing cost of a request).
+    let bytes = authority.as_bytes();
+    if bytes.last().is_some_and(|&b| b != b'.')
+        && bytes.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Some(Cow::Borrowed(authority));
+    }
     let authority = authority.trim();
     if authority.is_empty() || authority.contains('@') {
         return None;
@@ -133,6 +141,11 @@ mod tests {
         assert_eq!(host_of_authority("example.com:http"), None);
         assert_eq!(host_of_authority(""), None);
         assert_eq!(host_of_authority(":443"), None);
+        assert_eq!(host_of_authority("a-1.example.com"), Some(Cow::Borrowed("a-1.example.com")));
+        assert_eq!(host_of_authority("192.0.2.1"), Some(Cow::Borrowed("192.0.2.1")));
+        assert_eq!(host_of_authority("example.com.").as_deref(), Some("example.com"));
+        assert_eq!(host_of_authority(" example.com ").as_deref(), Some("example.com"));
+        assert_eq!(host_of_authority("."), None);
     }
 
     #[test]

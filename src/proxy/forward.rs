@@ -246,6 +246,9 @@ pub fn rewrite_head(
     let from_http2 = parts.version == Version::HTTP_2;
     parts.version = Version::HTTP_11;
     remove_hop_by_hop(&mut parts.headers);
+    // Room for the four forwarding fields at once: inserted one by one into a map sized for what the client
+    // sent, they grew it up to twice, rehashing each time.
+    parts.headers.reserve(4);
     super::upgrade::restore_request_headers(&parts.extensions, &mut parts.headers);
     if from_http2 {
         join_cookies(&mut parts.headers);

@@ -144,11 +144,14 @@ impl Limits {
         if count > self.max_header_count {
             return Err(LimitError::TooManyHeaders { count, max: self.max_header_count });
         }
-        check_look_alikes(&parts.headers)?;
-        check_transfer_encoding(&parts.headers)?;
-        if let Some(len) = content_length(&mut parts.headers, body.size_hint().exact())? {
-            if len > self.max_body_bytes {
-                return Err(LimitError::DeclaredTooLarge { len, max: self.max_body_bytes });
+        // One pass over the names; the framing fields are looked up only when there are some (most requests,
+        // bodiless, carry neither).
+        if check_names(&parts.headers)? {
+            check_transfer_encoding(&parts.headers)?;
+            if let Some(len) = content_length(&mut parts.headers, body.size_hint().exact())? {
+                if len > self.max_body_bytes {
+                    return Err(LimitError::DeclaredTooLarge { len, max: self.max_body_bytes });
+                }
             }
         }
         let body = RequestBody::new(body, self.max_body_bytes, self.request_timeout);
@@ -184,16 +187,25 @@ const LOOK_ALIKES: [&str; 10] = [
     "forwarded-for",
 ];
 
-fn check_look_alikes(headers: &HeaderMap) -> Result<(), LimitError> {
-    let suspicious = headers
-        .keys()
-        .map(|name| name.as_str().as_bytes())
-        .filter(|name| name.contains(&b'_'))
-        .any(|name| LOOK_ALIKES.iter().any(|look_alike| same_but_for_underscores(name, look_alike.as_bytes())));
-    if suspicious {
-        return Err(LimitError::Framing("a header name that CGI-style servers read as a framing or forwarding header"));
+/// Refuses a look-alike name (see [`LOOK_ALIKES`]); says whether the request has framing fields
+/// (`Content-Length` or `Transfer-Encoding`).
+fn check_names(headers: &HeaderMap) -> Result<bool, LimitError> {
+    let mut framing = false;
+    for name in headers.keys() {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            framing = true;
+            continue;
+        }
+        let name = name.as_str().as_bytes();
+        if name.contains(&b'_')
+            && LOOK_ALIKES.iter().any(|look_alike| same_but_for_underscores(name, look_alike.as_bytes()))
+        {
+            return Err(LimitError::Framing(
+                "a header name that CGI-style servers read as a framing or forwarding header",
+            ));
+        }
     }
-    Ok(())
+    Ok(framing)
 }
 
 /// Whether `name` is `dashed` with some dashes written as underscores (both are lowercase: header names are).
@@ -393,11 +405,20 @@ mod tests {
     #[test]
     fn look_alike_names_are_refused_and_others_kept() {
         for bad in ["x_forwarded_for", "content_length", "transfer_encoding", "x-forwarded_host"] {
-            assert!(check_look_alikes(&headers(&[(bad, "1")])).is_err(), "{bad}");
+            assert!(check_names(&headers(&[(bad, "1")])).is_err(), "{bad}");
+            // Found wherever it is among the names, framing fields included.
+            assert!(check_names(&headers(&[("content-length", "1"), (bad, "1"), ("a", "1")])).is_err(), "{bad}");
         }
         for ok in ["x_request_id", "x-forwarded-for", "my_header"] {
-            assert!(check_look_alikes(&headers(&[(ok, "1")])).is_ok(), "{ok}");
+            assert!(!check_names(&headers(&[(ok, "1")])).unwrap(), "{ok}");
         }
+    }
+
+    #[test]
+    fn framing_fields_are_noticed() {
+        assert!(!check_names(&headers(&[("host", "a"), ("accept", "*/*")])).unwrap());
+        assert!(check_names(&headers(&[("host", "a"), ("content-length", "1")])).unwrap());
+        assert!(check_names(&headers(&[("transfer-encoding", "chunked"), ("host", "a")])).unwrap());
     }
 
     #[test]

@@ -166,15 +166,15 @@ impl Proxy {
                 None => return (respond::error(StatusCode::INTERNAL_SERVER_ERROR), None),
             },
         };
-        let route = match self.route_of(&request, connection) {
-            Ok(route) => route,
+        let (route, authority) = match self.route_of(&request, connection) {
+            Ok(found) => found,
             Err(status) => return (respond::error(status), None),
         };
         match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
-                // Owned only here, where the request moves on: route_of checked it is there.
-                let authority = request_authority(&request).unwrap_or_default().to_owned();
+                // Owned only here, where the request moves on.
+                let authority = authority.to_owned();
                 let client = ClientSide { peer: connection.peer, authority: &authority, cache: &connection.forwarding };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
                 // forwarding is most of this future's size, which every request would otherwise carry, and copy,
@@ -200,10 +200,14 @@ impl Proxy {
         }
     }
 
-    /// The route for the request's host and path, once the host is known to be served on this connection: or
-    /// the status that refuses it (400 no or a malformed host, 421 a host this connection's certificate does not
-    /// serve, 404 no route).
-    fn route_of<B>(&self, request: &Request<B>, connection: &ConnectionInfo) -> Result<&Route, StatusCode> {
+    /// The route for the request's host and path, once the host is known to be served on this connection, with
+    /// the request's authority as sent; or the status that refuses it (400 no or a malformed host, 421 a host this
+    /// connection's certificate does not serve, 404 no route).
+    fn route_of<'p, 'r, B>(
+        &'p self,
+        request: &'r Request<B>,
+        connection: &ConnectionInfo,
+    ) -> Result<(&'p Route, &'r str), StatusCode> {
         let authority = request_authority(request).ok_or(StatusCode::BAD_REQUEST)?;
         let host = names::host_of_authority(authority).ok_or(StatusCode::BAD_REQUEST)?;
         if !self.is_served_on(&host, connection) {
@@ -214,7 +218,8 @@ impl Proxy {
             );
             return Err(StatusCode::MISDIRECTED_REQUEST);
         }
-        self.routes.find(&host, request.uri().path()).ok_or(StatusCode::NOT_FOUND)
+        let route = self.routes.find(&host, request.uri().path()).ok_or(StatusCode::NOT_FOUND)?;
+        Ok((route, authority))
     }
 
     /// Passes an upstream response on, or, for an upgrade the upstream agreed to, answers the client's switch and
