@@ -24,8 +24,23 @@ fn demo_config(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn the_demo_serves_localhost_to_curl_and_stops_on_sigterm() {
+    serve_once_and_stop("");
+}
+
+/// One worker thread is Tokio's current-thread runtime, where the main task, the listeners, the connections and
+/// the signal handlers all share the one thread: the same run must work there.
+#[test]
+fn one_worker_thread_serves_and_stops_on_sigterm() {
+    serve_once_and_stop("\n[runtime]\nworker_threads = 1\n");
+}
+
+/// Runs the demo with `extra` appended to its configuration, fetches `/` with curl, stops it with SIGTERM.
+fn serve_once_and_stop(extra: &str) {
     let dir = tempfile::tempdir().unwrap();
     let config = demo_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
     let mut child = Command::new(BINARY)
         .args(["run", "--config"])
         .arg(&config)
