@@ -442,6 +442,9 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
                 notes.push(format!("the server closed {} idle connections: not comparable", opened - open));
             }
         }
+        if generator_bound(scenario, pick(result, "client_core_util")) {
+            notes.push("load generator at its limit: the rate may be the generator's".to_owned());
+        }
         if failed > 0.0 {
             notes.push(format!("{failed} failed"));
         }
@@ -715,4 +718,31 @@ fn svg(rows: &[Row], date: &str) -> String {
     }
     s += "</svg>\n";
     s
+}
+
+/// The share of its core above which a load generator is taken to be the limit of a closed-loop rate.
+const GENERATOR_LIMIT: f64 = 0.9;
+
+/// Whether a closed-loop rate measurement (`scenario`) ran with its load generator `client_core_util` busy enough
+/// to have set the rate itself: the server then waited on the generator, and the figure says less about it.
+fn generator_bound(scenario: &str, client_core_util: Option<f64>) -> bool {
+    matches!(scenario, "handshake" | "keepalive" | "h2" | "proxied")
+        && client_core_util.is_some_and(|c| c >= GENERATOR_LIMIT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_generator_is_flagged_only_where_it_sets_a_rate() {
+        assert!(generator_bound("keepalive", Some(0.95)));
+        assert!(generator_bound("h2", Some(GENERATOR_LIMIT)));
+        assert!(!generator_bound("keepalive", Some(0.85)));
+        assert!(!generator_bound("keepalive", None));
+        // A constant rate, CPU per GiB and memory are not the generator's to set.
+        assert!(!generator_bound("latency", Some(0.99)));
+        assert!(!generator_bound("bulk", Some(0.99)));
+        assert!(!generator_bound("idle", Some(0.99)));
+    }
 }
