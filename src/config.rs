@@ -289,8 +289,9 @@ pub struct DirectResponse {
 /// `[runtime]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RuntimeConfig {
-    /// Tokio worker threads; `None` = one per core. One runs everything on the main thread (Tokio's
-    /// current-thread runtime): with a single worker, the multi-threaded scheduler only adds cost.
+    /// Tokio worker threads; `None` = one per core. One runs the connections, listeners and signal handling on
+    /// the main thread (Tokio's current-thread runtime; custody reads still run on its blocking pool): with a
+    /// single worker, the multi-threaded scheduler only adds cost.
     pub worker_threads: Option<usize>,
 }
 

@@ -93,8 +93,8 @@ fn run(path: &std::path::Path) -> ExitCode {
         Err(error) => tracing::warn!(%error, "cannot raise the open files limit to its hard limit"),
     }
     let mut runtime = match config.runtime.worker_threads {
-        // One thread for everything: the multi-threaded scheduler with one worker costs a fifth more CPU per
-        // proxied request for nothing (see bench/README.md).
+        // The connections on the main thread: the multi-threaded scheduler with one worker costs a fifth more
+        // CPU per proxied request for nothing (see bench/README.md).
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(threads) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
