@@ -48,7 +48,7 @@ use serde::{Serialize, Serializer};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
-use crate::config::AuditConfig;
+use crate::config::{sha256, AuditConfig};
 use crate::custody::snapshot::{Check, Refusal};
 use crate::keyring::{CertificateIdentity, EndedGrant, GrantEnd};
 
@@ -500,15 +500,6 @@ fn timestamp(now: OffsetDateTime) -> String {
         t.second(),
         t.microsecond()
     )
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0; 32];
-    // A SHA-256 digest is 32 bytes: the zip copies all of it.
-    for (o, b) in out.iter_mut().zip(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref()) {
-        *o = *b;
-    }
-    out
 }
 
 /// The link to a line: lowercase hex SHA-256 of its bytes without the `\n`.

@@ -35,6 +35,9 @@ pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 pub struct Config {
     /// The file it was read from.
     pub path: PathBuf,
+    /// SHA-256 of the text it was parsed from: what a watcher of the file compares the file with, to tell
+    /// whether the contents on disk are still the ones running.
+    pub source_sha256: [u8; 32],
     /// Where the custody export is and who we are to it.
     pub custody: CustodyConfig,
     /// TLS policy.
@@ -834,6 +837,7 @@ impl Config {
         let limits = cx.limits(raw.limits)?;
         Ok(Self {
             path: path.to_owned(),
+            source_sha256: sha256(text.as_bytes()),
             custody,
             tls,
             listeners,
@@ -852,6 +856,16 @@ impl Config {
             limits,
         })
     }
+}
+
+/// SHA-256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    // A SHA-256 digest is 32 bytes: the zip copies all of it.
+    for (o, b) in out.iter_mut().zip(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref()) {
+        *o = *b;
+    }
+    out
 }
 
 struct Context<'a> {

@@ -26,9 +26,9 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
     let mut drain = config.timeouts.drain;
     // Watched before the server starts: a change written as soon as the server says it listens (a deployment
-    // tool's next step) is then seen, where a watch made after the start missed it, and took the changed
-    // contents for those already loaded.
-    let mut file = ConfigFile::new(path);
+    // tool's next step) is then seen. One written between the load and the watch is seen too: the watch
+    // compares the file with the contents `config` was parsed from, not with the file as it finds it.
+    let mut file = ConfigFile::new(path, config.source_sha256);
     let server = server::start(config).await?;
     let (mut term, mut int, mut hup) =
         match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
@@ -66,7 +66,12 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
 async fn reload(server: &RunningServer, file: &mut ConfigFile, why: &str) -> Option<Duration> {
     file.remember_contents();
     let config = match Config::load(&file.path) {
-        Ok(config) => config,
+        Ok(config) => {
+            // What was parsed, which a change after the digest above may have made newer: the next event
+            // then compares the file with what runs.
+            file.last = Some(config.source_sha256);
+            config
+        }
         Err(error) => {
             tracing::error!(%error, why, "new configuration refused; the running one stays");
             return None;
@@ -92,7 +97,9 @@ struct ConfigFile {
 }
 
 impl ConfigFile {
-    fn new(path: &Path) -> Self {
+    /// Watches `path`, whose contents `loaded` (their SHA-256) are the ones running. When the file already
+    /// differs from them (it changed after it was read), a change is signalled at once.
+    fn new(path: &Path, loaded: [u8; 32]) -> Self {
         let changed = Arc::new(Notify::new());
         let notify = Arc::clone(&changed);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -111,8 +118,11 @@ impl ConfigFile {
                 None
             }
         };
-        let mut file = Self { path: path.to_owned(), last: None, changed, _watcher: watcher };
-        file.remember_contents();
+        let file = Self { path: path.to_owned(), last: Some(loaded), changed, _watcher: watcher };
+        // After the watch is made: a change from here on is an event; one before it shows here.
+        if file.contents_changed() {
+            file.changed.notify_one();
+        }
         file
     }
 
@@ -128,8 +138,7 @@ impl ConfigFile {
     }
 
     fn digest(&self) -> Option<[u8; 32]> {
-        let bytes = std::fs::read(&self.path).ok()?;
-        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes).as_ref().try_into().ok()
+        std::fs::read(&self.path).ok().map(|bytes| crate::config::sha256(&bytes))
     }
 
     fn contents_changed(&self) -> bool {
@@ -138,5 +147,37 @@ impl ConfigFile {
 
     fn remember_contents(&mut self) {
         self.last = self.digest();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt as _;
+
+    use super::*;
+    use crate::config::sha256;
+
+    #[tokio::test]
+    async fn a_change_between_the_load_and_the_watch_is_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, "# the contents loaded\n").unwrap();
+        let loaded = sha256(b"# the contents loaded\n");
+        std::fs::write(&path, "# written after the load\n").unwrap();
+
+        let file = ConfigFile::new(&path, loaded);
+        assert!(file.contents_changed(), "the file differs from what runs");
+        assert!(file.changed.notified().now_or_never().is_some(), "the change is signalled without an event");
+    }
+
+    #[tokio::test]
+    async fn the_contents_loaded_are_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, "# the contents loaded\n").unwrap();
+
+        let file = ConfigFile::new(&path, sha256(b"# the contents loaded\n"));
+        assert!(!file.contents_changed());
+        assert!(file.changed.notified().now_or_never().is_none(), "nothing to reload");
     }
 }
