@@ -654,6 +654,48 @@ fn the_command_line_works_end_to_end() {
 }
 
 #[test]
+fn the_command_line_runs_one_command_at_a_time_per_state_directory() {
+    use std::io::BufRead as _;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // This test holds the directory, as another `sealgate custody` midway through a command would.
+    let held = Custody::lock(&state, || panic!("nothing else holds the state yet")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sealgate"))
+        .args(["custody", "issue", "--id", "c-wait", "--name", "wait.example.test"])
+        .current_dir(dir.path())
+        .env("SEALGATE_CUSTODY_STATE", &state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || stderr.lines().map_while(Result::ok).try_for_each(|line| lines.send(line)));
+    let said = received.recv_timeout(Duration::from_secs(30)).expect("the command says why it waits");
+    assert!(said.contains("another sealgate custody is using") && said.contains("state"), "{said}");
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the lock");
+    assert!(!state.join("custody.toml").exists(), "it has not touched the state while waiting");
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the command still waits after the lock was released");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(status.success() && stdout.contains("issued c-wait"), "{status}: {stdout}");
+    // Released when the command ended: the next one does not wait.
+    let (ok, _, stderr) = sealgate(dir.path(), &["list"]);
+    assert!(ok && !stderr.contains("waiting"), "{stderr}");
+}
+
+#[test]
 fn the_command_line_imports_and_renews_imported_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let (chain, key, _) = rcgen_chain(&["imp.example.test"]);

@@ -201,6 +201,9 @@ fn cause_chain(err: &ToolError) -> String {
 }
 
 fn execute(state: &Path, command: CustodyCommand) -> Result<(), ToolError> {
+    let _lock = Custody::lock(state, || {
+        eprintln!("sealgate custody: another sealgate custody is using {}; waiting for it", state.display());
+    })?;
     let custody = Custody::open(state)?;
     match command {
         CustodyCommand::Issue(args) => issue(&custody, args),

@@ -39,7 +39,7 @@ pub use self::ca::CA_COMMON_NAME;
 pub use self::error::{CustodyError, Result};
 pub use self::export::{export_paths, grant_id_of, CertificatePaths, ExportLayout};
 pub use self::keys::KeyType;
-pub use self::state::Origin;
+pub use self::state::{Origin, StateLock};
 
 use self::ca::LocalCa;
 use self::chain::Chain;
@@ -243,6 +243,13 @@ impl std::fmt::Debug for Custody {
 }
 
 impl Custody {
+    /// Locks the state in `state_dir` against other processes, waiting for one that holds it (after calling
+    /// `waiting`): hold the lock across [`Custody::open`] and the command. Within one process, share one
+    /// [`Custody`] instead: a second lock waits for the first.
+    pub fn lock(state_dir: &Path, waiting: impl FnOnce()) -> Result<StateLock> {
+        StateDir::new(state_dir.to_owned()).lock(waiting)
+    }
+
     /// Opens the state in `state_dir`, creating it (mode 0700) with a new KMS key on first use.
     pub fn open(state_dir: &Path) -> Result<Self> {
         let state = StateDir::new(state_dir.to_owned());

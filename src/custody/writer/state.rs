@@ -9,12 +9,15 @@
 //!   ca/private-key.sealed             its PKCS#8 key, sealed under the master key
 //!   certificates/<certificate_id>.toml  chain, sealed private key, data key sealed under the master key
 //!   grants/<grant_id>.toml            grantee, export, state, grant key sealed under the master key
+//!   lock                              empty; held locked (flock) by the `sealgate custody` running on it
 //! ```
 //!
 //! Every file is mode 0600 and replaced atomically. Each certificate and each grant is one file, so that every
 //! change to one of them is a single atomic write. These files are private to this tool; only exports follow
 //! FORMAT.md.
 
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +36,17 @@ const CERTIFICATE_FORMAT: &str = "sealgate-custody-certificate/v1";
 /// `format` of a grant's state file.
 const GRANT_FORMAT: &str = "sealgate-custody-grant/v1";
 
+/// An exclusive hold on a state directory, released when dropped (or when the process ends, however it ends).
+///
+/// Changes to the state are not one write: the first use creates the master key, then `custody.toml`; a renewal
+/// replaces a certificate's state file, then its export files. Two commands interleaving on one directory could
+/// seal with two master keys or leave an export's key and certificate from different renewals, so the CLI runs
+/// one command at a time per directory.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
 /// Paths of the state directory.
 #[derive(Debug, Clone)]
 pub(super) struct StateDir {
@@ -46,6 +60,29 @@ impl StateDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Takes the directory's lock (creating the directory, mode 0700, if missing), calling `waiting` first if
+    /// another process holds it.
+    pub fn lock(&self, waiting: impl FnOnce()) -> Result<StateLock> {
+        fsio::create_dir_all(&self.root, PRIVATE_DIR_MODE)?;
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(SECRET_FILE_MODE)
+            .open(&path)
+            .map_err(|e| CustodyError::io(&path, "open", e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                waiting();
+                file.lock().map_err(|e| CustodyError::io(&path, "lock", e))?;
+            }
+            Err(TryLockError::Error(e)) => return Err(CustodyError::io(&path, "lock", e)),
+        }
+        Ok(StateLock { _file: file })
     }
 
     fn custody_file(&self) -> PathBuf {
