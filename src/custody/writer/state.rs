@@ -16,10 +16,11 @@
 //! change to one of them is a single atomic write. These files are private to this tool; only exports follow
 //! FORMAT.md.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -74,13 +75,15 @@ impl StateDir {
             .mode(SECRET_FILE_MODE)
             .open(&path)
             .map_err(|e| CustodyError::io(&path, "open", e))?;
-        match file.try_lock() {
+        // rustix's flock: std's `File::lock` is newer than the crate's minimum Rust.
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
+            Err(rustix::io::Errno::WOULDBLOCK) => {
                 waiting();
-                file.lock().map_err(|e| CustodyError::io(&path, "lock", e))?;
+                rustix::fs::flock(&file, FlockOperation::LockExclusive)
+                    .map_err(|e| CustodyError::io(&path, "lock", e.into()))?;
             }
-            Err(TryLockError::Error(e)) => return Err(CustodyError::io(&path, "lock", e)),
+            Err(e) => return Err(CustodyError::io(&path, "lock", e.into())),
         }
         Ok(StateLock { _file: file })
     }
