@@ -355,6 +355,39 @@ fn renewal_keeps_the_id_and_rewrites_every_export_consistently() {
 }
 
 #[test]
+fn a_renewal_rewrites_every_export_it_can_and_names_those_it_cannot() {
+    let f = Fixture::new();
+    let (a, b) = (f.export("a"), f.export("b"));
+    f.issue("c-renew", &["renew.example.test"]);
+    let grant_a = f.associate("c-renew", &a, "holder-a");
+    let grant_b = f.associate("c-renew", &b, "holder-b");
+    // Break the export a renewal visits first (grants go in id order): stopping there would strand the other.
+    let (broken, intact) = if grant_a < grant_b { (&a, &b) } else { (&b, &a) };
+    let broken_before = open(broken, "c-renew");
+    let intact_before = open(intact, "c-renew");
+    let associations = ExportLayout::new(broken).associations();
+    let good = fs::read(&associations).unwrap();
+    fs::write(&associations, "format = [\n").unwrap();
+
+    let err = f.custody.renew("c-renew", &RenewRequest::reissue()).unwrap_err();
+    let text = err.to_string();
+    let CustodyError::RenewalIncomplete { generation, rewritten, failed, .. } = &err else { panic!("{text}") };
+    assert_eq!(*generation, 2);
+    assert_eq!(rewritten, &[fs::canonicalize(intact).unwrap()]);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].export, fs::canonicalize(broken).unwrap());
+    assert!(text.contains("c-renew") && text.contains("associations.toml"), "{text}");
+    assert_ne!(open(intact, "c-renew").chain, intact_before.chain, "the export after the broken one was rewritten");
+    fs::write(&associations, good).unwrap();
+    assert_eq!(open(broken, "c-renew").chain, broken_before.chain, "the broken export holds the last generation");
+
+    // Fixed, a renewal reaches both.
+    let renewal = f.custody.renew("c-renew", &RenewRequest::reissue()).unwrap();
+    assert_eq!((renewal.certificate.generation, renewal.exports.len()), (3, 2));
+    assert_eq!(open(broken, "c-renew").chain, open(intact, "c-renew").chain);
+}
+
+#[test]
 fn renewal_skips_retired_grants_and_imported_certificates_need_a_new_chain() {
     let f = Fixture::new();
     let (a, b) = (f.export("a"), f.export("b"));

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
 pub use self::ca::CA_COMMON_NAME;
-pub use self::error::{CustodyError, Result};
+pub use self::error::{CustodyError, ExportFailure, Result};
 pub use self::export::{export_paths, grant_id_of, CertificatePaths, ExportLayout};
 pub use self::keys::KeyType;
 pub use self::state::{Origin, StateLock};
@@ -431,7 +431,15 @@ impl Custody {
         };
         self.check_associations_still_covered(certificate_id, &generation.chain)?;
         let stored = self.seal_certificate(certificate_id, &generation, old.generation + 1, old.created)?;
-        let exports = self.republish(&stored)?;
+        let (exports, failed) = self.republish(&stored)?;
+        if !failed.is_empty() {
+            return Err(CustodyError::RenewalIncomplete {
+                certificate_id: certificate_id.to_owned(),
+                generation: stored.generation,
+                rewritten: exports,
+                failed,
+            });
+        }
         Ok(Renewal { certificate: certificate_record(&stored), exports })
     }
 
@@ -544,34 +552,51 @@ impl Custody {
     }
 
     /// Rewrites every export the certificate is associated with under a grant in force. Returns them.
-    fn republish(&self, certificate: &StoredCertificate) -> Result<Vec<PathBuf>> {
+    /// Rewrites every export `certificate` is associated with under a grant in force. One export failing does
+    /// not stop the others: returns those rewritten and those that failed.
+    fn republish(&self, certificate: &StoredCertificate) -> Result<(Vec<PathBuf>, Vec<ExportFailure>)> {
         let certificate_id = certificate.certificate_id.as_str();
         let sealed = self.sealed_key(certificate)?;
-        let mut exports = Vec::new();
+        let (mut exports, mut failed) = (Vec::new(), Vec::new());
         for grant in self.state.grants()? {
             // A retired grant has no key to wrap the new data key under; holders refuse its association anyway.
             if grant.certificate_id != certificate_id || !grant.associated || grant.grant_key.is_none() {
                 continue;
             }
-            let layout = ExportLayout::new(&grant.export);
-            let mut associations = export::read_associations(&layout)?;
-            let Some(entry) = associations
-                .entries
-                .iter_mut()
-                .find(|e| e.certificate_id == certificate_id && e.grant_id == grant.grant_id)
-            else {
-                continue;
-            };
-            let grant_key = self.grant_key(&grant)?;
-            entry.wrapped_data_key = encode_base64(&self.wrap_data_key(certificate, &grant.grant_id, &grant_key)?);
-            // Everything is written before anything is renamed into place: a holder sees the three files change
-            // together, not a new certificate beside an old data key while a large associations.toml is written.
-            let mut staged = export::stage_certificate(&layout, &certificate.chain_pem, &sealed)?;
-            staged.push(export::stage_associations(&layout, &associations)?);
-            fsio::publish(staged)?;
-            exports.push(grant.export);
+            match self.republish_to(certificate, &sealed, &grant) {
+                Ok(true) => exports.push(grant.export),
+                Ok(false) => {}
+                Err(error) => failed.push(ExportFailure { export: grant.export, error: Box::new(error) }),
+            }
         }
-        Ok(exports)
+        Ok((exports, failed))
+    }
+
+    /// Rewrites `certificate` in the export of `grant`; `false` when the export no longer lists the association.
+    fn republish_to(
+        &self,
+        certificate: &StoredCertificate,
+        sealed: &format::SealedKey,
+        grant: &StoredGrant,
+    ) -> Result<bool> {
+        let certificate_id = certificate.certificate_id.as_str();
+        let layout = ExportLayout::new(&grant.export);
+        let mut associations = export::read_associations(&layout)?;
+        let Some(entry) = associations
+            .entries
+            .iter_mut()
+            .find(|e| e.certificate_id == certificate_id && e.grant_id == grant.grant_id)
+        else {
+            return Ok(false);
+        };
+        let grant_key = self.grant_key(grant)?;
+        entry.wrapped_data_key = encode_base64(&self.wrap_data_key(certificate, &grant.grant_id, &grant_key)?);
+        // Everything is written before anything is renamed into place: a holder sees the three files change
+        // together, not a new certificate beside an old data key while a large associations.toml is written.
+        let mut staged = export::stage_certificate(&layout, &certificate.chain_pem, sealed)?;
+        staged.push(export::stage_associations(&layout, &associations)?);
+        fsio::publish(staged)?;
+        Ok(true)
     }
 
     /// A renewal may not strand an association whose `server_names` the new certificate does not cover.

@@ -133,6 +133,47 @@ pub enum CustodyError {
         #[source]
         source: rcgen::Error,
     },
+    /// A renewal was sealed and recorded as the certificate's new generation, but some of the exports it is
+    /// associated with could not be rewritten: they still hold the previous generation (which their holders go
+    /// on serving). Every other export was rewritten. Fix what failed and renew again.
+    #[error(
+        "certificate {certificate_id} renewed to generation {generation}, but {} export(s) still hold the previous \
+         generation: {}; rewritten: {}",
+        failed.len(),
+        failed.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        if rewritten.is_empty() { "none".to_owned() } else { rewritten.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ") }
+    )]
+    RenewalIncomplete {
+        /// The certificate.
+        certificate_id: String,
+        /// Its new generation.
+        generation: u64,
+        /// The exports that were rewritten.
+        rewritten: Vec<PathBuf>,
+        /// The exports that were not, and why.
+        failed: Vec<ExportFailure>,
+    },
+}
+
+/// An export a renewal could not rewrite, and why.
+#[derive(Debug)]
+pub struct ExportFailure {
+    /// The export directory.
+    pub export: PathBuf,
+    /// What failed there.
+    pub error: Box<CustodyError>,
+}
+
+impl std::fmt::Display for ExportFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.export.display(), self.error)?;
+        let mut source = std::error::Error::source(&*self.error);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
 }
 
 impl CustodyError {
