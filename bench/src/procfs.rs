@@ -81,3 +81,78 @@ impl Server {
 pub fn self_cpu() -> f64 {
     cpu_seconds(std::process::id())
 }
+
+/// The cores a measurement runs on, when each side is pinned to one: the server's and the load generator's
+/// (this process's).
+#[derive(Debug, Clone, Copy)]
+pub struct Cores {
+    server: Option<usize>,
+    generator: Option<usize>,
+}
+
+/// Seconds of CPU time the hypervisor gave to others (`steal` in `/proc/stat`) on each of [`Cores`], so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Steal {
+    /// On the server's core.
+    pub server: Option<f64>,
+    /// On the load generator's core.
+    pub generator: Option<f64>,
+}
+
+impl Steal {
+    /// Milliseconds stolen on each core since `earlier`, as the results record them (`steal_ms`).
+    pub fn json_since(&self, earlier: &Steal) -> serde_json::Value {
+        let ms = |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(now, then)| ((now - then) * 1e3).round());
+        serde_json::json!({
+            "server_core": ms(self.server, earlier.server),
+            "generator_core": ms(self.generator, earlier.generator),
+        })
+    }
+}
+
+impl Cores {
+    /// The core `server` is pinned to and the one this process is, if each is pinned to exactly one.
+    pub fn of(server: &Server) -> Self {
+        let server =
+            server.0.and_then(|pid| rustix::process::Pid::from_raw(pid as i32)).and_then(|pid| only_cpu(Some(pid)));
+        Self { server, generator: only_cpu(None) }
+    }
+
+    /// Steal so far on each core.
+    pub fn steal(&self) -> Steal {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let of = |cpu: Option<usize>| cpu.and_then(|cpu| cpu_steal_seconds(&stat, cpu));
+        Steal { server: of(self.server), generator: of(self.generator) }
+    }
+}
+
+/// The one CPU process `pid` (this one when `None`) may run on; `None` when it may run on several.
+fn only_cpu(pid: Option<rustix::process::Pid>) -> Option<usize> {
+    let cpus = rustix::thread::sched_getaffinity(pid).ok()?;
+    if cpus.count() != 1 {
+        return None;
+    }
+    (0..rustix::thread::CpuSet::MAX_CPU).find(|&cpu| cpus.is_set(cpu))
+}
+
+/// `steal` of CPU `cpu` in the text of `/proc/stat`, in seconds.
+fn cpu_steal_seconds(stat: &str, cpu: usize) -> Option<f64> {
+    let label = format!("cpu{cpu}");
+    let line = stat.lines().find(|line| line.split_whitespace().next() == Some(label.as_str()))?;
+    // cpuN user nice system idle iowait irq softirq steal ...
+    let ticks: f64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(ticks / TICKS_PER_SECOND)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_read_from_the_cpu_line() {
+        let stat = "cpu  10 0 5 100 0 0 0 7 0 0\ncpu0 5 0 2 50 0 0 0 3 0 0\ncpu1 5 0 3 50 0 0 0 4 0 0\nintr 1\n";
+        assert_eq!(cpu_steal_seconds(stat, 0), Some(0.03));
+        assert_eq!(cpu_steal_seconds(stat, 1), Some(0.04));
+        assert_eq!(cpu_steal_seconds(stat, 2), None);
+    }
+}

@@ -445,6 +445,9 @@ pub fn write(raw: &Path, meta: &Path, out: &Path) -> Result<()> {
         if generator_bound(scenario, pick(result, "client_core_util")) {
             notes.push("load generator at its limit: the rate may be the generator's".to_owned());
         }
+        if let Some(steal) = steal_note(result) {
+            notes.push(steal);
+        }
         if failed > 0.0 {
             notes.push(format!("{failed} failed"));
         }
@@ -730,6 +733,21 @@ fn generator_bound(scenario: &str, client_core_util: Option<f64>) -> bool {
         && client_core_util.is_some_and(|c| c >= GENERATOR_LIMIT)
 }
 
+/// Steal of at least this many milliseconds on a core during one measurement is noted: the hypervisor's
+/// accounting counts in 10 ms ticks, and one tick is within its noise.
+const STEAL_NOTE_MS: f64 = 20.0;
+
+/// What the hypervisor took from the measurement's cores (`steal_ms`), when enough to note: time in which the
+/// server, or the load generator, could not run (it shows in tail latency above all).
+fn steal_note(result: &Value) -> Option<String> {
+    let server = pick(result, "steal_ms.server_core").unwrap_or(0.0);
+    let generator = pick(result, "steal_ms.generator_core").unwrap_or(0.0);
+    (server.max(generator) >= STEAL_NOTE_MS).then(|| {
+        let seconds = pick(result, "seconds").map_or(String::new(), |s| format!(" of {s:.0} s"));
+        format!("hypervisor steal{seconds}: {server:.0} ms of the server's core, {generator:.0} ms of the generator's")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,5 +762,17 @@ mod tests {
         assert!(!generator_bound("latency", Some(0.99)));
         assert!(!generator_bound("bulk", Some(0.99)));
         assert!(!generator_bound("idle", Some(0.99)));
+    }
+
+    #[test]
+    fn steal_is_noted_from_two_ticks_on() {
+        use serde_json::json;
+        let result = json!({"seconds": 8.0, "steal_ms": {"server_core": 40.0, "generator_core": 10.0}});
+        assert_eq!(
+            steal_note(&result).as_deref(),
+            Some("hypervisor steal of 8 s: 40 ms of the server's core, 10 ms of the generator's")
+        );
+        assert_eq!(steal_note(&json!({"steal_ms": {"server_core": 10.0, "generator_core": null}})), None);
+        assert_eq!(steal_note(&json!({"rate": 1.0})), None);
     }
 }
