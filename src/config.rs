@@ -137,6 +137,9 @@ pub struct TlsConfig {
 pub struct ListenerConfig {
     /// Address to bind.
     pub bind: SocketAddr,
+    /// Every connection starts with a PROXY protocol header (version 1 or 2) from a load balancer, which gives
+    /// the client's address; connections without one are closed.
+    pub proxy_protocol: bool,
 }
 
 /// `[admin]`.
@@ -305,6 +308,8 @@ pub struct RedirectConfig {
     pub bind: SocketAddr,
     /// Port of the https URL (omitted when 443, the default).
     pub https_port: u16,
+    /// Every connection starts with a PROXY protocol header, as on a TLS listener.
+    pub proxy_protocol: bool,
 }
 
 /// `[hsts]`: the `Strict-Transport-Security` header.
@@ -495,6 +500,7 @@ struct RawConfig {
 struct RawRedirect {
     bind: Spanned<String>,
     https_port: Option<u16>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -540,6 +546,7 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     bind: Spanned<String>,
+    proxy_protocol: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -748,7 +755,10 @@ impl Config {
             .listener
             .iter()
             .enumerate()
-            .map(|(i, l)| Ok(ListenerConfig { bind: cx.socket_addr(&format!("listener[{i}].bind"), &l.bind)? }))
+            .map(|(i, l)| {
+                let bind = cx.socket_addr(&format!("listener[{i}].bind"), &l.bind)?;
+                Ok(ListenerConfig { bind, proxy_protocol: l.proxy_protocol.unwrap_or(false) })
+            })
             .collect::<Result<Vec<_>>>()?;
         if listeners.is_empty() {
             return Err(cx.error(None, "at least one [[listener]] with a `bind` address is required"));
@@ -797,7 +807,8 @@ impl Config {
                 if listeners.iter().any(|l| l.bind == bind && bind.port() != 0) {
                     return Err(cx.at(&r.bind, &format!("redirect[{i}].bind"), "is also a TLS listener"));
                 }
-                Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443) })
+                let proxy_protocol = r.proxy_protocol.unwrap_or(false);
+                Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443), proxy_protocol })
             })
             .collect::<Result<Vec<_>>>()?;
         let response_headers = raw

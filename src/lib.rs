@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod names;
 pub mod parking;
 pub mod proxy;
+pub mod proxy_header;
 pub mod redirect;
 pub mod registry;
 pub mod secret;

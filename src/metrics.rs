@@ -26,6 +26,8 @@ pub enum HandshakeFailure {
     Protocol,
     /// The connection closed or failed before the handshake finished.
     Io,
+    /// A listener with `proxy_protocol` got no valid PROXY protocol header.
+    ProxyHeader,
 }
 
 /// Why a connection was refused as soon as it was accepted.

@@ -18,9 +18,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::names;
 
+/// How long a connection may take to send its PROXY protocol header, like its request head.
+const HEADER_READ: Duration = Duration::from_secs(10);
+
 /// Serves redirects on `listener` until `shutdown`. `https_port` is the port clients are sent to (omitted from the
-/// URL when it is 443).
-pub async fn serve(listener: TcpListener, https_port: u16, shutdown: CancellationToken, tracker: TaskTracker) {
+/// URL when it is 443); with `proxy_protocol`, each connection starts with a PROXY protocol header, which is
+/// consumed (connections without a valid one are closed).
+pub async fn serve(
+    listener: TcpListener,
+    https_port: u16,
+    proxy_protocol: bool,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).keep_alive(true);
     let builder = Arc::new(builder);
@@ -29,7 +39,7 @@ pub async fn serve(listener: TcpListener, https_port: u16, shutdown: Cancellatio
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
+        let mut tcp = match accepted {
             Ok((tcp, _)) => tcp,
             Err(error) => {
                 tracing::warn!(%error, "redirect listener: accept failed; backing off");
@@ -40,6 +50,13 @@ pub async fn serve(listener: TcpListener, https_port: u16, shutdown: Cancellatio
         let builder = Arc::clone(&builder);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            if proxy_protocol {
+                match tokio::time::timeout(HEADER_READ, crate::proxy_header::read(&mut tcp)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => return tracing::debug!(%error, "redirect listener: connection closed"),
+                    Err(_) => return tracing::debug!("redirect listener: no PROXY protocol header in time"),
+                }
+            }
             let service = service_fn(move |request| async move { Ok::<_, Infallible>(redirect(&request, https_port)) });
             let connection = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::select! {

@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::AccessLog;
 use crate::admin;
 use crate::audit::{Audit, AuditEvent};
-use crate::config::{Config, LimitsConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
+use crate::config::{Config, LimitsConfig, ListenerConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
 use crate::custody::snapshot::ExportError;
 use crate::holder::Holder;
 use crate::keyring::CertificateIdentity;
@@ -105,11 +105,13 @@ struct Current {
     listeners: Vec<OpenListener>,
 }
 
-/// A TLS listener: the address it was configured with, the address it got, and the signal that closes it.
+/// A TLS listener: the address it was configured with, the address it got, the signal that closes it, and
+/// whether its connections start with a PROXY protocol header (which a reload may change).
 struct OpenListener {
     configured: SocketAddr,
     addr: SocketAddr,
     stop: CancellationToken,
+    proxy_protocol: Arc<AtomicBool>,
 }
 
 /// What a reload did.
@@ -166,10 +168,12 @@ impl RunningServer {
         // Open the new listeners first: if one cannot be bound, close those just opened and change nothing.
         let mut opened = Vec::new();
         for listener in &config.listeners {
-            if current.listeners.iter().any(|l| l.configured == listener.bind) {
+            if let Some(open) = current.listeners.iter().find(|l| l.configured == listener.bind) {
+                // Connections accepted from now on: those already open have read their header, or not.
+                open.proxy_protocol.store(listener.proxy_protocol, Ordering::Relaxed);
                 continue;
             }
-            match open_listener(listener.bind, &self.shared, &self.holder, &self.tracker).await {
+            match open_listener(listener, &self.shared, &self.holder, &self.tracker).await {
                 Ok(open) => opened.push(open),
                 Err(error) => {
                     opened.iter().for_each(|l: &OpenListener| l.stop.cancel());
@@ -301,7 +305,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
     tracker.spawn(Arc::clone(&holder).follow(config.custody.rescan_interval, shutdown.clone()));
     let mut listeners = Vec::new();
     for listener in &config.listeners {
-        listeners.push(open_listener(listener.bind, &shared, &holder, &tracker).await?);
+        listeners.push(open_listener(listener, &shared, &holder, &tracker).await?);
     }
     let tls_addrs = listeners.iter().map(|l| l.addr).collect();
     let mut redirect_addrs = Vec::new();
@@ -310,7 +314,8 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: redirect.bind, source })?;
         tracing::info!(%addr, https_port = redirect.https_port, "redirecting plain HTTP to https");
         redirect_addrs.push(addr);
-        tracker.spawn(crate::redirect::serve(socket, redirect.https_port, shutdown.clone(), tracker.clone()));
+        let (https_port, proxy_protocol) = (redirect.https_port, redirect.proxy_protocol);
+        tracker.spawn(crate::redirect::serve(socket, https_port, proxy_protocol, shutdown.clone(), tracker.clone()));
     }
     let admin_addr = match &config.admin {
         None => None,
@@ -339,18 +344,30 @@ pub async fn start(config: Config) -> Result<RunningServer> {
 
 /// Binds a TLS listener and starts accepting on it.
 async fn open_listener(
-    configured: SocketAddr,
+    listener: &ListenerConfig,
     shared: &Arc<Shared>,
     holder: &Holder,
     tracker: &TaskTracker,
 ) -> Result<OpenListener> {
+    let configured = listener.bind;
     let socket = bind(configured).await?;
     let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: configured, source })?;
+    // The line ends with the address: scripts and tests read it from there.
     tracing::info!(%addr, "listening for TLS");
+    if listener.proxy_protocol {
+        tracing::info!(%addr, "connections must start with a PROXY protocol header");
+    }
     let stop = shared.shutdown.child_token();
-    let listening = Listening { addr, socket: Some(socket), serving: holder.serving(), stop: stop.clone() };
+    let proxy_protocol = Arc::new(AtomicBool::new(listener.proxy_protocol));
+    let listening = Listening {
+        addr,
+        socket: Some(socket),
+        serving: holder.serving(),
+        stop: stop.clone(),
+        proxy_protocol: Arc::clone(&proxy_protocol),
+    };
     tracker.spawn(accept_loop(listening, Arc::clone(shared), tracker.clone()));
-    Ok(OpenListener { configured, addr, stop })
+    Ok(OpenListener { configured, addr, stop, proxy_protocol })
 }
 
 /// HTTP/2: streams the client reset before sealgate accepted them, beyond which the connection is closed with
@@ -431,6 +448,8 @@ struct Listening {
     serving: watch::Receiver<bool>,
     /// Closes this listener: at shutdown, or when a reload removes it.
     stop: CancellationToken,
+    /// Connections start with a PROXY protocol header.
+    proxy_protocol: Arc<AtomicBool>,
 }
 
 impl Listening {
@@ -499,7 +518,8 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
                 };
                 // Latency matters more than packet count for TLS records and HTTP responses.
                 let _ = tcp.set_nodelay(true);
-                tracker.spawn(serve_connection(Arc::clone(&shared), tcp, peer, permit));
+                let proxy_protocol = listening.proxy_protocol.load(Ordering::Relaxed);
+                tracker.spawn(serve_connection(Arc::clone(&shared), tcp, peer, proxy_protocol, permit));
             }
             Err(error) => {
                 shared.metrics.accept_failed();
@@ -511,9 +531,15 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
     }
 }
 
-/// One client connection, from the first byte to the close. It holds `_permit` (its place under
-/// `limits.max_connections`) until then.
-async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, _permit: OwnedSemaphorePermit) {
+/// One client connection, from the first byte (the PROXY protocol header first, when `proxy_protocol`) to the
+/// close. It holds `_permit` (its place under `limits.max_connections`) until then.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: bool,
+    _permit: OwnedSemaphorePermit,
+) {
     let settings = shared.settings.load_full();
     let _count = shared.metrics.connection_opened();
     // The phases of a connection are boxed, each allocated only while it runs, and each builds what it needs
@@ -521,10 +547,11 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr,
     // 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection). What is
     // moved into a phase is built in a statement of its own, or in the phase: a value moved from a local
     // declared across an await keeps its room in the task.
-    let Some(established) = Box::pin(handshake(&shared, tcp, peer, settings.handshake_timeout)).await else {
+    let handshake = handshake(&shared, tcp, peer, proxy_protocol, settings.handshake_timeout);
+    let Some(established) = Box::pin(handshake).await else {
         return;
     };
-    let Established { mut tls, sni, certificate, grant_ended } = established;
+    let Established { mut tls, peer, sni, certificate, grant_ended } = established;
     tls.set_send_timeout(settings.send_timeout);
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
@@ -584,6 +611,8 @@ struct Established {
     /// Boxed for the task's size: the stream is moved from variable to variable, and each may take its 1.2 KiB
     /// in the task.
     tls: Box<TlsStream>,
+    /// The client: the connection's peer, or the address its PROXY protocol header gave.
+    peer: SocketAddr,
     sni: Option<Arc<str>>,
     /// The certificate generation the handshake was made with.
     certificate: Arc<CertificateIdentity>,
@@ -591,10 +620,33 @@ struct Established {
     grant_ended: CancellationToken,
 }
 
-/// The TLS handshake, within `timeout`: `None` (counted and logged) when it fails, times out, names no served
-/// certificate or the certificate's grant ends meanwhile.
-async fn handshake(shared: &Shared, tcp: TcpStream, peer: SocketAddr, timeout: Duration) -> Option<Established> {
+/// The TLS handshake, preceded by the PROXY protocol header when `proxy_protocol`, within `timeout`: `None`
+/// (counted and logged) when either fails, times out, names no served certificate or the certificate's grant
+/// ends meanwhile.
+async fn handshake(
+    shared: &Shared,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: bool,
+    timeout: Duration,
+) -> Option<Established> {
     let deadline = Instant::now() + timeout;
+    let peer = if proxy_protocol {
+        match tokio::time::timeout_at(deadline, crate::proxy_header::read(&mut tcp)).await {
+            // No address in the header: the load balancer speaks for itself (its health checks).
+            Ok(Ok(client)) => client.unwrap_or(peer),
+            Ok(Err(error)) => {
+                handshake_failed(shared, peer, HandshakeFailure::ProxyHeader, &error);
+                return None;
+            }
+            Err(_) => {
+                handshake_failed(shared, peer, HandshakeFailure::Timeout, &"no PROXY protocol header in time");
+                return None;
+            }
+        }
+    } else {
+        peer
+    };
     let start = match tokio::time::timeout_at(deadline, crate::tls_stream::accept(tcp)).await {
         Ok(Ok(start)) => start,
         Ok(Err(error)) => {
@@ -623,7 +675,7 @@ async fn handshake(shared: &Shared, tcp: TcpStream, peer: SocketAddr, timeout: D
         result = tokio::time::timeout_at(deadline, handshake) => match result {
             Ok(Ok(tls)) => {
                 let sni = sni.map(Arc::<str>::from);
-                return Some(Established { tls: Box::new(tls), sni, certificate, grant_ended });
+                return Some(Established { tls: Box::new(tls), peer, sni, certificate, grant_ended });
             }
             Ok(Err(error)) => {
                 let reason = if grant_ended.is_cancelled() { HandshakeFailure::Retired } else { classify(&error) };

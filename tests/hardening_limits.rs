@@ -284,7 +284,7 @@ async fn http2_streams_are_bounded_and_reset_and_continuation_floods_end_the_con
 
 /// A `sealgate run` child process under a shell-set open-files limit (`ulimit_args`, e.g. `-n 64`).
 struct Sealgate {
-    child: std::process::Child,
+    child: KillOnDrop,
     tls: SocketAddr,
     admin: SocketAddr,
 }
@@ -293,15 +293,17 @@ impl Sealgate {
     fn start(f: &Fixture, ulimit_args: &str) -> Self {
         let config = f.dir.path().join("proxy.toml");
         std::fs::write(&config, f.config(HELLO)).unwrap();
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit {ulimit_args} && exec \"$0\" run --config \"$1\""))
-            .arg(env!("CARGO_BIN_EXE_sealgate"))
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = KillOnDrop(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("ulimit {ulimit_args} && exec \"$0\" run --config \"$1\""))
+                .arg(env!("CARGO_BIN_EXE_sealgate"))
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let lines_rx = stderr_lines(&mut child);
         let addr_in = |line: &str| line.split("addr=").nth(1).and_then(|a| a.trim().parse::<SocketAddr>().ok());
         let (mut tls, mut admin) = (None, None);

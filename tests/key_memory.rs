@@ -6,9 +6,11 @@
 //! Linux only: reads `/proc/<pid>/mem` of a child process (allowed to a parent, once the child is left dumpable:
 //! by default sealgate makes itself non-dumpable, which closes exactly this door).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sealgate::custody::format::{Associations, Grant, SealedKey};
@@ -93,7 +95,7 @@ fn scan(pid: u32, needles: &[(&'static str, &[u8])]) -> Vec<&'static str> {
 }
 
 struct Server {
-    child: Child,
+    child: common::KillOnDrop,
     addr: std::net::SocketAddr,
 }
 
@@ -116,13 +118,15 @@ fn start(dir: &Path, export: &Path) -> Server {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("sealgate exited").unwrap();

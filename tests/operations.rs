@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -63,20 +63,22 @@ async fn a_reload_changes_routes_and_listeners_without_dropping_connections() {
 
 /// A `sealgate run` child process with its stderr followed.
 struct Daemon {
-    child: Child,
+    child: common::KillOnDrop,
     lines: std::sync::mpsc::Receiver<String>,
     port: u16,
 }
 
 impl Daemon {
     fn start(config: &std::path::Path) -> Self {
-        let mut child = Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = common::KillOnDrop(
+            Command::new(BINARY)
+                .args(["run", "--config"])
+                .arg(config)
+                .env("RUST_LOG", "info")
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let lines = stderr_lines(&mut child);
         let mut daemon = Self { child, lines, port: 0 };
         let line = daemon.wait_for("listening for TLS");

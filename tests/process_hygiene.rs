@@ -1,6 +1,8 @@
 //! Process hygiene of `sealgate run`: no core dumps, not dumpable, memory locked where permitted, and a
 //! world-writable configuration or export refused.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -29,13 +31,15 @@ fn example_export() -> std::path::PathBuf {
 fn keys_never_reach_a_core_dump_a_debugger_or_swap() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &example_export(), "");
-    let mut child = Command::new(BINARY)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::KillOnDrop(
+        Command::new(BINARY)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
     loop {
