@@ -126,3 +126,26 @@ async fn openssl_resumes_but_never_sends_early_data() {
     assert!(stdout.contains("Max Early Data: 0"), "{stdout}");
     assert!(stdout.contains("Early data was not sent"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_sends_a_proxy_protocol_header_to_a_listener_that_requires_one() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let upstream = Upstream::start().await;
+    let config = f.config(&format!("[[route]]\nupstream = \"{}\"\n", upstream.url())).replacen(
+        "bind = \"127.0.0.1:0\"\n",
+        "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n",
+        1,
+    );
+    let server = start_server(f.dir.path(), &config).await;
+    let port = server.tls_addrs[0].port();
+
+    // curl's own version 1 header, naming its side of the connection.
+    let out = run(curl(&f, port, "a.example.test", &["--haproxy-protocol", "--http2"])).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("200 2"));
+    assert_eq!(upstream.last().headers["x-forwarded-for"], "127.0.0.1");
+    // Without it, the listener closes the connection.
+    let out = run(curl(&f, port, "a.example.test", &[])).await;
+    assert!(!out.status.success());
+}
