@@ -43,15 +43,7 @@ fn serve_once_and_stop(extra: &str) {
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(extra);
     std::fs::write(&config, text).unwrap();
-    let mut child = common::KillOnDrop(
-        Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = common::spawn_run(&config);
     let stderr = child.stderr.take().unwrap();
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

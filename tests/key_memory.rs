@@ -118,15 +118,7 @@ fn start(dir: &Path, export: &Path) -> Server {
         ),
     )
     .unwrap();
-    let mut child = common::KillOnDrop(
-        Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = common::spawn_run(&config);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("sealgate exited").unwrap();

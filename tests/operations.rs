@@ -70,15 +70,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &std::path::Path) -> Self {
-        let mut child = common::KillOnDrop(
-            Command::new(BINARY)
-                .args(["run", "--config"])
-                .arg(config)
-                .env("RUST_LOG", "info")
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        let mut child = common::spawn_run(config);
         let lines = stderr_lines(&mut child);
         let mut daemon = Self { child, lines, port: 0 };
         let line = daemon.wait_for("listening for TLS");

@@ -31,15 +31,7 @@ fn example_export() -> std::path::PathBuf {
 fn keys_never_reach_a_core_dump_a_debugger_or_swap() {
     let dir = tempfile::tempdir().unwrap();
     let config = config(dir.path(), &example_export(), "");
-    let mut child = common::KillOnDrop(
-        Command::new(BINARY)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = common::spawn_run(&config);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = Vec::new();
     loop {
