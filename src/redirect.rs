@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::names;
 
-/// How long a connection may take to send its PROXY protocol header, like its request head.
+/// How long a connection may take to send its request head (and before it, its PROXY protocol header).
 const HEADER_READ: Duration = Duration::from_secs(10);
 
 /// Serves redirects on `listener` until `shutdown`. `https_port` is the port clients are sent to (omitted from the
@@ -32,7 +32,7 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10)).keep_alive(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ).keep_alive(true);
     let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
@@ -51,10 +51,14 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             if proxy_protocol {
-                match tokio::time::timeout(HEADER_READ, crate::proxy_header::read(&mut tcp)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => return tracing::debug!(%error, "redirect listener: connection closed"),
-                    Err(_) => return tracing::debug!("redirect listener: no PROXY protocol header in time"),
+                let header = tokio::time::timeout(HEADER_READ, crate::proxy_header::read(&mut tcp));
+                tokio::select! {
+                    read = header => match read {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => return tracing::debug!(%error, "redirect listener: connection closed"),
+                        Err(_) => return tracing::debug!("redirect listener: no PROXY protocol header in time"),
+                    },
+                    _ = shutdown.cancelled() => return,
                 }
             }
             let service = service_fn(move |request| async move { Ok::<_, Infallible>(redirect(&request, https_port)) });

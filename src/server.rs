@@ -547,8 +547,8 @@ async fn serve_connection(
     // 10 KiB, most of it the handshake's and hyper's state, kept for the life of an idle connection). What is
     // moved into a phase is built in a statement of its own, or in the phase: a value moved from a local
     // declared across an await keeps its room in the task.
-    let handshake = handshake(&shared, tcp, peer, proxy_protocol, settings.handshake_timeout);
-    let Some(established) = Box::pin(handshake).await else {
+    let Some(established) = Box::pin(handshake(&shared, tcp, peer, proxy_protocol, settings.handshake_timeout)).await
+    else {
         return;
     };
     let Established { mut tls, peer, sni, certificate, grant_ended } = established;

@@ -10,14 +10,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sealgate::custody::format::{Associations, Grant, SealedKey};
 use sealgate::custody::seal;
 use sealgate::custody::writer::{export_paths, AssociateRequest, Custody, IssueRequest};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_sealgate");
 
 /// The secrets the scan looks for.
 struct Needles {

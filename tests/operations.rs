@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
 use sealgate::config::Config;
-
-const BINARY: &str = env!("CARGO_BIN_EXE_sealgate");
 
 fn respond(body: &str) -> String {
     format!("[[route]]\nrespond = {{ status = 200, body = \"{body}\" }}\n")

@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_sealgate");
 
