@@ -3,8 +3,9 @@
 //! bytes, to say whom the connection is from.
 //!
 //! A listener with `proxy_protocol = true` requires it on every connection (as HAProxy's `accept-proxy` and
-//! nginx's `listen … proxy_protocol` do): a connection without one is closed, since anyone who can reach such a
-//! listener directly could otherwise claim any address. The header is read before the TLS handshake and
+//! nginx's `listen … proxy_protocol` do): a connection without one is closed rather than guessed at. The header
+//! is trusted as the load balancer's word, so such a listener must be reachable through the load balancer
+//! only: anyone else can write one naming any address. The header is read before the TLS handshake and
 //! within its deadline; exactly its bytes are consumed, so the ClientHello behind it stays in the socket for the
 //! handshake. The parsing is the `ppp` crate's.
 
