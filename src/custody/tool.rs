@@ -3,7 +3,6 @@
 //! Each command opens the state directory, does one operation and prints a short confirmation: ids and paths,
 //! never a secret. Errors go to stderr with their whole cause chain, and the exit status is non-zero.
 
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,7 +11,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::writer::{
-    fsio, AssociateRequest, CertificateRecord, Custody, CustodyError, GrantRecord, IssueRequest, KeyType, RenewRequest,
+    cause_chain, fsio, AssociateRequest, CertificateRecord, Custody, CustodyError, GrantRecord, IssueRequest, KeyType,
+    RenewRequest,
 };
 
 /// The environment variable that names the state directory when `--state` is absent.
@@ -186,18 +186,6 @@ fn default_state_dir() -> PathBuf {
     std::env::var_os(STATE_ENV)
         .filter(|v| !v.is_empty())
         .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
-}
-
-/// The error and its sources, joined by `: `.
-fn cause_chain(err: &ToolError) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn execute(state: &Path, command: CustodyCommand) -> Result<(), ToolError> {

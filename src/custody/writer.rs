@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
 pub use self::ca::CA_COMMON_NAME;
-pub use self::error::{CustodyError, ExportFailure, Result};
+pub use self::error::{cause_chain, CustodyError, ExportFailure, Result};
 pub use self::export::{export_paths, grant_id_of, CertificatePaths, ExportLayout};
 pub use self::keys::KeyType;
 pub use self::state::{Origin, StateLock};
@@ -551,7 +551,6 @@ impl Custody {
         Ok(stored)
     }
 
-    /// Rewrites every export the certificate is associated with under a grant in force. Returns them.
     /// Rewrites every export `certificate` is associated with under a grant in force. One export failing does
     /// not stop the others: returns those rewritten and those that failed.
     fn republish(&self, certificate: &StoredCertificate) -> Result<(Vec<PathBuf>, Vec<ExportFailure>)> {

@@ -166,14 +166,20 @@ pub struct ExportFailure {
 
 impl std::fmt::Display for ExportFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.export.display(), self.error)?;
-        let mut source = std::error::Error::source(&*self.error);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        write!(f, "{}: {}", self.export.display(), cause_chain(&*self.error))
     }
+}
+
+/// `error` and its sources, joined by `: `: the whole story on one line.
+pub fn cause_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl CustodyError {
