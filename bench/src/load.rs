@@ -90,13 +90,13 @@ pub struct Timing {
 /// Waits out the warm-up, measures for the window, then tells every task to stop. Returns the window's JSON.
 async fn measure(window: &Window, server: Server, timing: Timing) -> Value {
     tokio::time::sleep(timing.warmup).await;
-    let cores = procfs::Cores::of(&server);
-    let (client0, server0, steal0, start) = (procfs::self_cpu(), server.cpu(), cores.steal(), Instant::now());
+    let (client0, server0, start) = (procfs::self_cpu(), server.cpu(), Instant::now());
+    let steal = procfs::StealWindow::open(&server);
     window.measuring.store(true, Ordering::SeqCst);
     tokio::time::sleep(timing.duration).await;
     window.measuring.store(false, Ordering::SeqCst);
     let seconds = start.elapsed().as_secs_f64();
-    let (client1, server1, steal1) = (procfs::self_cpu(), server.cpu(), cores.steal());
+    let (client1, server1, steal_ms) = (procfs::self_cpu(), server.cpu(), steal.json());
     window.stop.store(true, Ordering::SeqCst);
     let ok = window.ok.load(Ordering::SeqCst);
     let server_cpu = server1 - server0;
@@ -111,7 +111,7 @@ async fn measure(window: &Window, server: Server, timing: Timing) -> Value {
         "server_cpu_us_per_op": if ok > 0 { server_cpu * 1e6 / ok as f64 } else { 0.0 },
         "server_core_util": server_cpu / seconds,
         "client_core_util": (client1 - client0) / seconds,
-        "steal_ms": steal1.json_since(&steal0),
+        "steal_ms": steal_ms,
         "errors": window.errors.lock().unwrap_or_else(PoisonError::into_inner).clone(),
     })
 }

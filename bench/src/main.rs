@@ -428,13 +428,11 @@ fn seconds(text: &str) -> Option<f64> {
 /// Runs wrk or h2load and turns its output into the same shape as ours.
 fn exec(command: &[String], server: Server) -> Result<(String, Value), Box<dyn std::error::Error>> {
     let tool = std::path::Path::new(&command[0]).file_name().and_then(|n| n.to_str()).unwrap_or("?").to_owned();
-    // The tool runs on this process's core (it inherits the pinning).
-    let cores = procfs::Cores::of(&server);
-    let (server0, children0, steal0) = (server.cpu(), procfs::children_cpu_seconds(), cores.steal());
-    let start = std::time::Instant::now();
+    let (server0, children0, start) = (server.cpu(), procfs::children_cpu_seconds(), std::time::Instant::now());
+    let steal = procfs::StealWindow::open(&server);
     let output = std::process::Command::new(&command[0]).args(&command[1..]).output()?;
     let wall = start.elapsed().as_secs_f64();
-    let (server1, children1, steal1) = (server.cpu(), procfs::children_cpu_seconds(), cores.steal());
+    let (server1, children1, steal_ms) = (server.cpu(), procfs::children_cpu_seconds(), steal.json());
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let mut result = json!({
         "command": command.join(" "),
@@ -442,7 +440,7 @@ fn exec(command: &[String], server: Server) -> Result<(String, Value), Box<dyn s
         "server_cpu_s": server1 - server0,
         "server_core_util": (server1 - server0) / wall,
         "client_core_util": (children1 - children0) / wall,
-        "steal_ms": steal1.json_since(&steal0),
+        "steal_ms": steal_ms,
     });
     let field = |line: &str, prefix: &str| line.trim().strip_prefix(prefix).map(|r| r.trim().to_owned());
     match tool.as_str() {

@@ -82,47 +82,39 @@ pub fn self_cpu() -> f64 {
     cpu_seconds(std::process::id())
 }
 
-/// The cores a measurement runs on, when each side is pinned to one: the server's and the load generator's
-/// (this process's).
+/// The hypervisor's steal (`steal` in `/proc/stat`) over a measurement window, on the server's core and on the
+/// load generator's (this process's, which the tools it runs inherit), for each side pinned to one core.
 #[derive(Debug, Clone, Copy)]
-pub struct Cores {
-    server: Option<usize>,
-    generator: Option<usize>,
+pub struct StealWindow {
+    server_cpu: Option<usize>,
+    generator_cpu: Option<usize>,
+    /// Steal on each, in seconds, when the window opened.
+    opened: [Option<f64>; 2],
 }
 
-/// Seconds of CPU time the hypervisor gave to others (`steal` in `/proc/stat`) on each of [`Cores`], so far.
-#[derive(Debug, Clone, Copy)]
-pub struct Steal {
-    /// On the server's core.
-    pub server: Option<f64>,
-    /// On the load generator's core.
-    pub generator: Option<f64>,
-}
+impl StealWindow {
+    /// Opens the window now.
+    pub fn open(server: &Server) -> Self {
+        let server_cpu =
+            server.0.and_then(|pid| rustix::process::Pid::from_raw(pid as i32)).and_then(|pid| only_cpu(Some(pid)));
+        let mut window = Self { server_cpu, generator_cpu: only_cpu(None), opened: [None; 2] };
+        window.opened = window.steal_now();
+        window
+    }
 
-impl Steal {
-    /// Milliseconds stolen on each core since `earlier`, as the results record them (`steal_ms`).
-    pub fn json_since(&self, earlier: &Steal) -> serde_json::Value {
+    /// Milliseconds stolen on each core since the window opened, as the results record them (`steal_ms`).
+    pub fn json(&self) -> serde_json::Value {
+        let [server, generator] = self.steal_now();
         let ms = |now: Option<f64>, then: Option<f64>| now.zip(then).map(|(now, then)| ((now - then) * 1e3).round());
         serde_json::json!({
-            "server_core": ms(self.server, earlier.server),
-            "generator_core": ms(self.generator, earlier.generator),
+            "server_core": ms(server, self.opened[0]),
+            "generator_core": ms(generator, self.opened[1]),
         })
     }
-}
 
-impl Cores {
-    /// The core `server` is pinned to and the one this process is, if each is pinned to exactly one.
-    pub fn of(server: &Server) -> Self {
-        let server =
-            server.0.and_then(|pid| rustix::process::Pid::from_raw(pid as i32)).and_then(|pid| only_cpu(Some(pid)));
-        Self { server, generator: only_cpu(None) }
-    }
-
-    /// Steal so far on each core.
-    pub fn steal(&self) -> Steal {
+    fn steal_now(&self) -> [Option<f64>; 2] {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let of = |cpu: Option<usize>| cpu.and_then(|cpu| cpu_steal_seconds(&stat, cpu));
-        Steal { server: of(self.server), generator: of(self.generator) }
+        [self.server_cpu, self.generator_cpu].map(|cpu| cpu.and_then(|cpu| cpu_steal_seconds(&stat, cpu)))
     }
 }
 
