@@ -29,6 +29,15 @@ fn config(f: &Fixture, upstream: &Upstream, proxy_protocol: bool) -> String {
     )
 }
 
+/// A certificate for [`HOST`], a recording upstream, and a server whose listeners expect the PROXY protocol.
+async fn start() -> (Fixture, Upstream, sealgate::server::RunningServer) {
+    let f = Fixture::new();
+    f.serve("c-app", &[HOST]);
+    let upstream = Upstream::start().await;
+    let server = start_server(f.dir.path(), &config(&f, &upstream, true)).await;
+    (f, upstream, server)
+}
+
 /// A version 2 PROXY header for a TCP connection from `client` to `server`.
 fn v2_header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
     use ppp::v2::{Builder, Command, Protocol, Version};
@@ -75,10 +84,7 @@ async fn forwarded_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_gives_the_client_address_to_the_forwarding_headers() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
-    let upstream = Upstream::start().await;
-    let server = start_server(f.dir.path(), &config(&f, &upstream, true)).await;
+    let (f, upstream, server) = start().await;
     let addr = server.tls_addrs[0];
 
     let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n";
@@ -113,10 +119,7 @@ async fn the_header_gives_the_client_address_to_the_forwarding_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_a_valid_header_are_closed_and_counted() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
-    let upstream = Upstream::start().await;
-    let server = start_server(f.dir.path(), &config(&f, &upstream, true)).await;
+    let (f, upstream, server) = start().await;
     let addr = server.tls_addrs[0];
 
     // A client that goes straight to TLS, as one that reached the listener around the load balancer would.
@@ -135,10 +138,7 @@ async fn connections_without_a_valid_header_are_closed_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redirect_listener_reads_the_header_too() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
-    let upstream = Upstream::start().await;
-    let server = start_server(f.dir.path(), &config(&f, &upstream, true)).await;
+    let (_export, _upstream, server) = start().await;
 
     let mut tcp = TcpStream::connect(server.redirect_addrs[0]).await.unwrap();
     let mut request = b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\n".to_vec();
@@ -152,10 +152,7 @@ async fn the_redirect_listener_reads_the_header_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_turns_the_header_off_for_new_connections_on_the_same_socket() {
-    let f = Fixture::new();
-    f.serve("c-app", &[HOST]);
-    let upstream = Upstream::start().await;
-    let server = start_server(f.dir.path(), &config(&f, &upstream, true)).await;
+    let (f, upstream, server) = start().await;
     let addr = server.tls_addrs[0];
     // A connection made under the old setting, still open across the reload.
     let before = connect_after(addr, b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n", 1, &f, b"http/1.1").await;
