@@ -62,8 +62,9 @@ pub struct Config {
     pub redirects: Vec<RedirectConfig>,
     /// `Strict-Transport-Security` on every response, if configured.
     pub hsts: Option<HstsConfig>,
-    /// Headers set on every response (replacing an upstream's of the same name): security headers, above all.
-    pub response_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Headers set on (or removed from) every response, replacing an upstream's of the same name: security
+    /// headers, above all. A route's own `response_headers` take precedence.
+    pub response_headers: Vec<HeaderRule>,
     /// The access log, if any.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
     /// How long clients may take.
@@ -175,6 +176,41 @@ pub struct RouteConfig {
     pub action: RouteAction,
     /// Overrides `[proxy] response_timeout` for this route.
     pub response_timeout: Option<Duration>,
+    /// Headers set on or removed from this route's responses, over the top-level `[response_headers]`.
+    pub response_headers: Vec<HeaderRule>,
+}
+
+/// A header a configuration sets or removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderRule {
+    /// The header.
+    pub name: http::HeaderName,
+    /// Its value; `None` (written `""`, as nginx's `proxy_set_header` does) removes it.
+    pub value: Option<http::HeaderValue>,
+}
+
+impl HeaderRule {
+    /// Applies the rule to `headers`: replaces every value of the name, or removes them.
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        match &self.value {
+            Some(value) => {
+                headers.insert(self.name.clone(), value.clone());
+            }
+            None => {
+                headers.remove(&self.name);
+            }
+        }
+    }
+}
+
+/// `prefix_rewrite`: the part of the request path that the route's `path` matched is replaced before the
+/// request goes upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixRewrite {
+    /// The route's `path`: the prefix every request of the route begins with.
+    pub prefix: String,
+    /// What replaces it; begins with `/`.
+    pub replacement: String,
 }
 
 /// What a route does with a request.
@@ -203,6 +239,10 @@ pub struct UpstreamGroupConfig {
     pub outlier: OutlierConfig,
     /// Active HTTP health checks, if configured.
     pub health_check: Option<HealthCheckConfig>,
+    /// The path prefix rewrite, if configured.
+    pub prefix_rewrite: Option<PrefixRewrite>,
+    /// Headers set on or removed from the requests sent upstream, after sealgate's own rewriting.
+    pub request_headers: Vec<HeaderRule>,
 }
 
 /// Load balancing policy of an upstream route.
@@ -487,7 +527,7 @@ struct RawConfig {
     redirect: Vec<RawRedirect>,
     hsts: Option<RawHsts>,
     #[serde(default)]
-    response_headers: std::collections::BTreeMap<String, Spanned<String>>,
+    response_headers: HeaderTable,
     access_log: Option<RawAccessLog>,
     #[serde(default)]
     timeouts: RawTimeouts,
@@ -582,7 +622,14 @@ struct RawRoute {
     ca: Option<Spanned<String>>,
     outlier: Option<Spanned<RawOutlier>>,
     health_check: Option<Spanned<RawHealthCheck>>,
+    prefix_rewrite: Option<Spanned<String>>,
+    request_headers: Option<Spanned<HeaderTable>>,
+    #[serde(default)]
+    response_headers: HeaderTable,
 }
+
+/// A table of header names and values, as written (`""` removes the header).
+type HeaderTable = std::collections::BTreeMap<String, Spanned<String>>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -689,8 +736,9 @@ struct RawLimits {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Headers a configuration may not set on responses: hyper and sealgate own the framing and the connection.
-const HOP_BY_HOP_OR_FRAMING: [&str; 9] = [
+/// Headers a configuration may not set on responses: hyper and sealgate own the framing and the connection, and
+/// `[hsts]` the `Strict-Transport-Security`.
+const RESPONSE_HEADERS_MANAGED: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -700,6 +748,25 @@ const HOP_BY_HOP_OR_FRAMING: [&str; 9] = [
     "upgrade",
     "content-length",
     "strict-transport-security",
+];
+
+/// Headers a configuration may not set on upstream requests: the framing and the connection, `Host` (see
+/// `[proxy] preserve_host`), and the forwarding headers, which sealgate sets from what it saw itself so that
+/// upstreams can trust them.
+const REQUEST_HEADERS_MANAGED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
 ];
 
 /// Default period of the backstop rescan of the export.
@@ -811,21 +878,7 @@ impl Config {
                 Ok(RedirectConfig { bind, https_port: r.https_port.unwrap_or(443), proxy_protocol })
             })
             .collect::<Result<Vec<_>>>()?;
-        let response_headers = raw
-            .response_headers
-            .iter()
-            .map(|(name, value)| {
-                let key = format!("response_headers.{name}");
-                let header = http::HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| cx.at(value, &key, "is not a valid header name"))?;
-                if HOP_BY_HOP_OR_FRAMING.contains(&header.as_str()) {
-                    return Err(cx.at(value, &key, "is a hop-by-hop or framing header, which sealgate manages"));
-                }
-                let value = http::HeaderValue::from_str(value.get_ref())
-                    .map_err(|_| cx.at(value, &key, "is not a valid header value"))?;
-                Ok((header, value))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let response_headers = cx.header_rules(&raw.response_headers, "response_headers", RESPONSE_HEADERS_MANAGED)?;
         let hsts = raw.hsts.map(|h| HstsConfig {
             max_age: h.max_age,
             include_subdomains: h.include_subdomains,
@@ -895,6 +948,29 @@ impl Context<'_> {
 
     fn at<T>(&self, value: &Spanned<T>, key: &str, message: impl fmt::Display) -> ConfigError {
         self.error(Some(value.span()), format!("{key}: {message}"))
+    }
+
+    /// The rules of a header table at `key`; the names in `managed` are refused.
+    fn header_rules(&self, table: &HeaderTable, key: &str, managed: &[&str]) -> Result<Vec<HeaderRule>> {
+        table
+            .iter()
+            .map(|(name, value)| {
+                let key = format!("{key}.{name}");
+                let name = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| self.at(value, &key, "is not a valid header name"))?;
+                if managed.contains(&name.as_str()) {
+                    return Err(self.at(value, &key, "is a header sealgate manages itself; it cannot be configured"));
+                }
+                let value = match value.get_ref().as_str() {
+                    "" => None,
+                    text => Some(
+                        http::HeaderValue::from_str(text)
+                            .map_err(|_| self.at(value, &key, "is not a valid header value"))?,
+                    ),
+                };
+                Ok(HeaderRule { name, value })
+            })
+            .collect()
     }
 
     fn custody(&self, raw: RawCustody, base: &Path) -> Result<CustodyConfig> {
@@ -1067,7 +1143,7 @@ impl Context<'_> {
             (None, None) => {
                 return Err(self.error(None, format!("route[{index}] needs `upstream` or `respond`")));
             }
-            (Some(upstream), None) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, base)?),
+            (Some(upstream), None) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, &path, base)?),
             (None, Some(respond)) => {
                 let upstream_only = [
                     ("balance", raw.balance.as_ref().map(Spanned::span)),
@@ -1075,6 +1151,8 @@ impl Context<'_> {
                     ("ca", raw.ca.as_ref().map(Spanned::span)),
                     ("outlier", raw.outlier.as_ref().map(Spanned::span)),
                     ("health_check", raw.health_check.as_ref().map(Spanned::span)),
+                    ("prefix_rewrite", raw.prefix_rewrite.as_ref().map(Spanned::span)),
+                    ("request_headers", raw.request_headers.as_ref().map(Spanned::span)),
                 ];
                 if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
                     return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
@@ -1092,7 +1170,9 @@ impl Context<'_> {
                 RouteAction::Respond(DirectResponse { status, body: r.body, content_type })
             }
         };
-        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout })
+        let response_headers =
+            self.header_rules(&raw.response_headers, &key("response_headers"), RESPONSE_HEADERS_MANAGED)?;
+        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers })
     }
 
     fn upstream_group(
@@ -1100,6 +1180,7 @@ impl Context<'_> {
         index: usize,
         upstream: Spanned<OneOrMany>,
         raw: &RawRoute,
+        path: &str,
         base: &Path,
     ) -> Result<UpstreamGroupConfig> {
         let key = |field: &str| format!("route[{index}].{field}");
@@ -1158,7 +1239,33 @@ impl Context<'_> {
             Some(o) => self.outlier(o, &key("outlier"))?,
         };
         let health_check = raw.health_check.as_ref().map(|h| self.health_check(h, &key("health_check"))).transpose()?;
-        Ok(UpstreamGroupConfig { upstreams, balance, retries, ca, outlier, health_check })
+        let prefix_rewrite = match &raw.prefix_rewrite {
+            None => None,
+            Some(r) => {
+                let replacement = r.get_ref();
+                let is_path = replacement.starts_with('/')
+                    && !replacement.contains(['?', '#'])
+                    && replacement.parse::<http::uri::PathAndQuery>().is_ok();
+                if !is_path {
+                    return Err(self.at(r, &key("prefix_rewrite"), "must be a path beginning with '/', e.g. \"/\""));
+                }
+                Some(PrefixRewrite { prefix: path.to_owned(), replacement: replacement.clone() })
+            }
+        };
+        let request_headers = match &raw.request_headers {
+            None => Vec::new(),
+            Some(table) => self.header_rules(table.get_ref(), &key("request_headers"), REQUEST_HEADERS_MANAGED)?,
+        };
+        Ok(UpstreamGroupConfig {
+            upstreams,
+            balance,
+            retries,
+            ca,
+            outlier,
+            health_check,
+            prefix_rewrite,
+            request_headers,
+        })
     }
 
     fn outlier(&self, raw: &Spanned<RawOutlier>, key: &str) -> Result<OutlierConfig> {
@@ -1538,12 +1645,70 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
 
     #[test]
     fn response_headers_are_validated() {
-        let ok = parse(&format!("{MINIMAL}\n[response_headers]\nX-Frame-Options = \"DENY\"\n")).unwrap();
-        assert_eq!(ok.response_headers[0].0, "x-frame-options");
+        let ok = parse(&format!("{MINIMAL}\n[response_headers]\nX-Frame-Options = \"DENY\"\nServer = \"\"\n")).unwrap();
+        assert_eq!(ok.response_headers[0].name, "server");
+        assert_eq!(ok.response_headers[0].value, None, "an empty value removes the header");
+        assert_eq!(ok.response_headers[1].name, "x-frame-options");
+        assert_eq!(ok.response_headers[1].value, Some(http::HeaderValue::from_static("DENY")));
         let framing = parse(&format!("{MINIMAL}\n[response_headers]\nTransfer-Encoding = \"chunked\"\n"));
         assert!(framing.unwrap_err().to_string().contains("response_headers.Transfer-Encoding"));
         let bad = parse(&format!("{MINIMAL}\n[response_headers]\n\"bad name\" = \"x\"\n"));
         assert!(bad.unwrap_err().to_string().contains("not a valid header name"));
+    }
+
+    #[test]
+    fn routes_rewrite_prefixes_and_set_headers() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[[route]]\npath = \"/api/\"\nupstream = \"http://127.0.0.1:8080\"\nprefix_rewrite = \"/\"\n\
+             request_headers = {{ X-Api = \"2\", Cookie = \"\" }}\nresponse_headers = {{ X-Powered-By = \"\" }}\n\
+             [[route]]\nrespond = {{ status = 308 }}\nresponse_headers = {{ Location = \"https://example.test/\" }}\n"
+        ))
+        .unwrap();
+        let RouteAction::Upstream(group) = &config.routes[0].action else { panic!("an upstream route") };
+        assert_eq!(
+            group.prefix_rewrite,
+            Some(PrefixRewrite { prefix: "/api/".to_owned(), replacement: "/".to_owned() })
+        );
+        let rules: Vec<_> = group.request_headers.iter().map(|r| (r.name.as_str(), r.value.is_some())).collect();
+        assert_eq!(rules, [("cookie", false), ("x-api", true)]);
+        assert_eq!(config.routes[0].response_headers[0].name, "x-powered-by");
+        assert_eq!(config.routes[1].response_headers[0].name, "location");
+
+        let route = |extra: &str| parse(&format!("{MINIMAL}\n[[route]]\npath = \"/a\"\n{extra}\n")).unwrap_err();
+        for (extra, needle, line) in [
+            ("upstream = \"http://u:1\"\nprefix_rewrite = \"v2\"", "route[0].prefix_rewrite: must be a path", 12),
+            ("upstream = \"http://u:1\"\nprefix_rewrite = \"/a?b\"", "route[0].prefix_rewrite", 12),
+            (
+                "respond = { status = 200 }\nprefix_rewrite = \"/\"",
+                "route[0].prefix_rewrite: only an `upstream` route",
+                12,
+            ),
+            ("respond = { status = 200 }\nrequest_headers = { A = \"1\" }", "route[0].request_headers: only an", 12),
+            (
+                "upstream = \"http://u:1\"\nrequest_headers = { Host = \"x\" }",
+                "route[0].request_headers.Host: is a header sealgate manages",
+                12,
+            ),
+            (
+                "upstream = \"http://u:1\"\nrequest_headers = { X-Forwarded-For = \"1.2.3.4\" }",
+                "X-Forwarded-For: is a header sealgate manages",
+                12,
+            ),
+            (
+                "upstream = \"http://u:1\"\nrequest_headers = { A = \"x\\ny\" }",
+                "request_headers.A: is not a valid header value",
+                12,
+            ),
+            (
+                "respond = { status = 200 }\nresponse_headers = { Content-Length = \"1\" }",
+                "route[0].response_headers.Content-Length",
+                12,
+            ),
+        ] {
+            let err = route(extra);
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
+            assert_eq!(err.position.map(|p| p.0), Some(line), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -165,6 +165,96 @@ async fn upstream_response_hop_by_hop_headers_are_removed() {
     }
 }
 
+/// A response's head and its body as text.
+async fn text_with_head(response: http::Response<hyper::body::Incoming>) -> (http::Response<()>, String) {
+    let (head, body) = response.into_parts();
+    let body = http_body_util::BodyExt::collect(body).await.unwrap().to_bytes();
+    (http::Response::from_parts(head, ()), String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_rewrite_the_path_prefix_and_set_and_remove_headers_both_ways() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let upstream = Upstream::start_with(|_| {
+        http::Response::builder()
+            .header("x-powered-by", "framework/1.2")
+            .header("x-frame-options", "ALLOWALL")
+            .header("server", "app/1")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+    .await;
+    let routes = format!(
+        r#"
+[response_headers]
+X-Frame-Options = "DENY"
+X-Content-Type-Options = "nosniff"
+
+[[route]]
+path = "/api/"
+upstream = "{}"
+prefix_rewrite = "/"
+request_headers = {{ X-Api-Version = "2", Cookie = "" }}
+response_headers = {{ X-Powered-By = "", X-Frame-Options = "SAMEORIGIN" }}
+
+[[route]]
+path = "/old"
+respond = {{ status = 308 }}
+response_headers = {{ Location = "https://app.example.test/new" }}
+"#,
+        upstream.url()
+    );
+    let server = f.start(&routes).await;
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[alpn])).await.unwrap();
+        let request = |path: &str| {
+            let mut request =
+                if alpn == b"h2" { get_h2("app.example.test", path) } else { get("app.example.test", path) };
+            request.headers_mut().insert("cookie", http::HeaderValue::from_static("session=secret"));
+            request.headers_mut().insert("x-api-version", http::HeaderValue::from_static("1"));
+            request
+        };
+        // The heads of three answers on one connection (each body read before the next request is sent).
+        let mut responses: Vec<http::Response<()>> = Vec::new();
+        if alpn == b"h2" {
+            let mut sender = http2(tls).await;
+            for path in ["/api/users?id=7", "/old", "/elsewhere"] {
+                let (head, _) = text_with_head(sender.send_request(request(path)).await.unwrap()).await;
+                responses.push(head);
+            }
+        } else {
+            let mut sender = http1(tls).await;
+            for path in ["/api/users?id=7", "/old", "/elsewhere"] {
+                let (head, _) = text_with_head(sender.send_request(request(path)).await.unwrap()).await;
+                responses.push(head);
+            }
+        }
+        let [proxied, redirect, unrouted] = &responses[..] else { panic!("three responses") };
+
+        let seen = upstream.last();
+        assert_eq!(seen.uri, "/users?id=7", "{alpn:?}: the route's prefix is replaced, the query kept");
+        assert_eq!(seen.headers["x-api-version"], "2", "{alpn:?}: set, replacing the client's");
+        assert!(!seen.headers.contains_key("cookie"), "{alpn:?}: removed: {:?}", seen.headers);
+        assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1", "sealgate's own headers are still set");
+
+        assert_eq!(proxied.status(), StatusCode::OK);
+        let headers = proxied.headers();
+        assert!(!headers.contains_key("x-powered-by"), "{alpn:?}: removed by the route: {headers:?}");
+        assert_eq!(headers["x-frame-options"], "SAMEORIGIN", "the route's value beats the top-level one");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "the top-level ones still apply");
+        assert_eq!(headers["server"], "app/1", "what no rule names passes");
+
+        assert_eq!(redirect.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(redirect.headers()["location"], "https://app.example.test/new");
+        assert_eq!(redirect.headers()["x-frame-options"], "DENY");
+
+        assert_eq!(unrouted.status(), StatusCode::NOT_FOUND);
+        assert_eq!(unrouted.headers()["x-frame-options"], "DENY", "answers without a route get the top-level ones");
+        assert!(!unrouted.headers().contains_key("location"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_choose_by_host_and_longest_prefix_and_round_robin_upstreams() {
     let f = Fixture::new();

@@ -14,6 +14,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, StatusCode, Uri, Version};
 
+use crate::config::PrefixRewrite;
+
 /// Hop-by-hop headers (RFC 9110 section 7.6.1, plus the legacy `Keep-Alive`, `Proxy-Connection` and the proxy
 /// authentication pair, which belong to this hop only).
 const HOP_BY_HOP: [HeaderName; 9] = [
@@ -290,6 +292,30 @@ pub fn upstream_request<B>(
     Ok(request)
 }
 
+/// `path` with the route's prefix replaced as `rewrite` says. When the replacement ends with `/` and what follows
+/// the prefix begins with one, one of the two goes, so that `path = "/api/"` and `path = "/api"` both rewrite
+/// `/api/users` to `/users` under `prefix_rewrite = "/"`. The query is kept as it was.
+pub fn rewrite_prefix(path: &PathAndQuery, rewrite: &PrefixRewrite) -> Result<PathAndQuery, ForwardError> {
+    // The route matched, so the path begins with the prefix; were it not, it goes upstream unchanged.
+    let Some(rest) = path.path().strip_prefix(rewrite.prefix.as_str()) else {
+        return Ok(path.clone());
+    };
+    let rest = match rewrite.replacement.ends_with('/') {
+        true => rest.strip_prefix('/').unwrap_or(rest),
+        false => rest,
+    };
+    let mut rewritten =
+        String::with_capacity(rewrite.replacement.len() + rest.len() + path.query().map_or(0, |q| q.len() + 1));
+    rewritten.push_str(&rewrite.replacement);
+    rewritten.push_str(rest);
+    if let Some(query) = path.query() {
+        rewritten.push('?');
+        rewritten.push_str(query);
+    }
+    // Both parts were valid path characters already (the replacement was checked with the configuration).
+    PathAndQuery::from_maybe_shared(Bytes::from(rewritten)).map_err(|e| ForwardError::Request(e.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +384,23 @@ mod tests {
         again.insert(X_FORWARDED_HOST, HeaderValue::from_static("forged"));
         set_forwarded(&mut again, first("a.test"), None);
         assert_eq!(again, headers);
+    }
+
+    #[test]
+    fn a_prefix_rewrite_replaces_what_the_route_matched_and_keeps_the_query() {
+        let rewrite = |prefix: &str, replacement: &str, path: &str| {
+            let rule = PrefixRewrite { prefix: prefix.to_owned(), replacement: replacement.to_owned() };
+            rewrite_prefix(&path.parse().unwrap(), &rule).unwrap().to_string()
+        };
+        assert_eq!(rewrite("/api/", "/", "/api/users?id=7"), "/users?id=7");
+        assert_eq!(rewrite("/api", "/", "/api/users"), "/users", "no doubled slash");
+        assert_eq!(rewrite("/api", "/", "/api"), "/");
+        assert_eq!(rewrite("/api", "/", "/api?x"), "/?x");
+        assert_eq!(rewrite("/api", "/", "/apiary"), "/ary", "a plain string prefix, as the route matched it");
+        assert_eq!(rewrite("/api", "/v2", "/api/users"), "/v2/users");
+        assert_eq!(rewrite("/api/", "/v2", "/api/users"), "/v2users", "the replacement is taken literally");
+        assert_eq!(rewrite("/", "/app/", "/index.html"), "/app/index.html");
+        assert_eq!(rewrite("/old", "/new", "/other"), "/other", "a path without the prefix is left alone");
     }
 
     #[test]

@@ -28,7 +28,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
-use crate::config::{Config, HstsConfig};
+use crate::config::{Config, HeaderRule, HstsConfig};
 use crate::keyring::CertificateIdentity;
 use crate::metrics::Metrics;
 use crate::names;
@@ -89,7 +89,8 @@ pub struct Proxy {
     certificates: Arc<CertificateStore>,
     metrics: Arc<Metrics>,
     hsts: Option<HeaderValue>,
-    response_headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// The top-level `[response_headers]`, for answers no route gave (routes carry them merged with their own).
+    response_headers: Box<[HeaderRule]>,
     access_log: Option<Arc<AccessLog>>,
     limits: Limits,
 }
@@ -105,11 +106,11 @@ impl Proxy {
         access_log: Option<Arc<AccessLog>>,
     ) -> Result<Self, UpstreamError> {
         Ok(Self {
-            routes: RouteTable::new(&config.routes, &config.proxy, &metrics)?,
+            routes: RouteTable::new(&config.routes, &config.proxy, &config.response_headers, &metrics)?,
             certificates,
             metrics,
             hsts: config.hsts.as_ref().map(HstsConfig::header_value),
-            response_headers: config.response_headers.clone(),
+            response_headers: config.response_headers.clone().into_boxed_slice(),
             access_log,
             limits: Limits::new(&config.limits, &config.timeouts),
         })
@@ -119,13 +120,13 @@ impl Proxy {
     pub async fn handle(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
         let started = (Instant::now(), SystemTime::now());
         let pending = self.access_log.as_ref().map(|log| (Arc::clone(log), record_of(&request, connection, started.1)));
-        let (mut response, upstream) = self.answer(request, connection).await;
+        let Answer { mut response, upstream, route } = self.answer(request, connection).await;
         self.metrics.request_answered(response.status());
         if let Some(hsts) = &self.hsts {
             response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
-        for (name, value) in &self.response_headers {
-            response.headers_mut().insert(name.clone(), value.clone());
+        for rule in route.map_or(&self.response_headers, |route| &route.response_headers).iter() {
+            rule.apply(response.headers_mut());
         }
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
@@ -135,22 +136,18 @@ impl Proxy {
         response.map(|body| LoggedBody::new(body, pending))
     }
 
-    /// Answers one request; also says which upstream, if any, answered or failed.
-    async fn answer(
-        &self,
-        request: Request<Incoming>,
-        connection: &ConnectionInfo,
-    ) -> (Response<ReplyBody>, Option<Arc<str>>) {
+    /// Answers one request; also says which route, and which upstream, if any, answered or failed.
+    async fn answer(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Answer<'_> {
         let version = request.version();
         let mut request = match self.limits.admit(request) {
             Ok(request) => request,
-            Err(error) => return (self.refuse(&error, version, connection), None),
+            Err(error) => return Answer::of(self.refuse(&error, version, connection)),
         };
         let switch = match upgrade::classify(&request) {
             Kind::Plain => None,
             Kind::Refused(status) => {
                 tracing::debug!(peer = %connection.peer, method = %request.method(), "upgrade or CONNECT refused");
-                return (self.close_after(respond::error(status), version), None);
+                return Answer::of(self.close_after(respond::error(status), version));
             }
             Kind::WebSocket(upgrade) => {
                 request.extensions_mut().insert(UpgradeHeaders { upgrade: upgrade.clone(), key: None });
@@ -163,14 +160,14 @@ impl Proxy {
                     client: hyper::upgrade::on(&mut request),
                     http1: false,
                 }),
-                None => return (respond::error(StatusCode::INTERNAL_SERVER_ERROR), None),
+                None => return Answer::of(respond::error(StatusCode::INTERNAL_SERVER_ERROR)),
             },
         };
         let (route, authority) = match self.route_of(&request, connection) {
             Ok(found) => found,
-            Err(status) => return (respond::error(status), None),
+            Err(status) => return Answer::of(respond::error(status)),
         };
-        match &route.action {
+        let (response, upstream) = match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {
                 // Owned only here, where the request moves on.
@@ -197,7 +194,8 @@ impl Proxy {
                     },
                 }
             }
-        }
+        };
+        Answer { response, upstream, route: Some(route) }
     }
 
     /// The route for the request's host and path, once the host is known to be served on this connection, with
@@ -287,6 +285,22 @@ impl Proxy {
     /// any connection).
     fn is_served_on(&self, host: &str, connection: &ConnectionInfo) -> bool {
         names::any_covers(&connection.certificate.server_names, host) && self.certificates.serves(host)
+    }
+}
+
+/// A request's answer, with what the access log and the response headers need to know of how it was made.
+struct Answer<'p> {
+    response: Response<ReplyBody>,
+    /// The upstream that answered or failed, if one was tried.
+    upstream: Option<Arc<str>>,
+    /// The route that answered, if the request got as far.
+    route: Option<&'p Route>,
+}
+
+impl Answer<'_> {
+    /// An answer made before any route was chosen.
+    fn of(response: Response<ReplyBody>) -> Self {
+        Self { response, upstream: None, route: None }
     }
 }
 

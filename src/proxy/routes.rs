@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
 use super::upstream::{UpstreamError, UpstreamGroup};
-use crate::config::{ProxyConfig, RouteAction, RouteConfig};
+use crate::config::{HeaderRule, ProxyConfig, RouteAction, RouteConfig};
 use crate::metrics::Metrics;
 use crate::names;
 
@@ -26,6 +26,9 @@ pub struct Route {
     pub action: Action,
     /// Time allowed for the upstreams to answer with headers, every attempt included.
     pub response_timeout: Duration,
+    /// Headers set on or removed from the route's responses: the top-level `[response_headers]` with the
+    /// route's own in place of those of the same name, merged once here.
+    pub response_headers: Box<[HeaderRule]>,
 }
 
 /// What a route does.
@@ -71,8 +74,14 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds the table, with each upstream route's pool, balancer and health checks (started here, stopped
-    /// when the table is dropped); `[proxy]` settings apply to routes that set none.
-    pub fn new(routes: &[RouteConfig], proxy: &ProxyConfig, metrics: &Metrics) -> Result<Self, UpstreamError> {
+    /// when the table is dropped); `[proxy]` settings apply to routes that set none, and `response_headers` (the
+    /// top-level ones) to every route, under the route's own.
+    pub fn new(
+        routes: &[RouteConfig],
+        proxy: &ProxyConfig,
+        response_headers: &[HeaderRule],
+        metrics: &Metrics,
+    ) -> Result<Self, UpstreamError> {
         let routes = routes
             .iter()
             .enumerate()
@@ -99,6 +108,7 @@ impl RouteTable {
                         }),
                     },
                     response_timeout: r.response_timeout.unwrap_or(proxy.response_timeout),
+                    response_headers: merge_header_rules(response_headers, &r.response_headers),
                 })
             })
             .collect::<Result<_, UpstreamError>>()?;
@@ -122,6 +132,11 @@ impl RouteTable {
     }
 }
 
+/// `general` with each of `specific`'s names in place of `general`'s rule for it.
+fn merge_header_rules(general: &[HeaderRule], specific: &[HeaderRule]) -> Box<[HeaderRule]> {
+    general.iter().filter(|rule| !specific.iter().any(|s| s.name == rule.name)).chain(specific).cloned().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +147,7 @@ mod tests {
         let text =
             format!("[custody]\nexport = \"e\"\ngrantee = \"g\"\n[[listener]]\nbind = \"127.0.0.1:0\"\n{routes}");
         let config = Config::parse(&text, Path::new("proxy.toml")).unwrap();
-        RouteTable::new(&config.routes, &config.proxy, &Metrics::new()).unwrap()
+        RouteTable::new(&config.routes, &config.proxy, &config.response_headers, &Metrics::new()).unwrap()
     }
 
     fn index(table: &RouteTable, host: &str, path: &str) -> Option<usize> {

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::forward::{self, ClientSide, ForwardError};
-use crate::config::{ProxyConfig, UpstreamGroupConfig};
+use crate::config::{HeaderRule, PrefixRewrite, ProxyConfig, UpstreamGroupConfig};
 use crate::metrics::{Metrics, UpstreamResult};
 use balancer::Balancer;
 use endpoint::Endpoint;
@@ -80,6 +80,10 @@ pub struct UpstreamGroup {
     pool: Pool,
     retries: u32,
     preserve_host: bool,
+    /// The route's `prefix_rewrite`.
+    prefix_rewrite: Option<PrefixRewrite>,
+    /// The route's `request_headers`.
+    request_headers: Box<[HeaderRule]>,
     clock: Clock,
     /// Stops the health checks and readmission timers when the group is dropped.
     _stop: DropGuard,
@@ -121,6 +125,8 @@ impl UpstreamGroup {
             pool,
             retries: config.retries,
             preserve_host: proxy.preserve_host,
+            prefix_rewrite: config.prefix_rewrite.clone(),
+            request_headers: config.request_headers.clone().into_boxed_slice(),
             clock,
             _stop: stop.drop_guard(),
         })
@@ -138,7 +144,13 @@ impl UpstreamGroup {
         let deadline = outlier::later(Instant::now(), timeout);
         let (mut parts, body) = request.into_parts();
         forward::rewrite_head(&mut parts, client, self.preserve_host)?;
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        for rule in self.request_headers.iter() {
+            rule.apply(&mut parts.headers);
+        }
+        let mut path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(rewrite) = &self.prefix_rewrite {
+            path = forward::rewrite_prefix(&path, rewrite)?;
+        }
         let bodiless = body.is_end_stream();
         let max_attempts = if bodiless && retry::is_idempotent(&parts.method) { 1 + self.retries as usize } else { 1 };
         // A bodiless request is sent with an empty body, so that it can be sent again; a body is streamed once.
