@@ -37,7 +37,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -58,7 +58,7 @@ mod tests;
 mod verify;
 
 pub use cli::{head_command, verify_command};
-pub use verify::{head, verify, verify_anchored, Anchor, LineProblem, VerifyReport};
+pub use verify::{head, verify, verify_anchored, verify_files, Anchor, LineProblem, VerifyReport};
 
 /// `prev` of the first record of a file: 64 zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -144,6 +144,33 @@ pub enum AuditError {
         event: &'static str,
         /// Why.
         reason: String,
+    },
+    /// An anchor names a record before the first of the files given (which continue an older file).
+    #[error(
+        "{}: an anchor names seq {anchored} but the files given begin at seq {first_seq}: give the older files \
+         that hold it too, oldest first",
+        path.display()
+    )]
+    AnchorBeforeStart {
+        /// The first file given.
+        path: PathBuf,
+        /// The anchored seq.
+        anchored: u64,
+        /// The first seq in the files given.
+        first_seq: u64,
+    },
+    /// At a reopen, the log's path holds a file with content sealgate did not write: records keep going to the
+    /// file sealgate has open.
+    #[error(
+        "{}: not reopened: the path holds another file of {len} bytes (a rotation leaves it absent or empty); \
+         records still go to the file sealgate had open",
+        path.display()
+    )]
+    ReopenOccupied {
+        /// The log's path.
+        path: PathBuf,
+        /// The size of the file found there.
+        len: u64,
     },
     /// An earlier write failed and its partial line could not be removed; nothing more is appended until the
     /// operator has looked at the file (`sealgate audit verify` names the line) and sealgate is restarted.
@@ -298,6 +325,14 @@ pub enum AuditEvent<'a> {
     },
     /// sealgate stopped; it holds no key any more.
     Stopped,
+    /// The first record of a log file that continues the chain of another: the log was reopened (after a
+    /// rotation) and this file takes the chain up where the previous one ended, its `seq` and `prev` following
+    /// that file's last record.
+    LogContinued {
+        /// `reopened`: the path held a new file (the old one was moved aside); `truncated`: the file had been
+        /// cut (rotated by copying and truncating), so its earlier records are wherever the copy went.
+        reason: &'static str,
+    },
 }
 
 impl<'a> AuditEvent<'a> {
@@ -398,6 +433,7 @@ impl<'a> AuditEvent<'a> {
             Self::GrantRetired { .. } => "grant_retired",
             Self::ConnectionsClosed { .. } => "connections_closed",
             Self::Stopped => "stopped",
+            Self::LogContinued { .. } => verify::CONTINUED_EVENT,
         }
     }
 }
@@ -574,6 +610,59 @@ impl AuditLog {
         if tail.stuck {
             return Err(AuditError::Stuck { path: self.path.clone() });
         }
+        self.continue_if_truncated(&mut tail)?;
+        self.append(&mut tail, event)
+    }
+
+    /// When the file was cut short under sealgate (a rotation by `copytruncate`), begins what is left of it
+    /// with a `log_continued` record, so that it verifies on its own. Returns whether it was cut.
+    fn continue_if_truncated(&self, tail: &mut Tail) -> Result<bool> {
+        let len = tail.file.metadata().map_err(AuditError::io(&self.path, "read the metadata of"))?.len();
+        if len >= tail.len {
+            return Ok(false);
+        }
+        tail.len = len;
+        self.append(tail, AuditEvent::LogContinued { reason: "truncated" })?;
+        Ok(true)
+    }
+
+    /// Follows a rotation of the log: when the path no longer holds the file sealgate writes (it was moved
+    /// aside, and the path is now absent or holds an empty file, as `logrotate`'s `create` leaves it), or when
+    /// that file was cut short (`copytruncate`), the chain goes on at the path with a `log_continued` record,
+    /// whose `seq` and `prev` follow the last record written. The files, oldest first, are then one chain
+    /// (`sealgate audit verify OLD NEW`), and the new one also verifies alone. When the path holds the file
+    /// sealgate writes, unchanged, nothing happens. On error nothing changes and records keep going to the
+    /// file sealgate has open.
+    pub fn reopen(&self) -> Result<Reopened> {
+        let mut tail = self.tail();
+        let ours = tail.file.metadata().map_err(AuditError::io(&self.path, "read the metadata of"))?;
+        let (file, reason) = match std::fs::metadata(&self.path) {
+            Ok(found) if (found.dev(), found.ino()) == (ours.dev(), ours.ino()) => {
+                let seq = tail.next_seq;
+                return match self.continue_if_truncated(&mut tail)? {
+                    true => Ok(Reopened::Continued { seq, reason: "truncated" }),
+                    false => Ok(Reopened::Unchanged),
+                };
+            }
+            Ok(_) => (open_empty(&self.path)?, "reopened"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match create(&self.path) {
+                Ok(file) => (file, "reopened"),
+                // Made between the look and the creation: the rotation's own empty file.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (open_empty(&self.path)?, "reopened"),
+                Err(e) => return Err(AuditError::io(&self.path, "create the audit log")(e)),
+            },
+            Err(e) => return Err(AuditError::io(&self.path, "read the metadata of")(e)),
+        };
+        let len = file.metadata().map_err(AuditError::io(&self.path, "read the metadata of"))?.len();
+        let mut fresh = Tail { file, next_seq: tail.next_seq, prev: tail.prev.clone(), len, stuck: false };
+        self.append(&mut fresh, AuditEvent::LogContinued { reason })?;
+        let seq = tail.next_seq;
+        *tail = fresh;
+        Ok(Reopened::Continued { seq, reason })
+    }
+
+    /// Writes one record at the end of `tail`'s file and makes it durable.
+    fn append(&self, tail: &mut Tail, event: AuditEvent<'_>) -> Result<()> {
         let unwritable =
             |reason: String| AuditError::Unwritable { path: self.path.clone(), event: event.name(), reason };
         let next_seq = tail.next_seq.checked_add(1).ok_or_else(|| unwritable("seq is at its maximum".to_owned()))?;
@@ -601,6 +690,38 @@ impl AuditLog {
         // a consistent tail.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// What [`AuditLog::reopen`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopened {
+    /// The path holds the file being written, as written: nothing to do.
+    Unchanged,
+    /// The chain goes on in the file now at the path, from the `log_continued` record with this seq.
+    Continued {
+        /// The seq of the `log_continued` record.
+        seq: u64,
+        /// Its reason: `reopened` or `truncated`.
+        reason: &'static str,
+    },
+}
+
+/// Opens the file a rotation left at the log's path to continue the chain in it: it must be an empty regular
+/// file that not everyone may write.
+fn open_empty(path: &Path) -> Result<File> {
+    let file = OpenOptions::new().read(true).append(true).open(path).map_err(AuditError::io(path, "open"))?;
+    let metadata = file.metadata().map_err(AuditError::io(path, "read the metadata of"))?;
+    if !metadata.is_file() {
+        return Err(AuditError::NotAFile { path: path.to_owned() });
+    }
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o002 != 0 {
+        return Err(AuditError::WorldWritable { path: path.to_owned(), mode });
+    }
+    if metadata.len() != 0 {
+        return Err(AuditError::ReopenOccupied { path: path.to_owned(), len: metadata.len() });
+    }
+    Ok(file)
 }
 
 /// Creates a new log, failing with `AlreadyExists` when there is one, and makes its directory entry durable.
@@ -734,6 +855,18 @@ impl Audit {
     /// The log, when there is one.
     pub fn log(&self) -> Option<&Arc<AuditLog>> {
         self.log.as_ref()
+    }
+
+    /// Follows a rotation of the log (see [`AuditLog::reopen`]), logging what happened. Blocks on the disk.
+    pub fn reopen(&self) {
+        let Some(log) = &self.log else { return };
+        match log.reopen() {
+            Ok(Reopened::Unchanged) => {}
+            Ok(Reopened::Continued { seq, reason }) => {
+                tracing::info!(path = %log.path().display(), seq, reason, "audit log reopened; the chain goes on in it");
+            }
+            Err(error) => tracing::error!(%error, "audit log not reopened"),
+        }
     }
 
     /// Records `event`, or logs why it could not.

@@ -47,8 +47,9 @@ enum AuditCommand {
     /// that records were cut off its end, or that its whole tail was rewritten with recomputed hashes: pass
     /// anchors taken earlier with `sealgate audit head` and kept off this host.
     Verify {
-        /// The audit log.
-        file: PathBuf,
+        /// The audit log; a rotated log's files, oldest first, are checked as one chain.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
         /// A record known from elsewhere, as `sealgate audit head` printed it: the log must still hold it
         /// unchanged. Repeatable.
         #[arg(long, value_name = "SEQ:HASH")]
@@ -60,8 +61,9 @@ enum AuditCommand {
     /// shows whether the log still holds that record unchanged. Exits 1 when the chain is broken or the log
     /// is empty, 2 when the file cannot be read.
     Head {
-        /// The audit log.
-        file: PathBuf,
+        /// The audit log; a rotated log's files, oldest first, are checked as one chain.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -71,8 +73,8 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Check { config } => sealgate::check::run(&config),
         Command::Custody(args) => sealgate::custody::tool::run(args),
-        Command::Audit(AuditCommand::Verify { file, anchor }) => sealgate::audit::verify_command(&file, &anchor),
-        Command::Audit(AuditCommand::Head { file }) => sealgate::audit::head_command(&file),
+        Command::Audit(AuditCommand::Verify { files, anchor }) => sealgate::audit::verify_command(&files, &anchor),
+        Command::Audit(AuditCommand::Head { files }) => sealgate::audit::head_command(&files),
     }
 }
 

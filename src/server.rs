@@ -209,6 +209,16 @@ impl RunningServer {
         Ok(reloaded)
     }
 
+    /// Follows a rotation of the audit log (see [`crate::audit::AuditLog::reopen`]): SIGHUP's part in log
+    /// rotation, done whether or not the configuration reloads.
+    pub async fn reopen_audit_log(&self) {
+        let audit = self.holder.audit().clone();
+        // Creating the file and making the record durable block on the disk.
+        if let Err(error) = tokio::task::spawn_blocking(move || audit.reopen()).await {
+            tracing::error!(%error, "audit log reopen did not finish");
+        }
+    }
+
     /// Stops accepting, lets in-flight requests finish for up to `grace`, then closes every connection.
     pub async fn shutdown(self, grace: Duration) {
         self.shutdown.cancel();

@@ -216,3 +216,51 @@ async fn sigterm_closes_what_outlives_the_drain_deadline() {
     assert!(signalled.elapsed() < Duration::from_secs(5), "the drain deadline bounds the exit");
     assert!(in_flight.await.unwrap().is_err(), "the request that outlived the deadline was cut");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_a_rotated_audit_log_and_its_files_verify_as_one_chain() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    f.serve("c-b", &["b.example.test"]);
+    let audit = f.dir.path().join("audit.jsonl");
+    let rotated = f.dir.path().join("audit.jsonl.1");
+    let path = f.dir.path().join("proxy.toml");
+    let config = f.config(&respond("one")).replace("[admin]", &format!("[audit]\npath = {:?}\n\n[admin]", audit));
+    write_config(&path, &config);
+    let mut daemon = Daemon::start(&path);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+
+    // logrotate's `create`: move the log aside, leave an empty file; then the signal. A configuration that is
+    // refused meanwhile does not keep the audit log from being reopened.
+    std::fs::rename(&audit, &rotated).unwrap();
+    std::fs::write(&audit, "").unwrap();
+    write_config(&path, &config.replace("[[route]]", "[[route]]\nbogus = 1"));
+    daemon.wait_for("new configuration refused");
+    daemon.signal("HUP");
+    let line = daemon.wait_for("audit log reopened");
+    assert!(line.contains("audit.jsonl") && line.contains("reopened"), "{line}");
+
+    // What happens next is recorded in the new file.
+    let grant = f.grant_of("c-a");
+    f.custody.retire_grant(&grant).unwrap();
+    assert!(eventually(APPLY_DEADLINE, || refused_with_alert(addr, "a.example.test", f.client(&[]))).await);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(10)).success());
+
+    let new = std::fs::read_to_string(&audit).unwrap();
+    let first: serde_json::Value = serde_json::from_str(new.lines().next().unwrap()).unwrap();
+    assert_eq!(first["event"], "log_continued", "{new}");
+    assert!(new.contains(r#""event":"grant_retired""#) && new.contains(r#""event":"stopped""#), "{new}");
+    assert!(!std::fs::read_to_string(&rotated).unwrap().contains("grant_retired"));
+
+    let verify = |files: &[&std::path::Path]| {
+        Command::new(env!("CARGO_BIN_EXE_sealgate")).args(["audit", "verify"]).args(files).output().unwrap()
+    };
+    let both = verify(&[&rotated, &audit]);
+    let stdout = String::from_utf8_lossy(&both.stdout);
+    assert!(both.status.success() && stdout.starts_with("ok: ") && !stdout.contains("continued"), "{stdout}");
+    let alone = verify(&[&audit]);
+    let stdout = String::from_utf8_lossy(&alone.stdout);
+    assert!(alone.status.success() && stdout.contains("continued from seq"), "{stdout}");
+    assert_eq!(verify(&[&audit, &rotated]).status.code(), Some(1), "the files in the wrong order are no chain");
+}

@@ -8,24 +8,24 @@ use std::io::Write as _;
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::{head, verify_anchored, Anchor, AuditError, VerifyReport};
+use super::{head, verify_files, Anchor, AuditError, VerifyReport};
 
 /// Exit status of a broken chain.
 const BROKEN: u8 = 1;
 /// Exit status of an unreadable file.
 const UNREADABLE: u8 = 2;
 
-/// Runs `sealgate audit verify FILE [--anchor SEQ:HASH]...`.
-pub fn verify_command(file: &Path, anchors: &[Anchor]) -> ExitCode {
-    match verify_anchored(file, anchors) {
+/// Runs `sealgate audit verify FILE... [--anchor SEQ:HASH]...` (a log's files oldest first).
+pub fn verify_command<P: AsRef<Path>>(files: &[P], anchors: &[Anchor]) -> ExitCode {
+    match verify_files(files, anchors) {
         Ok(report) => say(&summary(&report, anchors.len())),
         Err(error) => fail(&error),
     }
 }
 
-/// Runs `sealgate audit head FILE`: prints `SEQ:HASH` of the last record of a verified log.
-pub fn head_command(file: &Path) -> ExitCode {
-    match head(file) {
+/// Runs `sealgate audit head FILE...`: prints `SEQ:HASH` of the last record of a verified log.
+pub fn head_command<P: AsRef<Path>>(files: &[P]) -> ExitCode {
+    match head(files) {
         Ok(anchor) => say(&anchor.to_string()),
         Err(error) => fail(&error),
     }
@@ -42,6 +42,12 @@ fn summary(report: &VerifyReport, anchors: usize) -> String {
             report.last_hash
         ),
     };
+    if let Some(seq) = report.continued_from {
+        text.push_str(&format!(
+            ", continued from seq {} in an older file (give it first to check that link too)",
+            seq.saturating_sub(1)
+        ));
+    }
     match anchors {
         0 => {}
         1 => text.push_str(", 1 anchor matches"),

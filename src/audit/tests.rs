@@ -63,8 +63,11 @@ fn an_empty_log_verifies_with_no_record() {
     let path = log_path(&dir);
     drop(AuditLog::open(&path).unwrap());
     let report = verify(&path).unwrap();
-    assert_eq!(report, VerifyReport { records: 0, last_seq: None, last_hash: GENESIS_PREV.to_owned() });
-    assert!(matches!(head(&path), Err(AuditError::Empty { .. })));
+    assert_eq!(
+        report,
+        VerifyReport { records: 0, continued_from: None, last_seq: None, last_hash: GENESIS_PREV.to_owned() }
+    );
+    assert!(matches!(head(&[&path]), Err(AuditError::Empty { .. })));
 }
 
 #[test]
@@ -302,6 +305,108 @@ fn a_first_record_that_does_not_start_the_chain_is_refused() {
     assert!(problem.to_string().contains("64 zeros"), "{problem}");
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Rotation.
+
+fn connections_closed(log: &AuditLog, count: u64) {
+    log.record(AuditEvent::ConnectionsClosed { grant_id: "g-1", count }).unwrap();
+}
+
+#[test]
+fn a_log_moved_aside_goes_on_in_a_new_file_that_continues_the_chain() {
+    let dir = TempDir::new().unwrap();
+    let path = log_path(&dir);
+    let rotated = dir.path().join("audit.jsonl.1");
+    let log = AuditLog::open(&path).unwrap();
+    (0..3).for_each(|n| connections_closed(&log, n));
+    assert_eq!(log.reopen().unwrap(), Reopened::Unchanged, "nothing moved: nothing to do");
+    assert_eq!(lines(&path).len(), 3);
+
+    std::fs::rename(&path, &rotated).unwrap();
+    connections_closed(&log, 3); // before the signal: still in the moved file
+    assert_eq!(log.reopen().unwrap(), Reopened::Continued { seq: 4, reason: "reopened" });
+    connections_closed(&log, 5);
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let new = lines(&path);
+    assert!(new[0].starts_with(r#"{"seq":4,"#) && new[0].contains(r#""event":"log_continued","reason":"reopened""#));
+    assert!(new[0].ends_with(&format!(r#""prev":"{}"}}"#, line_hash(lines(&rotated)[3].as_bytes()))));
+
+    let alone = verify(&path).unwrap();
+    assert_eq!((alone.records, alone.continued_from, alone.last_seq), (2, Some(4), Some(5)));
+    let both = verify_files(&[&rotated, &path], &[]).unwrap();
+    assert_eq!((both.records, both.continued_from, both.last_seq), (6, None, Some(5)));
+    assert_eq!(both.last_hash, alone.last_hash);
+    // Out of order, or with a file missing in between, the files are not one chain.
+    let error = verify_files(&[&path, &rotated], &[]).unwrap_err();
+    assert!(matches!(error, AuditError::Broken { line: 1, seq: Some(0), .. }), "{error:?}");
+
+    // An anchor in the older file needs that file.
+    let anchor = Anchor { seq: 1, hash: line_hash(lines(&rotated)[1].as_bytes()) };
+    let error = verify_anchored(&path, std::slice::from_ref(&anchor)).unwrap_err();
+    assert!(matches!(error, AuditError::AnchorBeforeStart { anchored: 1, first_seq: 4, .. }), "{error}");
+    assert_eq!(verify_files(&[&rotated, &path], &[anchor]).unwrap().records, 6);
+}
+
+#[test]
+fn a_log_reopens_into_the_empty_file_a_rotation_left_but_not_into_one_with_content() {
+    let dir = TempDir::new().unwrap();
+    let path = log_path(&dir);
+    let log = AuditLog::open(&path).unwrap();
+    connections_closed(&log, 0);
+    std::fs::rename(&path, dir.path().join("old")).unwrap();
+    std::fs::write(&path, "not ours\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let error = log.reopen().unwrap_err();
+    assert!(matches!(error, AuditError::ReopenOccupied { len: 9, .. }), "{error:?}");
+    assert!(error.to_string().contains("records still go to the file sealgate had open"), "{error}");
+    connections_closed(&log, 1);
+    assert_eq!(lines(&dir.path().join("old")).len(), 2, "the records go on in the file it had");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not ours\n", "the other file is left alone");
+
+    std::fs::write(&path, "").unwrap(); // logrotate's `create`
+    assert_eq!(log.reopen().unwrap(), Reopened::Continued { seq: 2, reason: "reopened" });
+    connections_closed(&log, 3);
+    assert_eq!(verify_files(&[dir.path().join("old"), path.clone()], &[]).unwrap().records, 4);
+}
+
+#[test]
+fn a_log_cut_under_the_writer_begins_again_with_a_continuation() {
+    let dir = TempDir::new().unwrap();
+    let path = log_path(&dir);
+    let log = AuditLog::open(&path).unwrap();
+    (0..3).for_each(|n| connections_closed(&log, n));
+    // logrotate's `copytruncate`: the copy keeps the records, the file is cut to nothing.
+    let copy = dir.path().join("audit.jsonl.1");
+    std::fs::copy(&path, &copy).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+    // The next record notices, without any signal.
+    connections_closed(&log, 3);
+    let cut = lines(&path);
+    assert_eq!(cut.len(), 2);
+    assert!(cut[0].starts_with(r#"{"seq":3,"#) && cut[0].contains(r#""reason":"truncated""#), "{}", cut[0]);
+    assert_eq!(verify(&path).unwrap().continued_from, Some(3));
+    assert_eq!(verify_files(&[&copy, &path], &[]).unwrap().records, 5);
+    // Cut again, then signalled before any record: the reopen writes the continuation.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+    assert_eq!(log.reopen().unwrap(), Reopened::Continued { seq: 5, reason: "truncated" });
+    assert_eq!(verify(&path).unwrap().continued_from, Some(5));
+}
+
+#[test]
+fn only_a_continuation_may_begin_a_file_mid_chain() {
+    let dir = TempDir::new().unwrap();
+    let path = log_path(&dir);
+    let log = AuditLog::open(&path).unwrap();
+    (0..3).for_each(|n| connections_closed(&log, n));
+    std::fs::rename(&path, dir.path().join("old")).unwrap();
+    log.reopen().unwrap();
+    (4..7).for_each(|n| connections_closed(&log, n));
+    // Deleting the continuation record leaves a file that begins mid-chain with an ordinary record.
+    let lines = lines(&path);
+    write_lines(&path, &lines[1..]);
+    assert_eq!(broken(&path), (1, Some(4), LineProblem::UnexpectedSeq { expected: 0, found: 4 }));
+}
+
 #[test]
 fn a_torn_last_line_is_reported() {
     let dir = TempDir::new().unwrap();
@@ -329,7 +434,7 @@ fn truncation_and_a_rewritten_tail_pass_the_chain_but_not_an_anchor() {
     let dir = TempDir::new().unwrap();
     let path = log_path(&dir);
     write_log(&path, 5);
-    let anchor = head(&path).unwrap();
+    let anchor = head(&[&path]).unwrap();
     assert_eq!(anchor.seq, 4);
     assert_eq!(verify_anchored(&path, std::slice::from_ref(&anchor)).unwrap().records, 5);
 
@@ -432,6 +537,7 @@ const EVENT_SNAPSHOT: &str = r#"
 "event":"grant_retired","grant_id":"g-1","reason":"gone","certificates":[],"latency_us":null
 "event":"connections_closed","grant_id":"g-1","count":12
 "event":"stopped"
+"event":"log_continued","reason":"reopened"
 "#;
 
 /// Every event, optional fields both present and absent.
@@ -475,6 +581,7 @@ fn every_event<'a>(names: &'a [String], refusal: &'a Refusal) -> Vec<AuditEvent<
         AuditEvent::GrantRetired { grant_id: "g-1", reason: GrantEnd::Gone, certificates: vec![], latency_us: None },
         AuditEvent::ConnectionsClosed { grant_id: "g-1", count: 12 },
         AuditEvent::Stopped,
+        AuditEvent::LogContinued { reason: "reopened" },
     ]
 }
 
@@ -494,7 +601,7 @@ fn every_event_serialises_with_its_fields_in_order() {
         assert_eq!(verify::parse_line(expected.as_bytes()).unwrap().seq, 7);
     }
     let names: HashSet<&str> = events.iter().map(AuditEvent::name).collect();
-    assert_eq!(names.len(), 12, "one of each event: {names:?}");
+    assert_eq!(names.len(), 13, "one of each event: {names:?}");
 }
 
 /// The constructors take what the keyring reports, and nothing secret reaches the line.

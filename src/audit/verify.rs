@@ -24,6 +24,10 @@ use super::{line_hash, AuditError, Result, GENESIS_PREV, MAX_LINE_BYTES};
 pub struct VerifyReport {
     /// Number of records.
     pub records: u64,
+    /// `seq` of the first record, when the chain does not begin in the files given: their first record is a
+    /// `log_continued` (the log was reopened, after a rotation), whose `prev` links it to the last record of
+    /// the file before. `None` when the chain begins with seq 0 (or there is no record).
+    pub continued_from: Option<u64>,
     /// `seq` of the last record; `None` for an empty log.
     pub last_seq: Option<u64>,
     /// SHA-256 of the last line (what the next record's `prev` will be); [`GENESIS_PREV`] for an empty log.
@@ -142,54 +146,94 @@ pub fn verify(path: &Path) -> Result<VerifyReport> {
 
 /// Verifies the whole chain, and that every anchor's record is still in the log with the anchored hash.
 pub fn verify_anchored(path: &Path, anchors: &[Anchor]) -> Result<VerifyReport> {
-    let mut reader = open(path)?;
-    let mut report = VerifyReport { records: 0, last_seq: None, last_hash: GENESIS_PREV.to_owned() };
+    verify_files(&[path], anchors)
+}
+
+/// Verifies a log kept in several files, oldest first (a log and its rotations: `audit.jsonl.2`,
+/// `audit.jsonl.1`, `audit.jsonl`), as one chain: each file must continue the one before it, by seq and hash.
+/// The first file may itself continue an older one (it begins with a `log_continued` record); the link to that
+/// one is then unchecked, and the report says where the chain was taken up. Every anchor must fall within the
+/// files given.
+pub fn verify_files<P: AsRef<Path>>(paths: &[P], anchors: &[Anchor]) -> Result<VerifyReport> {
+    let mut report =
+        VerifyReport { records: 0, continued_from: None, last_seq: None, last_hash: GENESIS_PREV.to_owned() };
     let mut line = Vec::new();
-    loop {
-        let number = report.records + 1;
-        let broken = |seq, problem| AuditError::Broken { path: path.to_owned(), line: number, seq, problem };
-        let read = read_line(&mut reader, &mut line, MAX_LINE_BYTES).map_err(AuditError::io(path, "read"))?;
-        match read {
-            None => break,
-            Some(Read::Complete) => {}
-            Some(Read::TooLong) => return Err(broken(None, LineProblem::TooLong)),
-            Some(Read::Unterminated) => {
-                return Err(broken(parse_line(&line).ok().map(|h| h.seq), LineProblem::Unterminated))
+    for path in paths {
+        let path = path.as_ref();
+        let mut reader = open(path)?;
+        let mut number = 0;
+        loop {
+            number += 1;
+            let broken = |seq, problem| AuditError::Broken { path: path.to_owned(), line: number, seq, problem };
+            let read = read_line(&mut reader, &mut line, MAX_LINE_BYTES).map_err(AuditError::io(path, "read"))?;
+            match read {
+                None => break,
+                Some(Read::Complete) => {}
+                Some(Read::TooLong) => return Err(broken(None, LineProblem::TooLong)),
+                Some(Read::Unterminated) => {
+                    return Err(broken(parse_line(&line).ok().map(|h| h.seq), LineProblem::Unterminated))
+                }
             }
+            let head = parse_line(&line).map_err(|problem| broken(None, problem))?;
+            match report.last_seq {
+                // The chain's first record: seq 0 from nothing, or the record that takes a rotated log up.
+                None if head.seq != 0 && head.event == CONTINUED_EVENT => report.continued_from = Some(head.seq),
+                None if head.seq != 0 => {
+                    return Err(broken(Some(head.seq), LineProblem::UnexpectedSeq { expected: 0, found: head.seq }))
+                }
+                None if head.prev != GENESIS_PREV => {
+                    let problem = LineProblem::PrevMismatch { expected: GENESIS_PREV.to_owned(), found: head.prev };
+                    return Err(broken(Some(head.seq), problem));
+                }
+                None => {}
+                Some(last) => {
+                    // `last` < u64::MAX: a record at the maximum seq is refused below before it becomes `last`.
+                    let expected = last.saturating_add(1);
+                    if head.seq != expected {
+                        return Err(broken(Some(head.seq), LineProblem::UnexpectedSeq { expected, found: head.seq }));
+                    }
+                    if head.prev != report.last_hash {
+                        let problem = LineProblem::PrevMismatch { expected: report.last_hash, found: head.prev };
+                        return Err(broken(Some(head.seq), problem));
+                    }
+                }
+            }
+            if head.seq == u64::MAX {
+                return Err(broken(Some(head.seq), LineProblem::SeqOverflow));
+            }
+            let hash = line_hash(&line);
+            if let Some(anchor) = anchors.iter().find(|a| a.seq == head.seq && a.hash != hash) {
+                let problem = LineProblem::AnchorMismatch { anchored: anchor.hash.clone(), found: hash };
+                return Err(broken(Some(head.seq), problem));
+            }
+            report.records += 1;
+            report.last_seq = Some(head.seq);
+            report.last_hash = hash;
         }
-        let head = parse_line(&line).map_err(|problem| broken(None, problem))?;
-        if head.seq != report.records {
-            return Err(broken(
-                Some(head.seq),
-                LineProblem::UnexpectedSeq { expected: report.records, found: head.seq },
-            ));
+    }
+    let Some(last) = paths.last().map(|p| p.as_ref().to_owned()) else {
+        return Ok(report);
+    };
+    if let Some(first_seq) = report.continued_from {
+        if let Some(anchored) = anchors.iter().map(|a| a.seq).filter(|&seq| seq < first_seq).min() {
+            let first = paths.first().map(|p| p.as_ref().to_owned()).unwrap_or(last);
+            return Err(AuditError::AnchorBeforeStart { path: first, anchored, first_seq });
         }
-        if head.prev != report.last_hash {
-            let problem = LineProblem::PrevMismatch { expected: report.last_hash, found: head.prev };
-            return Err(broken(Some(head.seq), problem));
-        }
-        let hash = line_hash(&line);
-        if let Some(anchor) = anchors.iter().find(|a| a.seq == head.seq && a.hash != hash) {
-            let problem = LineProblem::AnchorMismatch { anchored: anchor.hash.clone(), found: hash };
-            return Err(broken(Some(head.seq), problem));
-        }
-        report.records += 1;
-        report.last_seq = Some(head.seq);
-        report.last_hash = hash;
     }
     let beyond = anchors.iter().map(|a| a.seq).filter(|&seq| report.last_seq.is_none_or(|last| seq > last)).max();
     if let Some(anchored) = beyond {
-        return Err(AuditError::Truncated { path: path.to_owned(), anchored, last_seq: report.last_seq });
+        return Err(AuditError::Truncated { path: last, anchored, last_seq: report.last_seq });
     }
     Ok(report)
 }
 
-/// Verifies the log, then returns its last record as an anchor: taking one of a broken log would vouch for it.
-pub fn head(path: &Path) -> Result<Anchor> {
-    let report = verify(path)?;
+/// Verifies the log (its files oldest first), then returns its last record as an anchor: taking one of a
+/// broken log would vouch for it.
+pub fn head<P: AsRef<Path>>(paths: &[P]) -> Result<Anchor> {
+    let report = verify_files(paths, &[])?;
     match report.last_seq {
         Some(seq) => Ok(Anchor { seq, hash: report.last_hash }),
-        None => Err(AuditError::Empty { path: path.to_owned() }),
+        None => Err(AuditError::Empty { path: paths.last().map(|p| p.as_ref().to_owned()).unwrap_or_default() }),
     }
 }
 
@@ -233,8 +277,12 @@ fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::R
 #[derive(Debug)]
 pub(super) struct RecordHead {
     pub(super) seq: u64,
+    pub(super) event: String,
     pub(super) prev: String,
 }
+
+/// The event of the record that begins a reopened log file (see [`super::AuditLog::reopen`]).
+pub(super) const CONTINUED_EVENT: &str = "log_continued";
 
 /// Parses one line (without its `\n`) as a record.
 pub(super) fn parse_line(line: &[u8]) -> std::result::Result<RecordHead, LineProblem> {
@@ -300,7 +348,7 @@ impl<'de> Visitor<'de> for HeadVisitor {
         if !is_sha256_hex(&prev) {
             return Err(de::Error::custom("`prev` is not 64 lowercase hexadecimal digits"));
         }
-        Ok(RecordHead { seq, prev })
+        Ok(RecordHead { seq, event, prev })
     }
 }
 
