@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -158,29 +158,29 @@ pub struct AccessLog {
     queue: SyncSender<String>,
     format: AccessLogFormat,
     dropped: AtomicU64,
+    /// Set to have the writer open the path again (log rotation); the writer clears it.
+    reopen: Arc<AtomicBool>,
 }
 
 impl AccessLog {
     /// Opens the log and starts its writer thread.
     pub fn open(config: &AccessLogConfig) -> Result<Arc<Self>, AccessLogError> {
-        let output: Box<dyn std::io::Write + Send> = if config.path == Path::new("-") {
-            Box::new(std::io::stdout())
-        } else {
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o640)
-                .open(&config.path)
-                .map_err(|source| AccessLogError { path: config.path.clone(), source })?;
-            Box::new(file)
-        };
+        let output = open_output(&config.path)?;
         let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer = Writer { path: config.path.clone(), reopen: Arc::clone(&reopen) };
         std::thread::Builder::new()
             .name("sealgate-access-log".to_owned())
-            .spawn(move || write_lines(lines, std::io::BufWriter::with_capacity(64 * 1024, output)))
+            .spawn(move || writer.run(lines, output))
             .map_err(|source| AccessLogError { path: config.path.clone(), source })?;
-        Ok(Arc::new(Self { queue, format: config.format, dropped: AtomicU64::new(0) }))
+        Ok(Arc::new(Self { queue, format: config.format, dropped: AtomicU64::new(0), reopen }))
+    }
+
+    /// Has the writer open the path again, for log rotation: lines already queued go to the file they were
+    /// queued for or the new one, none is lost. Done within the writer's flush period (100 ms); a path that
+    /// cannot be opened is logged and the writer goes on with the file it had.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     /// Queues one record; drops it (and counts it) if the writer is behind.
@@ -203,28 +203,69 @@ impl AccessLog {
     }
 }
 
-/// The writer thread: writes lines as they come, flushes when the queue runs dry (or every 100 ms under
-/// constant load), exits when the log is dropped.
-fn write_lines(lines: Receiver<String>, mut out: std::io::BufWriter<Box<dyn std::io::Write + Send>>) {
-    let mut last_flush = Instant::now();
-    loop {
-        match lines.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
-                if last_flush.elapsed() >= Duration::from_millis(100) {
-                    let _ = out.flush();
-                    last_flush = Instant::now();
+/// Where lines go: a file opened to append (created 0640), or standard output for `-`.
+fn open_output(path: &Path) -> Result<Output, AccessLogError> {
+    let output: Box<dyn std::io::Write + Send> = if path == Path::new("-") {
+        Box::new(std::io::stdout())
+    } else {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|source| AccessLogError { path: path.to_owned(), source })?;
+        Box::new(file)
+    };
+    Ok(std::io::BufWriter::with_capacity(64 * 1024, output))
+}
+
+type Output = std::io::BufWriter<Box<dyn std::io::Write + Send>>;
+
+/// The writer thread's own state.
+struct Writer {
+    path: PathBuf,
+    reopen: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Writes lines as they come, flushes when the queue runs dry (or every 100 ms under constant load), opens
+    /// the path again when asked, exits when the log is dropped.
+    fn run(self, lines: Receiver<String>, mut out: Output) {
+        let mut last_flush = Instant::now();
+        loop {
+            let received = lines.recv_timeout(Duration::from_millis(100));
+            // Before the line is written: a line received after the request to reopen goes to the new file.
+            if self.reopen.swap(false, Ordering::Relaxed) {
+                let _ = out.flush();
+                match open_output(&self.path) {
+                    Ok(reopened) => out = reopened,
+                    Err(error) => tracing::error!(%error, "access log not reopened; lines go on to the file it had"),
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                last_flush = Instant::now();
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
+            let disconnected = matches!(received, Err(RecvTimeoutError::Disconnected));
+            write_received(received, &mut out, &mut last_flush);
+            if disconnected {
                 return;
             }
+        }
+    }
+}
+
+/// Writes one received line, or flushes when the queue ran dry or closed.
+fn write_received(received: Result<String, RecvTimeoutError>, out: &mut Output, last_flush: &mut Instant) {
+    match received {
+        Ok(line) => {
+            let _ = out.write_all(line.as_bytes());
+            let _ = out.write_all(b"\n");
+            if last_flush.elapsed() >= Duration::from_millis(100) {
+                let _ = out.flush();
+                *last_flush = Instant::now();
+            }
+        }
+        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+            let _ = out.flush();
+            *last_flush = Instant::now();
         }
     }
 }

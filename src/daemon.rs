@@ -3,7 +3,7 @@
 //! - SIGTERM or SIGINT: stop accepting, let in-flight requests finish within `timeouts.drain`, close the rest.
 //! - SIGHUP, or the configuration file changing on disk: read it again and apply what can change while running
 //!   ([`RunningServer::reload`]). A file that does not load is refused with its error and the running
-//!   configuration stays. SIGHUP also reopens the audit log (log rotation), whether or not the file reloads.
+//!   configuration stays. SIGHUP also reopens the logs (log rotation), whether or not the file reloads.
 //!
 //! The configuration file is watched through its directory (editors and Kubernetes ConfigMap volumes replace
 //! files rather than write them), and only a change of its contents triggers a reload.
@@ -44,7 +44,7 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
-                server.reopen_audit_log().await;
+                server.reopen_logs().await;
                 if let Some(applied) = reload(&server, &mut file, "SIGHUP").await {
                     drain = applied;
                 }

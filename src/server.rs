@@ -209,9 +209,13 @@ impl RunningServer {
         Ok(reloaded)
     }
 
-    /// Follows a rotation of the audit log (see [`crate::audit::AuditLog::reopen`]): SIGHUP's part in log
-    /// rotation, done whether or not the configuration reloads.
-    pub async fn reopen_audit_log(&self) {
+    /// Reopens the logs at their paths, for log rotation: the running configuration's access log, and the audit
+    /// log (see [`crate::audit::AuditLog::reopen`]). SIGHUP's part in log rotation, done whether or not the
+    /// configuration then reloads.
+    pub async fn reopen_logs(&self) {
+        if let Some(access_log) = self.shared.settings.load().proxy.access_log() {
+            access_log.reopen();
+        }
         let audit = self.holder.audit().clone();
         // Creating the file and making the record durable block on the disk.
         if let Err(error) = tokio::task::spawn_blocking(move || audit.reopen()).await {

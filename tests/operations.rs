@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -218,27 +219,49 @@ async fn sigterm_closes_what_outlives_the_drain_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reopens_a_rotated_audit_log_and_its_files_verify_as_one_chain() {
+async fn sighup_reopens_rotated_logs_and_the_audit_files_verify_as_one_chain() {
     let f = Fixture::new();
     f.serve("c-a", &["a.example.test"]);
     f.serve("c-b", &["b.example.test"]);
     let audit = f.dir.path().join("audit.jsonl");
     let rotated = f.dir.path().join("audit.jsonl.1");
+    let access = f.dir.path().join("access.log");
+    let access_rotated = f.dir.path().join("access.log.1");
     let path = f.dir.path().join("proxy.toml");
-    let config = f.config(&respond("one")).replace("[admin]", &format!("[audit]\npath = {:?}\n\n[admin]", audit));
+    let config = f
+        .config(&respond("one"))
+        .replace("[admin]", &format!("[audit]\npath = {audit:?}\n\n[access_log]\npath = {access:?}\n\n[admin]"));
     write_config(&path, &config);
     let mut daemon = Daemon::start(&path);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    let client = f.client(&[]);
+    let request = |path: &'static str| {
+        let client = Arc::clone(&client);
+        async move {
+            let tls = connect(addr, "b.example.test", client).await.unwrap();
+            text(http1(tls).await.send_request(get("b.example.test", path)).await.unwrap()).await.0
+        }
+    };
+    assert_eq!(request("/before").await, StatusCode::OK);
+    assert!(wait_until(APPLY_DEADLINE, || std::fs::read_to_string(&access).unwrap().contains("/before")).await);
 
-    // logrotate's `create`: move the log aside, leave an empty file; then the signal. A configuration that is
-    // refused meanwhile does not keep the audit log from being reopened.
+    // logrotate's `create`: move the logs aside, leave empty files; then the signal. A configuration that is
+    // refused meanwhile does not keep the logs from being reopened.
     std::fs::rename(&audit, &rotated).unwrap();
     std::fs::write(&audit, "").unwrap();
+    std::fs::rename(&access, &access_rotated).unwrap();
     write_config(&path, &config.replace("[[route]]", "[[route]]\nbogus = 1"));
     daemon.wait_for("new configuration refused");
     daemon.signal("HUP");
     let line = daemon.wait_for("audit log reopened");
     assert!(line.contains("audit.jsonl") && line.contains("reopened"), "{line}");
+    assert_eq!(request("/after").await, StatusCode::OK);
+    assert!(
+        wait_until(APPLY_DEADLINE, || std::fs::read_to_string(&access).is_ok_and(|t| t.contains("/after"))).await,
+        "the access log goes on in a new file at its path"
+    );
+    let old_access = std::fs::read_to_string(&access_rotated).unwrap();
+    assert!(old_access.contains("/before") && !old_access.contains("/after"), "{old_access}");
 
     // What happens next is recorded in the new file.
     let grant = f.grant_of("c-a");

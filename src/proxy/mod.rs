@@ -116,6 +116,11 @@ impl Proxy {
         })
     }
 
+    /// The access log requests are written to, if any.
+    pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
+        self.access_log.as_ref()
+    }
+
     /// Answers one request.
     pub async fn handle(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
         let started = (Instant::now(), SystemTime::now());
