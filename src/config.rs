@@ -258,8 +258,10 @@ pub enum Balance {
 /// `outlier = { ... }`: passive ejection of an upstream after consecutive failures.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutlierConfig {
-    /// Failures in a row (connection errors, timeouts) that eject an upstream; 0 turns ejection off.
+    /// Failures in a row (connection errors, timeouts) that eject an upstream; 0 turns this ejection off.
     pub consecutive_failures: u32,
+    /// 5xx responses (or failures) in a row that eject an upstream; 0 (the default) turns this ejection off.
+    pub consecutive_5xx: u32,
     /// The first ejection's length; the n-th ejection in a row lasts n times this.
     pub base_ejection_time: Duration,
     /// The longest ejection.
@@ -270,6 +272,7 @@ impl Default for OutlierConfig {
     fn default() -> Self {
         Self {
             consecutive_failures: 5,
+            consecutive_5xx: 0,
             base_ejection_time: Duration::from_secs(10),
             max_ejection_time: Duration::from_secs(300),
         }
@@ -635,6 +638,7 @@ type HeaderTable = std::collections::BTreeMap<String, Spanned<String>>;
 #[serde(deny_unknown_fields)]
 struct RawOutlier {
     consecutive_failures: Option<u32>,
+    consecutive_5xx: Option<u32>,
     #[serde(default, with = "humantime_serde::option")]
     base_ejection_time: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -1273,6 +1277,7 @@ impl Context<'_> {
         let o = raw.get_ref();
         let config = OutlierConfig {
             consecutive_failures: o.consecutive_failures.unwrap_or(defaults.consecutive_failures),
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(defaults.consecutive_5xx),
             base_ejection_time: o.base_ejection_time.unwrap_or(defaults.base_ejection_time),
             max_ejection_time: o.max_ejection_time.unwrap_or(defaults.max_ejection_time),
         };

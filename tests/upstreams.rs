@@ -178,6 +178,49 @@ async fn a_failing_upstream_is_ejected_and_readmitted_when_its_ejection_ends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_eject_an_upstream_only_where_consecutive_5xx_is_set() {
+    let f = fixture();
+    let failing = Upstream::start_with(|_| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"broken")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    })
+    .await;
+    let good = Upstream::start().await;
+    let upstreams = [failing.url(), good.url()];
+    let routes = format!(
+        "{}{}",
+        route("/strict", &upstreams, "outlier = { consecutive_5xx = 2, base_ejection_time = \"1m\" }"),
+        route("/", &upstreams, "")
+    );
+    let server = f.start(&routes).await;
+    let admin = server.admin_addr.unwrap();
+    let mut c = connection(&f, &server).await;
+
+    // By default a 5xx is an answer: passed to the client, never an ejection (round robin keeps alternating).
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        statuses.push(send(&mut c, "GET", &format!("/r{i}"), "").await.0.as_u16());
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 503).count(), 3, "{statuses:?}");
+    assert_eq!(healthy(admin, 1, &failing.url()).await, Some(1.0));
+
+    // With `consecutive_5xx = 2`, the second 503 in a row from the upstream ejects it: then every request
+    // goes to the other one.
+    let before = failing.count();
+    let mut failed = 0;
+    for i in 0..8 {
+        if send(&mut c, "GET", &format!("/strict/{i}"), "").await.0 == StatusCode::SERVICE_UNAVAILABLE {
+            failed += 1;
+        }
+    }
+    assert_eq!((failed, failing.count() - before), (2, 2), "two 503s, then none");
+    assert_eq!(healthy(admin, 0, &failing.url()).await, Some(0.0));
+    assert_eq!(healthy(admin, 0, &good.url()).await, Some(1.0));
+    assert_eq!(healthy(admin, 1, &failing.url()).await, Some(1.0), "the other route judges on its own");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_take_an_unhealthy_upstream_out_and_bring_it_back() {
     let f = fixture();
     let passing = Arc::new(AtomicBool::new(true));

@@ -94,17 +94,26 @@ impl Endpoint {
         InFlight(Arc::clone(self))
     }
 
-    /// An attempt got response headers.
-    pub fn succeeded(&self) {
+    /// An attempt got response headers with `status`.
+    pub fn answered(self: &Arc<Self>, status: http::StatusCode) {
         self.metrics.attempt(UpstreamResult::Ok);
-        self.outlier.success();
+        if status.is_server_error() {
+            self.judged(self.outlier.server_error(self.clock.now()), "server errors");
+        } else {
+            self.outlier.success();
+        }
     }
 
     /// An attempt failed with `result` (an error or a timeout).
     pub fn failed(self: &Arc<Self>, result: UpstreamResult) {
         self.metrics.attempt(result);
-        let Verdict::Ejected { until, duration } = self.outlier.failure(self.clock.now()) else { return };
-        tracing::warn!(route = self.route, upstream = %self.name, ?duration, "upstream ejected after consecutive failures");
+        self.judged(self.outlier.failure(self.clock.now()), "failures");
+    }
+
+    /// Acts on the outlier detection's verdict on the last outcome (`what`: what came in a row).
+    fn judged(self: &Arc<Self>, verdict: Verdict, what: &str) {
+        let Verdict::Ejected { until, duration } = verdict else { return };
+        tracing::warn!(route = self.route, upstream = %self.name, ?duration, "upstream ejected after consecutive {what}");
         self.publish();
         // Publish the readmission when the ejection ends. Failing outside a runtime cannot happen on the request
         // path; if it did, the gauge would only be late until the next change.

@@ -3,7 +3,7 @@
 //! - `pool`: the connection pool (HTTP/1.1 to `http` and `https` upstreams, TLS verified against the route's
 //!   `ca`);
 //! - `balancer`: `round_robin` or `least_requests`;
-//! - `outlier`: passive ejection after consecutive transport failures;
+//! - `outlier`: passive ejection after consecutive transport failures (or, when configured, 5xx responses);
 //! - `health`: active HTTP health checks, one task per upstream, stopped when the group is dropped;
 //! - `retry`: which failed requests are sent again;
 //! - `endpoint`: one upstream's state (requests in flight, health verdict, ejection, metrics).
@@ -175,7 +175,7 @@ impl UpstreamGroup {
             let in_flight = endpoint.start();
             let error = match tokio::time::timeout_at(deadline, self.pool.send(&endpoint.connections, request)).await {
                 Ok(Ok(response)) => {
-                    endpoint.succeeded();
+                    endpoint.answered(response.status());
                     let (mut head, body) = response.into_parts();
                     // A switch of protocols keeps its `Upgrade` for the proxy to check (see `proxy::upgrade`), which
                     // then removes the hop-by-hop headers itself.
