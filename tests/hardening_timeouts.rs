@@ -322,8 +322,10 @@ async fn a_client_that_stops_reading_a_response_is_disconnected_after_the_send_t
     let body = Bytes::from(vec![b'x'; BODY]);
     let upstream = Upstream::start_with(move |_| hyper::Response::new(Full::new(body.clone()))).await;
     let routes = format!("[[route]]\nupstream = \"{}\"\n", upstream.url());
-    // The request deadline and the idle timer cannot close these connections: a request is in flight.
-    let server = server_with(&f, &routes, "[timeouts]\nsend = \"300ms\"\nrequest = \"60s\"").await;
+    // The request deadline and the idle timer cannot close these connections: a request is in flight. The
+    // timeout is well above the reader's pauses: on a loaded 2-core runner a 150 ms sleep and the reads around
+    // it took more than 300 ms.
+    let server = server_with(&f, &routes, "[timeouts]\nsend = \"1s\"\nrequest = \"60s\"").await;
     let admin = server.admin_addr.unwrap();
     let request = format!("GET /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
 
