@@ -178,6 +178,8 @@ pub struct RouteConfig {
     pub response_timeout: Option<Duration>,
     /// Headers set on or removed from this route's responses, over the top-level `[response_headers]`.
     pub response_headers: Vec<HeaderRule>,
+    /// The per-client request rate limit, if any.
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// A header a configuration sets or removes.
@@ -201,6 +203,17 @@ impl HeaderRule {
             }
         }
     }
+}
+
+/// `rate_limit = { rate = "10/s", burst = 20 }`: how many requests one client may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Requests allowed per `per` at the steady rate.
+    pub requests: u32,
+    /// The period of `requests`: a second or a minute.
+    pub per: Duration,
+    /// Requests a client may send at once (at least 1).
+    pub burst: u32,
 }
 
 /// `prefix_rewrite`: the part of the request path that the route's `path` matched is replaced before the
@@ -629,6 +642,14 @@ struct RawRoute {
     request_headers: Option<Spanned<HeaderTable>>,
     #[serde(default)]
     response_headers: HeaderTable,
+    rate_limit: Option<Spanned<RawRateLimit>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    rate: String,
+    burst: Option<u32>,
 }
 
 /// A table of header names and values, as written (`""` removes the header).
@@ -1176,7 +1197,28 @@ impl Context<'_> {
         };
         let response_headers =
             self.header_rules(&raw.response_headers, &key("response_headers"), RESPONSE_HEADERS_MANAGED)?;
-        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers })
+        let rate_limit = raw.rate_limit.as_ref().map(|r| self.rate_limit(r, &key("rate_limit"))).transpose()?;
+        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers, rate_limit })
+    }
+
+    fn rate_limit(&self, raw: &Spanned<RawRateLimit>, key: &str) -> Result<RateLimitConfig> {
+        let r = raw.get_ref();
+        let parsed = r.rate.split_once('/').and_then(|(n, unit)| {
+            let per = match unit.trim() {
+                "s" => Duration::from_secs(1),
+                "m" => Duration::from_secs(60),
+                _ => return None,
+            };
+            n.trim().parse::<u32>().ok().filter(|&n| n >= 1).map(|n| (n, per))
+        });
+        let Some((requests, per)) = parsed else {
+            return Err(self.at(raw, key, "rate must be requests per second or minute, e.g. \"10/s\" or \"300/m\""));
+        };
+        let burst = r.burst.unwrap_or(requests);
+        if !(1..=1_000_000).contains(&burst) {
+            return Err(self.at(raw, key, "burst must be between 1 and 1000000"));
+        }
+        Ok(RateLimitConfig { requests, per, burst })
     }
 
     fn upstream_group(
@@ -1713,6 +1755,33 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
             let err = route(extra);
             assert!(err.to_string().contains(needle), "{extra}: {err}");
             assert_eq!(err.position.map(|p| p.0), Some(line), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_parse_per_second_or_minute_with_a_burst() {
+        let route =
+            |limit: &str| parse(&format!("{MINIMAL}\n[[route]]\nrespond = {{ status = 200 }}\nrate_limit = {limit}\n"));
+        let limit = |text: &str| route(text).unwrap().routes[0].rate_limit.clone().unwrap();
+        assert_eq!(
+            limit("{ rate = \"10/s\" }"),
+            RateLimitConfig { requests: 10, per: Duration::from_secs(1), burst: 10 },
+            "the burst defaults to the rate's count"
+        );
+        assert_eq!(
+            limit("{ rate = \"300/m\", burst = 5 }"),
+            RateLimitConfig { requests: 300, per: Duration::from_secs(60), burst: 5 }
+        );
+        for (text, needle) in [
+            ("{ rate = \"10\" }", "route[0].rate_limit: rate must be requests per second or minute"),
+            ("{ rate = \"0/s\" }", "rate must be"),
+            ("{ rate = \"10/h\" }", "rate must be"),
+            ("{ rate = \"10/s\", burst = 0 }", "burst must be between 1 and 1000000"),
+            ("{ rate = \"10/s\", per_ip = true }", "unknown field `per_ip`"),
+        ] {
+            let err = route(text).unwrap_err();
+            assert!(err.to_string().contains(needle), "{text}: {err}");
+            assert_eq!(err.position.map(|p| p.0), Some(11), "{text}: {err}");
         }
     }
 

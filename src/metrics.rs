@@ -71,6 +71,8 @@ pub enum RequestRefusal {
     /// HTTP/1, 400 from hyper's parser: a head that is not HTTP/1 (bad syntax, invalid framing headers, an
     /// HTTP/2 preface on an HTTP/1 connection).
     Malformed,
+    /// 429: the client went over its route's `rate_limit`.
+    RateLimited,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -126,3 +126,68 @@ async fn the_access_log_has_one_line_per_request_and_no_secret() {
         }
     }
 }
+
+/// Sends `request` once the connection is ready; returns the response's status and its `retry-after` and
+/// `connection` headers (`-` when absent), having read its body.
+async fn exchange(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    request: http::Request<Full<Bytes>>,
+) -> http::Response<()> {
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let header = |name: &str| response.headers().get(name).cloned().unwrap_or(http::HeaderValue::from_static("-"));
+    let head = http::Response::builder()
+        .status(response.status())
+        .header("retry-after", header("retry-after"))
+        .header("connection", header("connection"))
+        .body(())
+        .unwrap();
+    text(response).await;
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_rate_limit_answers_429_to_a_client_over_it_before_the_upstream_sees_the_request() {
+    let f = Fixture::new();
+    f.serve("c-a", &["app.example.test"]);
+    let upstream = Upstream::start().await;
+    let routes = format!(
+        "[[route]]\npath = \"/limited\"\nupstream = \"{}\"\nrate_limit = {{ rate = \"1/m\", burst = 3 }}\n{HELLO}",
+        upstream.url()
+    );
+    let server = f.start(&routes).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"http/1.1"])).await.unwrap();
+    let mut sender = http1(tls).await;
+    // The burst: three at once; the fourth is refused with the wait until the next one is allowed.
+    for i in 0..3 {
+        assert_eq!(
+            exchange(&mut sender, get("app.example.test", &format!("/limited/{i}"))).await.status(),
+            StatusCode::OK
+        );
+    }
+    let refused = exchange(&mut sender, get("app.example.test", "/limited/3")).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((55..=60).contains(&wait), "one request a minute: {wait} s to wait");
+    assert_eq!(refused.headers()["connection"], "-", "a bodiless request keeps its connection");
+    // Other routes are not limited, on the same connection.
+    assert_eq!(exchange(&mut sender, get("app.example.test", "/")).await.status(), StatusCode::OK);
+    // A refused request with a body closes the HTTP/1 connection: its body is not read as a request.
+    let post = http::Request::post("/limited/post")
+        .header("host", "app.example.test")
+        .body(Full::new(Bytes::from_static(b"payload")))
+        .unwrap();
+    let refused = exchange(&mut sender, post).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()["connection"], "close");
+
+    // The limit is the client's, whatever the connection or protocol.
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let response = http2(tls).await.send_request(get_h2("app.example.test", "/limited/h2")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    assert_eq!(upstream.count(), 3, "refused requests never reach the upstream");
+    let admin = server.admin_addr.unwrap();
+    let (_, metrics) = admin_get(admin, "/metrics").await;
+    assert!(metrics.contains("sealgate_requests_refused_total{reason=\"RateLimited\"} 3"), "{metrics}");
+}

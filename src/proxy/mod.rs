@@ -2,6 +2,7 @@
 //!
 //! - [`limits`]: request limits and framing checks, before anything else;
 //! - [`routes`]: which route answers a host and path;
+//! - [`rate_limit`]: a route's per-client request rate limit (429);
 //! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
 //! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
 //! - [`respond`]: answers sealgate writes itself;
@@ -13,6 +14,7 @@
 
 pub mod forward;
 pub mod limits;
+pub mod rate_limit;
 pub mod respond;
 pub mod routes;
 pub mod upgrade;
@@ -30,7 +32,7 @@ use hyper::body::Incoming;
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
 use crate::config::{Config, HeaderRule, HstsConfig};
 use crate::keyring::CertificateIdentity;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestRefusal};
 use crate::names;
 use crate::tls::CertificateStore;
 use forward::{ClientSide, ForwardingCache};
@@ -172,6 +174,15 @@ impl Proxy {
             Ok(found) => found,
             Err(status) => return Answer::of(respond::error(status)),
         };
+        if let Some(Err(limited)) = route.rate_limit.as_ref().map(|limiter| limiter.check(connection.peer.ip())) {
+            self.metrics.request_refused(RequestRefusal::RateLimited);
+            let mut response = respond::too_many_requests(limited.retry_after);
+            if !http_body::Body::is_end_stream(request.body()) {
+                // A body the client may still be sending must not be read as the next request.
+                response = self.close_after(response, version);
+            }
+            return Answer { response, upstream: None, route: Some(route) };
+        }
         let (response, upstream) = match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
             Action::Upstream(upstreams) => {

@@ -20,6 +20,14 @@ pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
     r
 }
 
+/// `429 Too Many Requests`, with `Retry-After` in whole seconds (at least 1).
+pub fn too_many_requests(retry_after: std::time::Duration) -> Response<ProxyBody> {
+    let mut r = error(StatusCode::TOO_MANY_REQUESTS);
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    r
+}
+
 /// An error answer with a one-line plain-text body.
 pub fn error(status: StatusCode) -> Response<ProxyBody> {
     let text: &'static str = match status {
@@ -31,6 +39,7 @@ pub fn error(status: StatusCode) -> Response<ProxyBody> {
         StatusCode::REQUEST_TIMEOUT => "request timeout: the request was not received in time\n",
         StatusCode::PAYLOAD_TOO_LARGE => "payload too large\n",
         StatusCode::URI_TOO_LONG => "uri too long\n",
+        StatusCode::TOO_MANY_REQUESTS => "too many requests: slow down\n",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request header fields too large\n",
         StatusCode::BAD_GATEWAY => "bad gateway: the upstream is unreachable\n",
         StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the upstream did not answer in time\n",

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
+use super::rate_limit::RateLimiter;
 use super::upstream::{UpstreamError, UpstreamGroup};
 use crate::config::{HeaderRule, ProxyConfig, RouteAction, RouteConfig};
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ pub struct Route {
     /// Headers set on or removed from the route's responses: the top-level `[response_headers]` with the
     /// route's own in place of those of the same name, merged once here.
     pub response_headers: Box<[HeaderRule]>,
+    /// The route's per-client rate limit.
+    pub rate_limit: Option<RateLimiter>,
 }
 
 /// What a route does.
@@ -109,6 +112,7 @@ impl RouteTable {
                     },
                     response_timeout: r.response_timeout.unwrap_or(proxy.response_timeout),
                     response_headers: merge_header_rules(response_headers, &r.response_headers),
+                    rate_limit: r.rate_limit.as_ref().map(RateLimiter::new),
                 })
             })
             .collect::<Result<_, UpstreamError>>()?;
