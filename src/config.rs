@@ -180,6 +180,8 @@ pub struct RouteConfig {
     pub response_headers: Vec<HeaderRule>,
     /// The per-client request rate limit, if any.
     pub rate_limit: Option<RateLimitConfig>,
+    /// Which clients the route answers (403 for the others).
+    pub clients: ClientFilter,
 }
 
 /// A header a configuration sets or removes.
@@ -214,6 +216,31 @@ pub struct RateLimitConfig {
     pub per: Duration,
     /// Requests a client may send at once (at least 1).
     pub burst: u32,
+}
+
+/// `allow` and `deny`: which client addresses a route answers. A client in `deny` is refused; otherwise, when
+/// `allow` is set, a client in none of its blocks is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientFilter {
+    /// Blocks a client must be in, when not empty.
+    pub allow: Vec<ipnet::IpNet>,
+    /// Blocks refused.
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+impl ClientFilter {
+    /// Whether the route answers `client` (an IPv4-mapped IPv6 address is its IPv4 address, as a dual-stack
+    /// listener reports IPv4 clients).
+    pub fn admits(&self, client: std::net::IpAddr) -> bool {
+        let client = client.to_canonical();
+        let within = |blocks: &[ipnet::IpNet]| blocks.iter().any(|block| block.contains(&client));
+        !within(&self.deny) && (self.allow.is_empty() || within(&self.allow))
+    }
+
+    /// Whether the filter lets every client through.
+    pub fn is_open(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
 }
 
 /// `prefix_rewrite`: the part of the request path that the route's `path` matched is replaced before the
@@ -643,6 +670,8 @@ struct RawRoute {
     #[serde(default)]
     response_headers: HeaderTable,
     rate_limit: Option<Spanned<RawRateLimit>>,
+    allow: Option<Spanned<Vec<String>>>,
+    deny: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -1198,7 +1227,35 @@ impl Context<'_> {
         let response_headers =
             self.header_rules(&raw.response_headers, &key("response_headers"), RESPONSE_HEADERS_MANAGED)?;
         let rate_limit = raw.rate_limit.as_ref().map(|r| self.rate_limit(r, &key("rate_limit"))).transpose()?;
-        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers, rate_limit })
+        let clients = ClientFilter {
+            allow: self.ip_blocks(raw.allow.as_ref(), &key("allow"))?,
+            deny: self.ip_blocks(raw.deny.as_ref(), &key("deny"))?,
+        };
+        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers, rate_limit, clients })
+    }
+
+    /// CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
+    fn ip_blocks(&self, raw: Option<&Spanned<Vec<String>>>, key: &str) -> Result<Vec<ipnet::IpNet>> {
+        let Some(raw) = raw else { return Ok(Vec::new()) };
+        if raw.get_ref().is_empty() {
+            return Err(self.at(raw, key, "lists no address: leave it out instead"));
+        }
+        raw.get_ref()
+            .iter()
+            .map(|text| {
+                let text = text.trim();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|block| block.trunc())
+                    .map_err(|_| {
+                        self.at(
+                            raw,
+                            key,
+                            format_args!("{text:?} is not an IP address or CIDR block, e.g. \"10.0.0.0/8\""),
+                        )
+                    })
+            })
+            .collect()
     }
 
     fn rate_limit(&self, raw: &Spanned<RawRateLimit>, key: &str) -> Result<RateLimitConfig> {
@@ -1782,6 +1839,35 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
             let err = route(text).unwrap_err();
             assert!(err.to_string().contains(needle), "{text}: {err}");
             assert_eq!(err.position.map(|p| p.0), Some(11), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn client_filters_parse_blocks_and_addresses_and_deny_wins() {
+        let route = |keys: &str| parse(&format!("{MINIMAL}\n[[route]]\nrespond = {{ status = 200 }}\n{keys}\n"));
+        let filter = route("allow = [\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.7\"]\ndeny = [\"10.9.0.0/16\"]")
+            .unwrap()
+            .routes[0]
+            .clients
+            .clone();
+        let admits = |ip: &str| filter.admits(ip.parse().unwrap());
+        assert!(admits("10.1.2.3") && admits("192.0.2.7") && admits("2001:db8::5") && admits("::ffff:10.1.2.3"));
+        assert!(!admits("10.9.1.1"), "deny wins over allow");
+        assert!(!admits("192.0.2.8") && !admits("2001:db9::1"), "not in the allow list");
+        let open = route("").unwrap().routes[0].clients.clone();
+        assert!(open.is_open() && open.admits("203.0.113.1".parse().unwrap()));
+        let only_deny = route("deny = [\"203.0.113.0/24\"]").unwrap().routes[0].clients.clone();
+        assert!(!only_deny.admits("203.0.113.9".parse().unwrap()) && only_deny.admits("198.51.100.1".parse().unwrap()));
+        // A block written with host bits is the block it names.
+        let trunc = route("allow = [\"10.1.2.3/8\"]").unwrap().routes[0].clients.clone();
+        assert_eq!(trunc.allow[0].to_string(), "10.0.0.0/8");
+        for (keys, needle) in [
+            ("allow = [\"10.0.0.0/33\"]", "route[0].allow: \"10.0.0.0/33\" is not an IP address or CIDR block"),
+            ("deny = [\"localhost\"]", "route[0].deny: \"localhost\" is not"),
+            ("allow = []", "route[0].allow: lists no address"),
+        ] {
+            let err = route(keys).unwrap_err();
+            assert!(err.to_string().contains(needle), "{keys}: {err}");
         }
     }
 

@@ -73,6 +73,8 @@ pub enum RequestRefusal {
     Malformed,
     /// 429: the client went over its route's `rate_limit`.
     RateLimited,
+    /// 403: the client's address is not among those its route answers (`allow`, `deny`).
+    Forbidden,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -173,3 +173,31 @@ async fn a_reload_turns_the_header_off_for_new_connections_on_the_same_socket() 
     assert_eq!(status, StatusCode::OK);
     assert_eq!(upstream.last().headers["x-forwarded-for"], "203.0.113.7", "the open connection keeps its client");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_allow_list_judges_the_client_the_header_names() {
+    let f = Fixture::new();
+    f.serve("c-app", &[HOST]);
+    let routes =
+        "[[route]]\npath = \"/office\"\nallow = [\"203.0.113.0/24\"]\ndeny = [\"203.0.113.66\", \"127.0.0.1\"]\n\
+                  respond = { status = 200, body = \"office\" }\n";
+    let text_config =
+        f.config(routes).replacen("bind = \"127.0.0.1:0\"\n", "bind = \"127.0.0.1:0\"\nproxy_protocol = true\n", 1);
+    let server = start_server(f.dir.path(), &text_config).await;
+    let listener = server.tls_addrs[0];
+    let status = |client: &'static str| {
+        let f = &f;
+        async move {
+            let header = v2_header(client.parse().unwrap(), listener);
+            let tls = connect_after(listener, &header, 1, f, b"http/1.1").await.unwrap();
+            text(http1(tls).await.send_request(get(HOST, "/office")).await.unwrap()).await
+        }
+    };
+    // The TCP peer (the load balancer, 127.0.0.1, denied here) is not the client: the header's address is.
+    assert_eq!(status("203.0.113.7:40000").await, (StatusCode::OK, "office".to_owned()));
+    assert_eq!(status("203.0.113.66:40000").await.0, StatusCode::FORBIDDEN, "denied within the allowed block");
+    assert_eq!(status("198.51.100.9:40000").await.0, StatusCode::FORBIDDEN, "outside the allowed block");
+    let admin = server.admin_addr.unwrap();
+    let (_, metrics) = admin_get(admin, "/metrics").await;
+    assert!(metrics.contains("sealgate_requests_refused_total{reason=\"Forbidden\"} 2"), "{metrics}");
+}

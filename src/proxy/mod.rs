@@ -174,9 +174,17 @@ impl Proxy {
             Ok(found) => found,
             Err(status) => return Answer::of(respond::error(status)),
         };
-        if let Some(Err(limited)) = route.rate_limit.as_ref().map(|limiter| limiter.check(connection.peer.ip())) {
-            self.metrics.request_refused(RequestRefusal::RateLimited);
-            let mut response = respond::too_many_requests(limited.retry_after);
+        let client = connection.peer.ip();
+        let refusal = if route.clients.as_ref().is_some_and(|clients| !clients.admits(client)) {
+            tracing::debug!(peer = %connection.peer, route = route.index, "403: the route does not answer this client");
+            Some((respond::error(StatusCode::FORBIDDEN), RequestRefusal::Forbidden))
+        } else if let Some(Err(limited)) = route.rate_limit.as_ref().map(|limiter| limiter.check(client)) {
+            Some((respond::too_many_requests(limited.retry_after), RequestRefusal::RateLimited))
+        } else {
+            None
+        };
+        if let Some((mut response, reason)) = refusal {
+            self.metrics.request_refused(reason);
             if !http_body::Body::is_end_stream(request.body()) {
                 // A body the client may still be sending must not be read as the next request.
                 response = self.close_after(response, version);

@@ -33,6 +33,7 @@ pub fn error(status: StatusCode) -> Response<ProxyBody> {
     let text: &'static str = match status {
         StatusCode::BAD_REQUEST => "bad request\n",
         StatusCode::NOT_FOUND => "no route for this host and path\n",
+        StatusCode::FORBIDDEN => "forbidden\n",
         StatusCode::MISDIRECTED_REQUEST => {
             "misdirected request: this connection's certificate does not serve this host\n"
         }

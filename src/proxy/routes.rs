@@ -12,7 +12,7 @@ use http::{HeaderValue, StatusCode};
 
 use super::rate_limit::RateLimiter;
 use super::upstream::{UpstreamError, UpstreamGroup};
-use crate::config::{HeaderRule, ProxyConfig, RouteAction, RouteConfig};
+use crate::config::{ClientFilter, HeaderRule, ProxyConfig, RouteAction, RouteConfig};
 use crate::metrics::Metrics;
 use crate::names;
 
@@ -32,6 +32,8 @@ pub struct Route {
     pub response_headers: Box<[HeaderRule]>,
     /// The route's per-client rate limit.
     pub rate_limit: Option<RateLimiter>,
+    /// Which clients the route answers; `None` when it answers all.
+    pub clients: Option<ClientFilter>,
 }
 
 /// What a route does.
@@ -113,6 +115,7 @@ impl RouteTable {
                     response_timeout: r.response_timeout.unwrap_or(proxy.response_timeout),
                     response_headers: merge_header_rules(response_headers, &r.response_headers),
                     rate_limit: r.rate_limit.as_ref().map(RateLimiter::new),
+                    clients: (!r.clients.is_open()).then(|| r.clients.clone()),
                 })
             })
             .collect::<Result<_, UpstreamError>>()?;
