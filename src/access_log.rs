@@ -74,6 +74,8 @@ pub struct AccessRecord {
     pub tls_version: &'static str,
     /// TLS cipher suite of the connection.
     pub cipher: &'static str,
+    /// The request's id (`[proxy] request_id`), if given one.
+    pub request_id: Option<http::HeaderValue>,
 }
 
 impl AccessRecord {
@@ -97,12 +99,16 @@ impl AccessRecord {
             self.tls_version,
             self.cipher,
         );
+        // Only with `[proxy] request_id`: the line is otherwise as it always was.
+        if let Some(id) = self.request_id() {
+            let _ = write!(line, " id={id}");
+        }
         line
     }
 
     /// The record as one JSON object (without the newline).
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "time": rfc3339(self.time),
             "client": self.client.to_string(),
             "sni": self.sni.as_deref(),
@@ -116,8 +122,16 @@ impl AccessRecord {
             "upstream": self.upstream,
             "tls_version": self.tls_version,
             "cipher": self.cipher,
-        })
-        .to_string()
+        });
+        if let (Some(id), Some(object)) = (self.request_id(), json.as_object_mut()) {
+            object.insert("request_id".to_owned(), id.into());
+        }
+        json.to_string()
+    }
+
+    /// The request id as text (sealgate makes them of hexadecimal digits only).
+    fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|id| id.to_str().ok())
     }
 }
 
@@ -345,6 +359,7 @@ mod tests {
             upstream: Some("127.0.0.1:8080".to_owned()),
             tls_version: "TLSv1_3",
             cipher: "TLS13_AES_128_GCM_SHA256",
+            request_id: None,
         }
     }
 
@@ -368,6 +383,15 @@ mod tests {
         }
         assert_eq!(value["tls_version"], "TLSv1_3");
         assert_eq!(value["status"], 200);
+        assert!(value.get("request_id").is_none(), "only with request ids");
+    }
+
+    #[test]
+    fn a_request_id_ends_the_line_when_there_is_one() {
+        let with_id = AccessRecord { request_id: Some(http::HeaderValue::from_static("00ff")), ..record() };
+        assert!(with_id.to_text().ends_with(" cipher=TLS13_AES_128_GCM_SHA256 id=00ff"), "{}", with_id.to_text());
+        let value: serde_json::Value = serde_json::from_str(&with_id.to_json()).unwrap();
+        assert_eq!(value["request_id"], "00ff");
     }
 
     #[tokio::test]

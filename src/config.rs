@@ -163,6 +163,8 @@ pub struct ProxyConfig {
     pub pool_max_idle_per_host: usize,
     /// Send the client's `Host` upstream (true) or the upstream's own authority (false).
     pub preserve_host: bool,
+    /// Give every request an `X-Request-Id` (upstream, response and access log).
+    pub request_id: bool,
 }
 
 /// One `[[route]]`.
@@ -649,6 +651,7 @@ struct RawProxy {
     pool_idle_timeout: Option<Duration>,
     pool_max_idle_per_host: Option<usize>,
     preserve_host: Option<bool>,
+    request_id: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -805,8 +808,8 @@ const RESPONSE_HEADERS_MANAGED: &[&str] = &[
 ];
 
 /// Headers a configuration may not set on upstream requests: the framing and the connection, `Host` (see
-/// `[proxy] preserve_host`), and the forwarding headers, which sealgate sets from what it saw itself so that
-/// upstreams can trust them.
+/// `[proxy] preserve_host`), and the forwarding headers and `X-Request-Id` (see `[proxy] request_id`), which
+/// sealgate sets from what it saw itself so that upstreams can trust them.
 const REQUEST_HEADERS_MANAGED: &[&str] = &[
     "connection",
     "keep-alive",
@@ -821,6 +824,7 @@ const REQUEST_HEADERS_MANAGED: &[&str] = &[
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
+    "x-request-id",
 ];
 
 /// Default period of the backstop rescan of the export.
@@ -901,6 +905,7 @@ impl Config {
             pool_idle_timeout: raw.proxy.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
             pool_max_idle_per_host: raw.proxy.pool_max_idle_per_host.unwrap_or(64),
             preserve_host: raw.proxy.preserve_host.unwrap_or(true),
+            request_id: raw.proxy.request_id.unwrap_or(false),
         };
         let routes =
             raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r, &base)).collect::<Result<Vec<_>>>()?;

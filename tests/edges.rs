@@ -191,3 +191,34 @@ async fn a_route_rate_limit_answers_429_to_a_client_over_it_before_the_upstream_
     let (_, metrics) = admin_get(admin, "/metrics").await;
     assert!(metrics.contains("sealgate_requests_refused_total{reason=\"RateLimited\"} 3"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_follow_a_request_upstream_back_to_the_client_and_into_the_access_log() {
+    let f = Fixture::new();
+    f.serve("c-a", &["app.example.test"]);
+    let upstream = Upstream::start().await;
+    let log_path = f.dir.path().join("access.log");
+    let section = format!("[proxy]\nrequest_id = true\n\n[access_log]\npath = {log_path:?}\n\n[admin]");
+    let routes = format!("[[route]]\nupstream = \"{}\"\n", upstream.url());
+    let server = start_server(f.dir.path(), &f.config(&routes).replace("[admin]", &section)).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let mut h2 = http2(tls).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let mut request = get_h2("app.example.test", "/traced");
+        request.headers_mut().insert("x-request-id", "chosen-by-the-client".parse().unwrap());
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(upstream.last().headers["x-request-id"], id.as_str(), "the upstream saw the id the client got");
+        assert_eq!(upstream.last().headers.get_all("x-request-id").iter().count(), 1);
+        assert!(id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let logged = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(5), || logged().lines().count() == 2).await, "{}", logged());
+    for (line, id) in logged().lines().zip(&ids) {
+        assert!(line.ends_with(&format!(" id={id}")), "{line}");
+    }
+}

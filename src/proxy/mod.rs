@@ -3,6 +3,7 @@
 //! - [`limits`]: request limits and framing checks, before anything else;
 //! - [`routes`]: which route answers a host and path;
 //! - [`rate_limit`]: a route's per-client request rate limit (429);
+//! - [`request_id`]: `X-Request-Id` for every request, when configured;
 //! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
 //! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
 //! - [`respond`]: answers sealgate writes itself;
@@ -15,6 +16,7 @@
 pub mod forward;
 pub mod limits;
 pub mod rate_limit;
+pub mod request_id;
 pub mod respond;
 pub mod routes;
 pub mod upgrade;
@@ -37,6 +39,7 @@ use crate::names;
 use crate::tls::CertificateStore;
 use forward::{ClientSide, ForwardingCache};
 use limits::{LimitError, Limits};
+use request_id::{RequestIds, X_REQUEST_ID};
 use routes::{Action, Route, RouteTable};
 use tokio_util::sync::CancellationToken;
 use upgrade::{Kind, UpgradeHeaders};
@@ -95,6 +98,8 @@ pub struct Proxy {
     response_headers: Box<[HeaderRule]>,
     access_log: Option<Arc<AccessLog>>,
     limits: Limits,
+    /// `[proxy] request_id`: the ids given to requests.
+    request_ids: Option<RequestIds>,
 }
 
 impl Proxy {
@@ -115,6 +120,7 @@ impl Proxy {
             response_headers: config.response_headers.clone().into_boxed_slice(),
             access_log,
             limits: Limits::new(&config.limits, &config.timeouts),
+            request_ids: config.proxy.request_id.then(RequestIds::new),
         })
     }
 
@@ -124,11 +130,23 @@ impl Proxy {
     }
 
     /// Answers one request.
-    pub async fn handle(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, mut request: Request<Incoming>, connection: &ConnectionInfo) -> Response<ProxyBody> {
         let started = (Instant::now(), SystemTime::now());
-        let pending = self.access_log.as_ref().map(|log| (Arc::clone(log), record_of(&request, connection, started.1)));
+        let request_id = self.request_ids.as_ref().map(RequestIds::next);
+        if let Some(id) = &request_id {
+            // Replaces whatever id the client sent (see `request_id`).
+            request.headers_mut().insert(X_REQUEST_ID, id.clone());
+        }
+        let pending = self.access_log.as_ref().map(|log| {
+            let mut record = record_of(&request, connection, started.1);
+            record.request_id = request_id.clone();
+            (Arc::clone(log), record)
+        });
         let Answer { mut response, upstream, route } = self.answer(request, connection).await;
         self.metrics.request_answered(response.status());
+        if let Some(id) = request_id {
+            response.headers_mut().insert(X_REQUEST_ID, id);
+        }
         if let Some(hsts) = &self.hsts {
             response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
         }
@@ -353,6 +371,7 @@ fn record_of<B>(request: &Request<B>, connection: &ConnectionInfo, time: SystemT
         upstream: None,
         tls_version: connection.tls_version,
         cipher: connection.cipher,
+        request_id: None,
     }
 }
 

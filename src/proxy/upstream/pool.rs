@@ -422,6 +422,7 @@ mod tests {
             pool_idle_timeout: std::time::Duration::from_secs(1),
             pool_max_idle_per_host: 1,
             preserve_host: true,
+            request_id: false,
         }
     }
 
