@@ -709,15 +709,7 @@ pub enum Reopened {
 /// Opens the file a rotation left at the log's path to continue the chain in it: it must be an empty regular
 /// file that not everyone may write.
 fn open_empty(path: &Path) -> Result<File> {
-    let file = OpenOptions::new().read(true).append(true).open(path).map_err(AuditError::io(path, "open"))?;
-    let metadata = file.metadata().map_err(AuditError::io(path, "read the metadata of"))?;
-    if !metadata.is_file() {
-        return Err(AuditError::NotAFile { path: path.to_owned() });
-    }
-    let mode = metadata.permissions().mode() & 0o7777;
-    if mode & 0o002 != 0 {
-        return Err(AuditError::WorldWritable { path: path.to_owned(), mode });
-    }
+    let (file, metadata) = open_to_append(path)?;
     if metadata.len() != 0 {
         return Err(AuditError::ReopenOccupied { path: path.to_owned(), len: metadata.len() });
     }
@@ -735,8 +727,8 @@ fn create(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
-/// Opens an existing log and recovers the chain from its last line.
-fn continue_existing(path: &Path) -> Result<Tail> {
+/// Opens an existing file to append records to: it must be a regular file that not everyone may write.
+fn open_to_append(path: &Path) -> Result<(File, std::fs::Metadata)> {
     let file = OpenOptions::new().read(true).append(true).open(path).map_err(AuditError::io(path, "open"))?;
     let metadata = file.metadata().map_err(AuditError::io(path, "read the metadata of"))?;
     if !metadata.is_file() {
@@ -746,6 +738,12 @@ fn continue_existing(path: &Path) -> Result<Tail> {
     if mode & 0o002 != 0 {
         return Err(AuditError::WorldWritable { path: path.to_owned(), mode });
     }
+    Ok((file, metadata))
+}
+
+/// Opens an existing log and recovers the chain from its last line.
+fn continue_existing(path: &Path) -> Result<Tail> {
+    let (file, metadata) = open_to_append(path)?;
     let len = metadata.len();
     let Some(start) = last_line_start(&file, len).map_err(AuditError::io(path, "read"))? else {
         return Ok(Tail { file, next_seq: 0, prev: GENESIS_PREV.to_owned(), len: 0, stuck: false });

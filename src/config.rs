@@ -793,39 +793,19 @@ struct RawLimits {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Headers a configuration may not set on responses: hyper and sealgate own the framing and the connection, and
-/// `[hsts]` the `Strict-Transport-Security`.
-const RESPONSE_HEADERS_MANAGED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "strict-transport-security",
-];
+/// Headers a configuration may not set on requests or responses: hyper and sealgate own the framing and the
+/// connection.
+const HOP_BY_HOP_OR_FRAMING: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length"];
 
-/// Headers a configuration may not set on upstream requests: the framing and the connection, `Host` (see
-/// `[proxy] preserve_host`), and the forwarding headers and `X-Request-Id` (see `[proxy] request_id`), which
-/// sealgate sets from what it saw itself so that upstreams can trust them.
-const REQUEST_HEADERS_MANAGED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
-];
+/// Headers a configuration may not set on responses either: `[hsts]` owns `Strict-Transport-Security`.
+const RESPONSE_HEADERS_MANAGED: &[&str] = &["strict-transport-security"];
+
+/// Headers a configuration may not set on upstream requests either: `Host` (see `[proxy] preserve_host`), and the
+/// forwarding headers and `X-Request-Id` (see `[proxy] request_id`), which sealgate sets from what it saw itself
+/// so that upstreams can trust them.
+const REQUEST_HEADERS_MANAGED: &[&str] =
+    &["host", "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"];
 
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -1009,7 +989,7 @@ impl Context<'_> {
         self.error(Some(value.span()), format!("{key}: {message}"))
     }
 
-    /// The rules of a header table at `key`; the names in `managed` are refused.
+    /// The rules of a header table at `key`; hop-by-hop and framing names, and those in `managed`, are refused.
     fn header_rules(&self, table: &HeaderTable, key: &str, managed: &[&str]) -> Result<Vec<HeaderRule>> {
         table
             .iter()
@@ -1017,7 +997,7 @@ impl Context<'_> {
                 let key = format!("{key}.{name}");
                 let name = http::HeaderName::from_bytes(name.as_bytes())
                     .map_err(|_| self.at(value, &key, "is not a valid header name"))?;
-                if managed.contains(&name.as_str()) {
+                if HOP_BY_HOP_OR_FRAMING.contains(&name.as_str()) || managed.contains(&name.as_str()) {
                     return Err(self.at(value, &key, "is a header sealgate manages itself; it cannot be configured"));
                 }
                 let value = match value.get_ref().as_str() {
