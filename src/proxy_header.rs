@@ -73,9 +73,14 @@ pub async fn read(tcp: &mut TcpStream) -> Result<Option<SocketAddr>> {
 
 /// What the bytes read so far make.
 #[derive(Debug, PartialEq)]
-enum Parsed {
+pub enum Parsed {
     /// A whole header of `len` bytes, naming `client`.
-    Complete { len: usize, client: Option<SocketAddr> },
+    Complete {
+        /// The header's length: the bytes after it are the client's.
+        len: usize,
+        /// The client it names, if any.
+        client: Option<SocketAddr>,
+    },
     /// The start of a header.
     Incomplete,
     /// Not a header, whatever follows.
@@ -87,7 +92,10 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest version 1 header, its CRLF included (the specification's bound).
 const V1_MAX_BYTES: usize = 107;
 
-fn parse(bytes: &[u8]) -> Parsed {
+/// What the first bytes of a connection make: a whole header (and its length), the start of one, or not a
+/// header whatever follows. Every prefix of a valid header is `Incomplete`, so the header can be read as it
+/// comes; bytes after a whole header do not change the verdict.
+pub fn parse(bytes: &[u8]) -> Parsed {
     let starts = |prefix: &[u8]| bytes.starts_with(prefix) || prefix.starts_with(bytes);
     if starts(v2::PROTOCOL_PREFIX) {
         return match v2::Header::try_from(bytes) {
