@@ -184,6 +184,8 @@ pub struct RouteConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Which clients the route answers (403 for the others).
     pub clients: ClientFilter,
+    /// Overrides `[limits] max_body_bytes` for this route's requests.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// A header a configuration sets or removes.
@@ -675,6 +677,7 @@ struct RawRoute {
     rate_limit: Option<Spanned<RawRateLimit>>,
     allow: Option<Spanned<Vec<String>>>,
     deny: Option<Spanned<Vec<String>>>,
+    max_body_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -1216,7 +1219,20 @@ impl Context<'_> {
             allow: self.ip_blocks(raw.allow.as_ref(), &key("allow"))?,
             deny: self.ip_blocks(raw.deny.as_ref(), &key("deny"))?,
         };
-        Ok(RouteConfig { host, path, action, response_timeout: raw.timeout, response_headers, rate_limit, clients })
+        let max_body_bytes = match &raw.max_body_bytes {
+            Some(max) if *max.get_ref() == 0 => return Err(self.at(max, &key("max_body_bytes"), "must be at least 1")),
+            max => max.as_ref().map(|max| *max.get_ref()),
+        };
+        Ok(RouteConfig {
+            host,
+            path,
+            action,
+            response_timeout: raw.timeout,
+            response_headers,
+            rate_limit,
+            clients,
+            max_body_bytes,
+        })
     }
 
     /// CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
@@ -1854,6 +1870,15 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
             let err = route(keys).unwrap_err();
             assert!(err.to_string().contains(needle), "{keys}: {err}");
         }
+    }
+
+    #[test]
+    fn a_route_may_set_its_own_body_limit() {
+        let route = |limit: &str| parse(&format!("{MINIMAL}\n[[route]]\nrespond = {{ status = 200 }}\n{limit}\n"));
+        assert_eq!(route("max_body_bytes = 1_073_741_824").unwrap().routes[0].max_body_bytes, Some(1 << 30));
+        assert_eq!(route("").unwrap().routes[0].max_body_bytes, None);
+        let err = route("max_body_bytes = 0").unwrap_err();
+        assert!(err.to_string().contains("route[0].max_body_bytes: must be at least 1"), "{err}");
     }
 
     #[test]

@@ -209,6 +209,51 @@ async fn bodies_over_max_body_bytes_get_413_and_the_upstream_never_receives_more
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_body_limit_replaces_the_global_one_both_ways() {
+    let f = Fixture::new();
+    let (uploads, small) = (RawUpstream::start().await, RawUpstream::start().await);
+    let routes = format!(
+        "[[route]]\npath = \"/upload\"\nupstream = \"{}\"\nmax_body_bytes = 5000\n\
+         [[route]]\npath = \"/tiny\"\nrespond = {{ status = 200 }}\nmax_body_bytes = 10\n\
+         [[route]]\nupstream = \"{}\"\n",
+        uploads.url(),
+        small.url()
+    );
+    let server = server_with(&f, &routes, "[limits]\nmax_body_bytes = 1000").await;
+    let post = |path: &str, len: usize| {
+        format!("POST {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len}\r\n\r\n{}", "u".repeat(len))
+    };
+    let status = |request: String| {
+        let (f, server) = (&f, &server);
+        async move {
+            let mut tls = tls_to(f, server, HOST, b"http/1.1").await;
+            raw::exchange(&mut tls, request.as_bytes(), DEADLINE).await.status()
+        }
+    };
+    // Above the global limit, within the route's: passes whole.
+    assert_eq!(status(post("/upload", 4000)).await, Some(200));
+    assert_eq!(uploads.requests()[0].body.len(), 4000);
+    assert_eq!(status(post("/upload", 5001)).await, Some(413), "over the route's own limit");
+    // Other routes keep the global limit, or their own smaller one.
+    assert_eq!(status(post("/other", 4000)).await, Some(413));
+    assert_eq!(small.total_bytes(), 0);
+    assert_eq!(status(post("/tiny", 11)).await, Some(413));
+    assert_eq!(status(post("/tiny", 10)).await, Some(200));
+
+    // Streamed over HTTP/2 without a declared length, the route's limit holds too.
+    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    let mut frames =
+        h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &h2raw::request_block("POST", HOST, "/upload", &[]));
+    for end in [0, 0, h2raw::END_STREAM] {
+        frames.extend(h2raw::frame(h2raw::DATA, end, 1, &[b'e'; 1500]));
+    }
+    h2.send(&frames).await;
+    let outcome = h2.outcome(1, DEADLINE).await;
+    assert!(matches!(outcome, Some(Event::Headers { status: Some(200), .. })), "4500 bytes pass: {outcome:?}");
+    assert_eq!(uploads.requests().iter().filter(|r| r.complete && r.body.len() == 4500).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_are_bounded_and_reset_and_continuation_floods_end_the_connection() {
     let f = Fixture::new();
     // An upstream that holds every request, so that streams stay open.

@@ -136,8 +136,14 @@ impl Limits {
     }
 
     /// Checks `request` and returns it with its body wrapped in a [`RequestBody`] that enforces the body limit
-    /// and the request deadline; the deadline starts now.
-    pub fn admit(&self, request: Request<Incoming>) -> Result<Request<RequestBody>, LimitError> {
+    /// (`max_body_bytes` when its route sets one, else `[limits]`'s) and the request deadline; the deadline
+    /// starts now.
+    pub fn admit(
+        &self,
+        request: Request<Incoming>,
+        max_body_bytes: Option<u64>,
+    ) -> Result<Request<RequestBody>, LimitError> {
+        let max_body_bytes = max_body_bytes.unwrap_or(self.max_body_bytes);
         let (mut parts, body) = request.into_parts();
         check_uri(&parts.uri, self.max_uri_bytes)?;
         let count = parts.headers.len();
@@ -149,12 +155,12 @@ impl Limits {
         if check_names(&parts.headers)? {
             check_transfer_encoding(&parts.headers)?;
             if let Some(len) = content_length(&mut parts.headers, body.size_hint().exact())? {
-                if len > self.max_body_bytes {
-                    return Err(LimitError::DeclaredTooLarge { len, max: self.max_body_bytes });
+                if len > max_body_bytes {
+                    return Err(LimitError::DeclaredTooLarge { len, max: max_body_bytes });
                 }
             }
         }
-        let body = RequestBody::new(body, self.max_body_bytes, self.request_timeout);
+        let body = RequestBody::new(body, max_body_bytes, self.request_timeout);
         Ok(Request::from_parts(parts, body))
     }
 }

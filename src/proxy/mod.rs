@@ -164,7 +164,15 @@ impl Proxy {
     /// Answers one request; also says which route, and which upstream, if any, answered or failed.
     async fn answer(&self, request: Request<Incoming>, connection: &ConnectionInfo) -> Answer<'_> {
         let version = request.version();
-        let mut request = match self.limits.admit(request) {
+        // A route's own body limit applies from the start: the declared length is checked against it. Only when
+        // some route has one is the route looked up here too (it is found again below, with the host checked
+        // against the connection's certificate; the limits come first, so that ambiguous framing is refused
+        // before anything else).
+        let body_limit = match self.routes.has_body_limits() {
+            true => self.route_for(&request).and_then(|route| route.max_body_bytes),
+            false => None,
+        };
+        let mut request = match self.limits.admit(request, body_limit) {
             Ok(request) => request,
             Err(error) => return Answer::of(self.refuse(&error, version, connection)),
         };
@@ -260,6 +268,12 @@ impl Proxy {
         }
         let route = self.routes.find(&host, request.uri().path()).ok_or(StatusCode::NOT_FOUND)?;
         Ok((route, authority))
+    }
+
+    /// The route a request's host and path lead to, whatever the connection it came on.
+    fn route_for<B>(&self, request: &Request<B>) -> Option<&Route> {
+        let host = names::host_of_authority(request_authority(request)?)?;
+        self.routes.find(&host, request.uri().path())
     }
 
     /// Passes an upstream response on, or, for an upgrade the upstream agreed to, answers the client's switch and

@@ -34,6 +34,8 @@ pub struct Route {
     pub rate_limit: Option<RateLimiter>,
     /// Which clients the route answers; `None` when it answers all.
     pub clients: Option<ClientFilter>,
+    /// The route's own body limit, over `[limits] max_body_bytes`.
+    pub max_body_bytes: Option<u64>,
 }
 
 /// What a route does.
@@ -75,6 +77,9 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Whether some route sets its own body limit: only then is a request's route looked up before its limits
+    /// are checked.
+    has_body_limits: bool,
 }
 
 impl RouteTable {
@@ -116,10 +121,17 @@ impl RouteTable {
                     response_headers: merge_header_rules(response_headers, &r.response_headers),
                     rate_limit: r.rate_limit.as_ref().map(RateLimiter::new),
                     clients: (!r.clients.is_open()).then(|| r.clients.clone()),
+                    max_body_bytes: r.max_body_bytes,
                 })
             })
-            .collect::<Result<_, UpstreamError>>()?;
-        Ok(Self { routes })
+            .collect::<Result<Vec<Route>, UpstreamError>>()?;
+        let has_body_limits = routes.iter().any(|route| route.max_body_bytes.is_some());
+        Ok(Self { routes, has_body_limits })
+    }
+
+    /// Whether some route sets its own body limit.
+    pub fn has_body_limits(&self) -> bool {
+        self.has_body_limits
     }
 
     /// The route for a normalised `host` and a request `path`.
