@@ -264,6 +264,17 @@ pub enum RouteAction {
     Upstream(UpstreamGroupConfig),
     /// Answer directly.
     Respond(DirectResponse),
+    /// Answer with a redirect.
+    Redirect(RedirectRoute),
+}
+
+/// `redirect = { to = "https://www.example.com$request_uri", status = 301 }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedirectRoute {
+    /// The `Location`, with its variables.
+    pub to: crate::proxy::location::LocationTemplate,
+    /// 301, 302, 303, 307 or 308 (the default: the method and body are kept, and the move is permanent).
+    pub status: http::StatusCode,
 }
 
 /// An upstream route's upstreams and how they are used: balancing, passive ejection, active health checks,
@@ -663,6 +674,7 @@ struct RawRoute {
     path: Option<Spanned<String>>,
     upstream: Option<Spanned<OneOrMany>>,
     respond: Option<Spanned<RawRespond>>,
+    redirect: Option<Spanned<RawRedirectRoute>>,
     #[serde(default, with = "humantime_serde::option")]
     timeout: Option<Duration>,
     balance: Option<Spanned<String>>,
@@ -726,6 +738,13 @@ enum StatusRange {
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedirectRoute {
+    to: String,
+    status: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -829,7 +848,7 @@ impl Config {
     pub fn names_upstream(&self, route: usize, upstream: &str) -> bool {
         self.routes.get(route).is_some_and(|r| match &r.action {
             RouteAction::Upstream(group) => group.upstreams.iter().any(|url| url.to_string() == upstream),
-            RouteAction::Respond(_) => false,
+            RouteAction::Respond(_) | RouteAction::Redirect(_) => false,
         })
     }
 
@@ -1178,15 +1197,27 @@ impl Context<'_> {
             Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
             Some(p) => return Err(self.at(p, &key("path"), "must begin with '/'")),
         };
-        let action = match (raw.upstream.take(), raw.respond.take()) {
-            (Some(_), Some(r)) => {
-                return Err(self.at(&r, &key("respond"), "a route has either `upstream` or `respond`, not both"))
+        let (upstream, respond, redirect) = (raw.upstream.take(), raw.respond.take(), raw.redirect.take());
+        let spans = [
+            upstream.as_ref().map(Spanned::span),
+            respond.as_ref().map(Spanned::span),
+            redirect.as_ref().map(Spanned::span),
+        ];
+        match spans.iter().flatten().nth(1) {
+            Some(second) => {
+                return Err(self.error(
+                    Some(second.clone()),
+                    format!("route[{index}] has more than one of `upstream`, `respond` and `redirect`"),
+                ))
             }
-            (None, None) => {
-                return Err(self.error(None, format!("route[{index}] needs `upstream` or `respond`")));
+            None if spans.iter().all(Option::is_none) => {
+                return Err(self.error(None, format!("route[{index}] needs `upstream`, `respond` or `redirect`")));
             }
-            (Some(upstream), None) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, &path, base)?),
-            (None, Some(respond)) => {
+            None => {}
+        }
+        let action = match (upstream, respond, redirect) {
+            (Some(upstream), _, _) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, &path, base)?),
+            (None, respond, redirect) => {
                 let upstream_only = [
                     ("balance", raw.balance.as_ref().map(Spanned::span)),
                     ("retries", raw.retries.as_ref().map(Spanned::span)),
@@ -1199,17 +1230,14 @@ impl Context<'_> {
                 if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
                     return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
                 }
-                let span = respond.span();
-                let r = respond.into_inner();
-                let status = http::StatusCode::from_u16(r.status)
-                    .ok()
-                    .filter(|s| s.as_u16() >= 200)
-                    .ok_or_else(|| self.error(Some(span), format!("{}: status must be 200 to 999", key("respond"))))?;
-                let content_type = r.content_type.unwrap_or_else(|| "text/plain; charset=utf-8".to_owned());
-                if http::HeaderValue::from_str(&content_type).is_err() {
-                    return Err(self.error(None, format!("{}: content_type is not a valid header", key("respond"))));
+                match (respond, redirect) {
+                    (Some(respond), _) => RouteAction::Respond(self.respond(respond, &key("respond"))?),
+                    (None, Some(redirect)) => RouteAction::Redirect(self.redirect_route(&redirect, &key("redirect"))?),
+                    // One of the three is present (checked above) and it is not `upstream`.
+                    (None, None) => {
+                        return Err(self.error(None, format!("route[{index}] needs `respond` or `redirect`")))
+                    }
                 }
-                RouteAction::Respond(DirectResponse { status, body: r.body, content_type })
             }
         };
         let response_headers =
@@ -1233,6 +1261,32 @@ impl Context<'_> {
             clients,
             max_body_bytes,
         })
+    }
+
+    fn respond(&self, respond: Spanned<RawRespond>, key: &str) -> Result<DirectResponse> {
+        let span = respond.span();
+        let r = respond.into_inner();
+        let status = http::StatusCode::from_u16(r.status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| self.error(Some(span), format!("{key}: status must be 200 to 999")))?;
+        let content_type = r.content_type.unwrap_or_else(|| "text/plain; charset=utf-8".to_owned());
+        if http::HeaderValue::from_str(&content_type).is_err() {
+            return Err(self.error(None, format!("{key}: content_type is not a valid header")));
+        }
+        Ok(DirectResponse { status, body: r.body, content_type })
+    }
+
+    fn redirect_route(&self, raw: &Spanned<RawRedirectRoute>, key: &str) -> Result<RedirectRoute> {
+        let r = raw.get_ref();
+        let to = crate::proxy::location::LocationTemplate::parse(&r.to)
+            .map_err(|why| self.at(raw, key, format_args!("to: {why}")))?;
+        let status = match r.status.unwrap_or(308) {
+            code @ (301 | 302 | 303 | 307 | 308) => http::StatusCode::from_u16(code).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| self.at(raw, key, "status must be 301, 302, 303, 307 or 308"))?;
+        Ok(RedirectRoute { to, status })
     }
 
     /// CIDR blocks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses.
@@ -1566,7 +1620,7 @@ bind = "127.0.0.1:8443"
             ("upstream = []", "lists no URL"),
             ("respond = { status = 99 }", "status"),
             ("host = \"a.*.com\"\nrespond = { status = 200 }", "route[0].host"),
-            ("path = \"/\"", "needs `upstream` or `respond`"),
+            ("path = \"/\"", "needs `upstream`, `respond` or `redirect`"),
         ] {
             let err = parse(&format!("{MINIMAL}\n[[route]]\n{route}\n")).unwrap_err().to_string();
             assert!(err.contains(needle), "{route}: {err}");
@@ -1576,7 +1630,7 @@ bind = "127.0.0.1:8443"
     fn group(route: &str) -> Result<UpstreamGroupConfig> {
         match parse(&format!("{MINIMAL}\n[[route]]\n{route}\n"))?.routes.remove(0).action {
             RouteAction::Upstream(group) => Ok(group),
-            RouteAction::Respond(_) => panic!("not an upstream route"),
+            RouteAction::Respond(_) | RouteAction::Redirect(_) => panic!("not an upstream route"),
         }
     }
 
@@ -1869,6 +1923,29 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
         ] {
             let err = route(keys).unwrap_err();
             assert!(err.to_string().contains(needle), "{keys}: {err}");
+        }
+    }
+
+    #[test]
+    fn redirect_routes_take_a_location_with_variables_and_a_redirect_status() {
+        let route = |keys: &str| parse(&format!("{MINIMAL}\n[[route]]\n{keys}\n"));
+        let config = route("redirect = { to = \"https://www.example.com$request_uri\" }").unwrap();
+        let RouteAction::Redirect(redirect) = &config.routes[0].action else { panic!("a redirect route") };
+        assert_eq!(redirect.status, http::StatusCode::PERMANENT_REDIRECT, "308 by default");
+        assert_eq!(redirect.to.to_string(), "https://www.example.com$request_uri");
+        for (keys, needle) in [
+            ("redirect = { to = \"https://x$uri\" }", "route[0].redirect: to: unknown variable at \"$uri\""),
+            ("redirect = { to = \"https://x\", status = 200 }", "status must be 301, 302, 303, 307 or 308"),
+            ("redirect = { to = \"\" }", "to: must not be empty"),
+            (
+                "redirect = { to = \"/x\" }\nrespond = { status = 200 }",
+                "more than one of `upstream`, `respond` and `redirect`",
+            ),
+            ("redirect = { to = \"/x\" }\nretries = 2", "route[0].retries: only an `upstream` route has it"),
+        ] {
+            let err = route(keys).unwrap_err();
+            assert!(err.to_string().contains(needle), "{keys}: {err}");
+            assert!(err.position.is_some(), "{keys}: {err}");
         }
     }
 

@@ -256,6 +256,47 @@ response_headers = {{ Location = "https://app.example.test/new" }}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_routes_answer_with_the_location_their_variables_make() {
+    let f = Fixture::new();
+    f.serve("c-shop", &["shop.example.test", "old.example.test"]);
+    let routes = r#"
+[[route]]
+host = "old.example.test"
+redirect = { to = "https://shop.example.test$request_uri", status = 301 }
+
+[[route]]
+path = "/blog/"
+redirect = { to = "https://blog.$host/" }
+"#;
+    let server = f.start(routes).await;
+    let cases = [
+        ("old.example.test", "/cart?id=7", 301, "https://shop.example.test/cart?id=7"),
+        ("Shop.Example.Test:8443", "/blog/post-1", 308, "https://blog.shop.example.test/"),
+    ];
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        for (host, path, status, location) in cases {
+            let sni = host.split(':').next().unwrap().to_ascii_lowercase();
+            let tls = connect(server.tls_addrs[0], &sni, f.client(&[alpn])).await.unwrap();
+            let response = if alpn == b"h2" {
+                let request = http::Request::builder()
+                    .uri(format!("https://{host}{path}"))
+                    .version(http::Version::HTTP_2)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                http2(tls).await.send_request(request).await.unwrap()
+            } else {
+                http1(tls).await.send_request(get(host, path)).await.unwrap()
+            };
+            assert_eq!(response.status().as_u16(), status, "{alpn:?} {host}{path}");
+            assert_eq!(response.headers()["location"], location, "{alpn:?} {host}{path}");
+            let (head, body) = text_with_head(response).await;
+            assert_eq!(body, "", "no body echoes the request");
+            assert_eq!(head.headers().get("content-length").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_choose_by_host_and_longest_prefix_and_round_robin_upstreams() {
     let f = Fixture::new();
     f.serve("c-wild", &["*.example.test"]);

@@ -6,7 +6,7 @@
 //! - [`request_id`]: `X-Request-Id` for every request, when configured;
 //! - [`forward`]: rewriting requests for upstreams (headers, 502/504);
 //! - [`upstream`]: a route's upstreams (pool, balancing, ejection, health checks, retries);
-//! - [`respond`]: answers sealgate writes itself;
+//! - [`respond`]: answers sealgate writes itself; [`location`]: a `redirect` route's `Location`;
 //! - [`upgrade`]: WebSocket tunnels (HTTP/1.1 upgrade, HTTP/2 extended CONNECT); other upgrades refused.
 //!
 //! Before routing, every request's `Host` (HTTP/1.1) or `:authority` (HTTP/2) must be a name the connection's
@@ -15,6 +15,7 @@
 
 pub mod forward;
 pub mod limits;
+pub mod location;
 pub mod rate_limit;
 pub mod request_id;
 pub mod respond;
@@ -219,6 +220,14 @@ impl Proxy {
         }
         let (response, upstream) = match &route.action {
             Action::Respond(response) => (respond::fixed(response), None),
+            Action::Redirect(redirect) => {
+                let host = names::host_of_authority(authority).unwrap_or_default();
+                let request_uri = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                match redirect.to.render(&host, request_uri) {
+                    Some(location) => (respond::redirect(redirect.status, location), None),
+                    None => (respond::error(StatusCode::BAD_REQUEST), None),
+                }
+            }
             Action::Upstream(upstreams) => {
                 // Owned only here, where the request moves on.
                 let authority = authority.to_owned();

@@ -20,6 +20,15 @@ pub fn fixed(response: &FixedResponse) -> Response<ProxyBody> {
     r
 }
 
+/// A `redirect` route's answer: `status` with `Location` and an empty body.
+pub fn redirect(status: StatusCode, location: HeaderValue) -> Response<ProxyBody> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::LOCATION, location);
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+    r
+}
+
 /// `429 Too Many Requests`, with `Retry-After` in whole seconds (at least 1).
 pub fn too_many_requests(retry_after: std::time::Duration) -> Response<ProxyBody> {
     let mut r = error(StatusCode::TOO_MANY_REQUESTS);

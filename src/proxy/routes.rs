@@ -12,7 +12,7 @@ use http::{HeaderValue, StatusCode};
 
 use super::rate_limit::RateLimiter;
 use super::upstream::{UpstreamError, UpstreamGroup};
-use crate::config::{ClientFilter, HeaderRule, ProxyConfig, RouteAction, RouteConfig};
+use crate::config::{ClientFilter, HeaderRule, ProxyConfig, RedirectRoute, RouteAction, RouteConfig};
 use crate::metrics::Metrics;
 use crate::names;
 
@@ -45,6 +45,8 @@ pub enum Action {
     Upstream(Box<UpstreamGroup>),
     /// Answer directly.
     Respond(FixedResponse),
+    /// Answer with a redirect.
+    Redirect(RedirectRoute),
 }
 
 /// A `respond` route's answer, prepared once so that serving it copies nothing.
@@ -116,6 +118,7 @@ impl RouteTable {
                             content_type: HeaderValue::from_str(&response.content_type)
                                 .unwrap_or(HeaderValue::from_static("text/plain")),
                         }),
+                        RouteAction::Redirect(redirect) => Action::Redirect(redirect.clone()),
                     },
                     response_timeout: r.response_timeout.unwrap_or(proxy.response_timeout),
                     response_headers: merge_header_rules(response_headers, &r.response_headers),
@@ -214,7 +217,7 @@ respond = { status = 200 }
         );
         let length = |path: &str| match &t.find("h", path).unwrap().action {
             Action::Respond(fixed) => fixed.content_length.clone(),
-            Action::Upstream(_) => panic!("a respond route"),
+            Action::Upstream(_) | Action::Redirect(_) => panic!("a respond route"),
         };
         assert_eq!(length("/a"), Some(HeaderValue::from_static("6")));
         assert_eq!(length("/b"), None);
