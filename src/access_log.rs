@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -284,24 +285,37 @@ fn write_received(received: Result<String, RecvTimeoutError>, out: &mut Output, 
     }
 }
 
-/// A response body that counts the bytes sent and logs the request when the body ends (or is dropped, when the
-/// client goes away first).
+/// A response body that, when it ends (or is dropped, when the client goes away first), logs the request with
+/// the bytes sent and observes the request's duration in its route's histogram.
 #[derive(Debug)]
 pub struct LoggedBody<B> {
     inner: B,
-    pending: Option<(Arc<AccessLog>, AccessRecord, Instant)>,
+    /// When the request arrived.
+    started: Instant,
+    pending: Option<(Arc<AccessLog>, AccessRecord)>,
+    /// `sealgate_route_request_duration_seconds` of the request's route.
+    duration: Option<Histogram>,
 }
 
 impl<B> LoggedBody<B> {
-    /// Wraps `inner`; `record` is completed with the bytes and duration when the body ends. `started` is when the
-    /// request arrived.
-    pub fn new(inner: B, log: Option<(Arc<AccessLog>, AccessRecord, Instant)>) -> Self {
-        Self { inner, pending: log }
+    /// Wraps `inner` for a request that arrived at `started`; `log`'s record is completed with the bytes and
+    /// duration when the body ends, and the duration is observed in `duration`.
+    pub fn new(
+        inner: B,
+        started: Instant,
+        log: Option<(Arc<AccessLog>, AccessRecord)>,
+        duration: Option<Histogram>,
+    ) -> Self {
+        Self { inner, started, pending: log, duration }
     }
 
     fn finish(&mut self) {
-        if let Some((log, mut record, started)) = self.pending.take() {
-            record.duration = started.elapsed();
+        let elapsed = self.started.elapsed();
+        if let Some(histogram) = self.duration.take() {
+            histogram.observe(elapsed.as_secs_f64());
+        }
+        if let Some((log, mut record)) = self.pending.take() {
+            record.duration = elapsed;
             log.log(&record);
         }
     }
@@ -321,7 +335,7 @@ impl<B: Body + Unpin> Body for LoggedBody<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some((_, record, _))) = (frame.data_ref(), self.pending.as_mut()) {
+                if let (Some(data), Some((_, record))) = (frame.data_ref(), self.pending.as_mut()) {
                     record.bytes += data.remaining() as u64;
                 }
             }
@@ -402,7 +416,7 @@ mod tests {
         let log = AccessLog::open(&AccessLogConfig { path: path.clone(), format: AccessLogFormat::Json }).unwrap();
         let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello world"));
         let fresh = AccessRecord { bytes: 0, ..record() };
-        let logged = LoggedBody::new(body, Some((Arc::clone(&log), fresh, Instant::now())));
+        let logged = LoggedBody::new(body, Instant::now(), Some((Arc::clone(&log), fresh)), None);
         let collected = logged.collect().await.unwrap().to_bytes();
         assert_eq!(&collected[..], b"hello world");
         drop(log);

@@ -130,6 +130,23 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+/// A route, by its index in the file and what it matches (`host` is `*` for any host): readable on a dashboard,
+/// and bounded by the configuration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: usize,
+    host: String,
+    path: String,
+}
+
+/// Upper bounds of the request duration buckets, in seconds: from a cached answer to a slow report.
+const REQUEST_DURATION_BUCKETS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn request_duration_histogram() -> Histogram {
+    Histogram::new(REQUEST_DURATION_BUCKETS)
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamResultLabels {
     route: usize,
@@ -206,6 +223,9 @@ pub struct Metrics {
     accept_errors: Counter,
     connection_timeouts: Family<TimeoutLabels, Counter>,
     requests_refused: Family<RequestRefusalLabels, Counter>,
+    route_durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// The routes with series, so that those a reload changes can be found ([`Metrics::retain_routes`]).
+    route_series: std::sync::Mutex<foldhash::HashSet<RouteLabels>>,
 }
 
 impl fmt::Debug for Metrics {
@@ -246,6 +266,8 @@ impl Metrics {
             accept_errors: Counter::default(),
             connection_timeouts: Family::default(),
             requests_refused: Family::default(),
+            route_durations: Family::new_with_constructor(request_duration_histogram),
+            route_series: std::sync::Mutex::default(),
             registry: Registry::default(),
         };
         registry.register("tls_handshakes", "Completed TLS handshakes", metrics.handshakes.clone());
@@ -278,6 +300,11 @@ impl Metrics {
             "grant_retirement_seconds",
             "Time from a grant's end becoming visible (file event, or its not_after) to its keys dropped and table swapped",
             metrics.retirement_latency.clone(),
+        );
+        registry.register(
+            "route_request_duration_seconds",
+            "Time from a request's arrival to the end of its response, by route",
+            metrics.route_durations.clone(),
         );
         registry.register(
             "upstream_requests",
@@ -342,6 +369,31 @@ impl Metrics {
                 let (route, upstream) = (labels.route, labels.upstream.clone());
                 self.upstream_requests.remove(&UpstreamResultLabels { route, upstream, result: result.label() });
             }
+            false
+        });
+    }
+
+    /// The request duration histogram of route `route` (its index, host pattern or `None` for any, and path),
+    /// created if new. A proxy built again for the same configuration gets the same series.
+    pub fn route_duration(&self, route: usize, host: Option<&str>, path: &str) -> Histogram {
+        let labels = RouteLabels { route, host: host.unwrap_or("*").to_owned(), path: path.to_owned() };
+        let histogram = self.route_durations.get_or_create(&labels).clone();
+        self.route_series.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(labels);
+        histogram
+    }
+
+    /// Removes the duration series of the routes `configured` no longer has (by index, host and path, as given
+    /// to [`Metrics::route_duration`]): after a reload, a route's series is its own, not a former route's at the
+    /// same index.
+    pub fn retain_routes(&self, configured: impl Fn(usize, Option<&str>, &str) -> bool) {
+        // The set is valid after any panic of a holder (inserts and removals only): poisoning is ignored.
+        let mut series = self.route_series.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        series.retain(|labels| {
+            let host = (labels.host != "*").then_some(labels.host.as_str());
+            if configured(labels.route, host, &labels.path) {
+                return true;
+            }
+            self.route_durations.remove(labels);
             false
         });
     }

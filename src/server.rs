@@ -153,8 +153,11 @@ impl RunningServer {
         // configuration does not name are removed after each attempt, which must not race another reload.
         let mut current = self.current.lock().await;
         let result = self.apply(&mut current, config).await;
-        // Applied, the series of removed upstreams go; refused, so do those a partly built proxy created.
+        // Applied, the series of removed upstreams and routes go; refused, so do those a partly built proxy created.
         self.shared.metrics.retain_upstreams(|route, upstream| current.config.names_upstream(route, upstream));
+        self.shared.metrics.retain_routes(|route, host, path| {
+            current.config.routes.get(route).is_some_and(|r| r.host.as_deref() == host && r.path == path)
+        });
         result
     }
 

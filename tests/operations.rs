@@ -287,3 +287,48 @@ async fn sighup_reopens_rotated_logs_and_the_audit_files_verify_as_one_chain() {
     assert!(alone.status.success() && stdout.contains("continued from seq"), "{stdout}");
     assert_eq!(verify(&[&audit, &rotated]).status.code(), Some(1), "the files in the wrong order are no chain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_has_a_request_duration_histogram_that_a_reload_keeps_to_its_own_route() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let path = f.dir.path().join("proxy.toml");
+    let routes = |first: &str| {
+        format!(
+            "[[route]]\nhost = \"a.example.test\"\npath = \"{first}\"\nrespond = {{ status = 200 }}\n\
+             [[route]]\nrespond = {{ status = 201 }}\n"
+        )
+    };
+    let server = start_server(f.dir.path(), &f.config(&routes("/api"))).await;
+    let admin = server.admin_addr.unwrap();
+    let mut c = http1(connect(server.tls_addrs[0], "a.example.test", f.client(&[])).await.unwrap()).await;
+    for path in ["/api/1", "/api/2", "/other"] {
+        c.ready().await.unwrap();
+        assert!(text(c.send_request(get("a.example.test", path)).await.unwrap()).await.0.is_success());
+    }
+    let series = |route: &str| format!("sealgate_route_request_duration_seconds_count{{{route}}} ");
+    let api = r#"route="0",host="a.example.test",path="/api""#;
+    let any = r#"route="1",host="*",path="/""#;
+    let count = |text: &str, route: &str| {
+        text.lines().find_map(|l| l.strip_prefix(&series(route))).map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    // Counted when the response has ended: the last one may be a moment behind its answer.
+    assert!(
+        eventually(APPLY_DEADLINE, || async {
+            let (_, text) = admin_get(admin, "/metrics").await;
+            count(&text, api) == Some(2.0) && count(&text, any) == Some(1.0)
+        })
+        .await,
+        "{}",
+        admin_get(admin, "/metrics").await.1
+    );
+    let (_, text) = admin_get(admin, "/metrics").await;
+    assert!(text.contains(&format!("sealgate_route_request_duration_seconds_bucket{{le=\"0.001\",{api}}}")), "{text}");
+
+    // Route 0 now matches another path: its series is a new one, the old one is gone; route 1 keeps its count.
+    server.reload(Config::parse(&f.config(&routes("/v2")), &path).unwrap()).await.unwrap();
+    let (_, text) = admin_get(admin, "/metrics").await;
+    assert_eq!(count(&text, api), None, "{text}");
+    assert_eq!(count(&text, r#"route="0",host="a.example.test",path="/v2""#), Some(0.0), "{text}");
+    assert_eq!(count(&text, any), Some(1.0), "{text}");
+}

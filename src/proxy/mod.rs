@@ -49,7 +49,8 @@ use upstream::{ResponseBody, UpstreamError};
 /// The body of a response before logging: an upstream's, streamed, or one of sealgate's own.
 pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
 
-/// The body of every response sealgate sends (counted for the access log when it is enabled).
+/// The body of every response sealgate sends (counted for the access log when it is enabled, and timed for its
+/// route's duration histogram).
 pub type ProxyBody = LoggedBody<ReplyBody>;
 
 pub use limits::RequestBody;
@@ -157,9 +158,10 @@ impl Proxy {
         let pending = pending.map(|(log, mut record)| {
             record.status = response.status().as_u16();
             record.upstream = upstream.as_deref().map(str::to_owned);
-            (log, record, started.0)
+            (log, record)
         });
-        response.map(|body| LoggedBody::new(body, pending))
+        let duration = route.map(|route| route.duration.clone());
+        response.map(|body| LoggedBody::new(body, started.0, pending, duration))
     }
 
     /// Answers one request; also says which route, and which upstream, if any, answered or failed.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
+use prometheus_client::metrics::histogram::Histogram;
 
 use super::rate_limit::RateLimiter;
 use super::upstream::{UpstreamError, UpstreamGroup};
@@ -36,6 +37,8 @@ pub struct Route {
     pub clients: Option<ClientFilter>,
     /// The route's own body limit, over `[limits] max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// `sealgate_route_request_duration_seconds` of the route.
+    pub duration: Histogram,
 }
 
 /// What a route does.
@@ -125,6 +128,7 @@ impl RouteTable {
                     rate_limit: r.rate_limit.as_ref().map(RateLimiter::new),
                     clients: (!r.clients.is_open()).then(|| r.clients.clone()),
                     max_body_bytes: r.max_body_bytes,
+                    duration: metrics.route_duration(index, r.host.as_deref(), &r.path),
                 })
             })
             .collect::<Result<Vec<Route>, UpstreamError>>()?;
