@@ -308,6 +308,8 @@ pub enum Balance {
     RoundRobin,
     /// The upstream with the fewest requests in flight; ties in turn.
     LeastRequests,
+    /// The same client (address) to the same upstream while it is available.
+    IpHash,
 }
 
 /// `outlier = { ... }`: passive ejection of an upstream after consecutive failures.
@@ -1365,7 +1367,14 @@ impl Context<'_> {
             Some(b) => match b.get_ref().as_str() {
                 "round_robin" => Balance::RoundRobin,
                 "least_requests" => Balance::LeastRequests,
-                _ => return Err(self.at(b, &key("balance"), "must be \"round_robin\" or \"least_requests\"")),
+                "ip_hash" => Balance::IpHash,
+                _ => {
+                    return Err(self.at(
+                        b,
+                        &key("balance"),
+                        "must be \"round_robin\", \"least_requests\" or \"ip_hash\"",
+                    ))
+                }
             },
         };
         let retries = match &raw.retries {

@@ -221,6 +221,68 @@ async fn server_errors_eject_an_upstream_only_where_consecutive_5xx_is_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_hash_sends_a_client_to_one_upstream_and_elsewhere_only_while_that_one_is_down() {
+    let f = fixture();
+    let mut ups = Vec::new();
+    let mut upstreams = Vec::new();
+    for _ in 0..3 {
+        // Answers while its flag is up; otherwise reads the request and closes the connection.
+        let up = Arc::new(AtomicBool::new(true));
+        let flag = Arc::clone(&up);
+        upstreams.push(
+            Upstream::start_async(move |_| {
+                let up = flag.load(Ordering::SeqCst);
+                async move { up.then(ok).flatten() }
+            })
+            .await,
+        );
+        ups.push(up);
+    }
+    let urls: Vec<String> = upstreams.iter().map(Upstream::url).collect();
+    let extra = "balance = \"ip_hash\"\noutlier = { consecutive_failures = 1, base_ejection_time = \"1500ms\" }";
+    let server = f.start(&route("/", &urls, extra)).await;
+    let counts = || upstreams.iter().map(Upstream::count).collect::<Vec<usize>>();
+    let request = |i: usize| {
+        let (f, server) = (&f, &server);
+        async move {
+            // A new connection each time: the client is its address, not its connection.
+            let mut c = connection(f, server).await;
+            send(&mut c, "GET", &format!("/r{i}"), "").await.0
+        }
+    };
+    for i in 0..6 {
+        assert_eq!(request(i).await, StatusCode::OK);
+    }
+    let first = counts();
+    let home = first.iter().position(|&c| c == 6).unwrap_or_else(|| panic!("all six to one upstream: {first:?}"));
+
+    // Its upstream goes down: the failed attempt is retried on one other upstream, where the client then stays.
+    ups[home].store(false, Ordering::SeqCst);
+    for i in 0..6 {
+        assert_eq!(request(i).await, StatusCode::OK);
+    }
+    let during = counts();
+    assert_eq!(during[home], 7, "one attempt failed there, then it was ejected: {during:?}");
+    let away: Vec<usize> = (0..3).filter(|&u| u != home && during[u] > 0).collect();
+    assert_eq!(away.len(), 1, "one other upstream took the client: {during:?}");
+    assert_eq!(during[away[0]], 6);
+
+    // Back up, and readmitted when its ejection ends: the client returns to it.
+    ups[home].store(true, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while upstreams[home].count() <= 7 {
+        assert!(tokio::time::Instant::now() < deadline, "the client went back to its upstream");
+        assert_eq!(request(0).await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = counts();
+    for i in 0..3 {
+        assert_eq!(request(i).await, StatusCode::OK);
+    }
+    assert_eq!(counts()[home], before[home] + 3, "and stays there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_take_an_unhealthy_upstream_out_and_bring_it_back() {
     let f = fixture();
     let passing = Arc::new(AtomicBool::new(true));

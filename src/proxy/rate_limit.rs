@@ -117,8 +117,8 @@ impl RateLimiter {
 }
 
 /// The key of a client: its IPv4 address, or its IPv6 address's /64 prefix (an IPv4-mapped IPv6 address is
-/// its IPv4 address). The top bit tells the families apart.
-fn client_key(client: IpAddr) -> u64 {
+/// its IPv4 address). The top bit tells the families apart. Also `ip_hash`'s client.
+pub fn client_key(client: IpAddr) -> u64 {
     match client {
         IpAddr::V4(v4) => u64::from(u32::from(v4)),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

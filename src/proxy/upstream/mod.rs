@@ -2,7 +2,7 @@
 //!
 //! - `pool`: the connection pool (HTTP/1.1 to `http` and `https` upstreams, TLS verified against the route's
 //!   `ca`);
-//! - `balancer`: `round_robin` or `least_requests`;
+//! - `balancer`: `round_robin`, `least_requests` or `ip_hash`;
 //! - `outlier`: passive ejection after consecutive transport failures (or, when configured, 5xx responses);
 //! - `health`: active HTTP health checks, one task per upstream, stopped when the group is dropped;
 //! - `retry`: which failed requests are sent again;
@@ -157,8 +157,9 @@ impl UpstreamGroup {
         let mut body = (!bodiless).then_some(body);
         let mut headers = parts.headers;
         let mut tried = Tried::default();
+        let client_key = crate::proxy::rate_limit::client_key(client.peer.ip());
         loop {
-            let (index, endpoint) = self.pick(&tried);
+            let (index, endpoint) = self.pick(&tried, client_key);
             tried.push(index);
             let last = tried.len() >= max_attempts;
             // Keep the headers for another attempt only while one may follow: a request that cannot be retried
@@ -206,18 +207,18 @@ impl UpstreamGroup {
         }
     }
 
-    /// The upstream for the next attempt: an available one not tried yet; else, in turn, any one not tried yet,
-    /// an available one, any one (see the module documentation).
-    fn pick(&self, tried: &Tried) -> (usize, &Arc<Endpoint>) {
+    /// The upstream for the next attempt for `client` (its key, for `ip_hash`): an available one not tried yet;
+    /// else, in turn, any one not tried yet, an available one, any one (see the module documentation).
+    fn pick(&self, tried: &Tried, client: u64) -> (usize, &Arc<Endpoint>) {
         let now = self.clock.now();
         let n = self.endpoints.len();
         let available = |i: usize| self.endpoints.get(i).is_some_and(|e| e.is_available(now));
         let load = |i: usize| self.endpoints.get(i).map_or(usize::MAX, |e| e.in_flight());
         let index = self
             .balancer
-            .pick(n, |i| available(i) && !tried.contains(i), load)
-            .or_else(|| self.balancer.pick(n, |i| !tried.contains(i), load))
-            .or_else(|| self.balancer.pick(n, available, load))
+            .pick(n, |i| available(i) && !tried.contains(i), load, client)
+            .or_else(|| self.balancer.pick(n, |i| !tried.contains(i), load, client))
+            .or_else(|| self.balancer.pick(n, available, load, client))
             .unwrap_or(0);
         match self.endpoints.get(index) {
             Some(endpoint) => (index, endpoint),
