@@ -260,8 +260,8 @@ pub struct PrefixRewrite {
 /// What a route does with a request.
 #[derive(Debug, Clone)]
 pub enum RouteAction {
-    /// Forward to one of a group of upstreams.
-    Upstream(UpstreamGroupConfig),
+    /// Forward to one of a group of upstreams (boxed: a group's settings are several times a fixed answer's).
+    Upstream(Box<UpstreamGroupConfig>),
     /// Answer directly.
     Respond(DirectResponse),
     /// Answer with a redirect.
@@ -287,6 +287,8 @@ pub struct UpstreamGroupConfig {
     pub balance: Balance,
     /// How many times a failed request may be sent again, to another upstream when there is one.
     pub retries: u32,
+    /// 5xx statuses whose answers are retried as transport failures are (none by default).
+    pub retry_statuses: Vec<u16>,
     /// PEM file of the CAs trusted for `https` upstreams (required when there is one), resolved against the
     /// config file's directory.
     pub ca: Option<PathBuf>,
@@ -681,6 +683,7 @@ struct RawRoute {
     timeout: Option<Duration>,
     balance: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
+    retry_statuses: Option<Spanned<Vec<u16>>>,
     ca: Option<Spanned<String>>,
     outlier: Option<Spanned<RawOutlier>>,
     health_check: Option<Spanned<RawHealthCheck>>,
@@ -1218,11 +1221,14 @@ impl Context<'_> {
             None => {}
         }
         let action = match (upstream, respond, redirect) {
-            (Some(upstream), _, _) => RouteAction::Upstream(self.upstream_group(index, upstream, &raw, &path, base)?),
+            (Some(upstream), _, _) => {
+                RouteAction::Upstream(Box::new(self.upstream_group(index, upstream, &raw, &path, base)?))
+            }
             (None, respond, redirect) => {
                 let upstream_only = [
                     ("balance", raw.balance.as_ref().map(Spanned::span)),
                     ("retries", raw.retries.as_ref().map(Spanned::span)),
+                    ("retry_statuses", raw.retry_statuses.as_ref().map(Spanned::span)),
                     ("ca", raw.ca.as_ref().map(Spanned::span)),
                     ("outlier", raw.outlier.as_ref().map(Spanned::span)),
                     ("health_check", raw.health_check.as_ref().map(Spanned::span)),
@@ -1384,6 +1390,19 @@ impl Context<'_> {
             }
             Some(r) => *r.get_ref(),
         };
+        let retry_statuses = match &raw.retry_statuses {
+            None => Vec::new(),
+            Some(list) => {
+                if let Some(bad) = list.get_ref().iter().find(|s| !(500..=599).contains(*s)) {
+                    return Err(self.at(
+                        list,
+                        &key("retry_statuses"),
+                        format_args!("{bad} is not a 5xx status: only server errors are retried"),
+                    ));
+                }
+                list.get_ref().clone()
+            }
+        };
         let ca = match &raw.ca {
             None => None,
             Some(ca) if ca.get_ref().trim().is_empty() => {
@@ -1427,6 +1446,7 @@ impl Context<'_> {
             upstreams,
             balance,
             retries,
+            retry_statuses,
             ca,
             outlier,
             health_check,
@@ -1638,7 +1658,7 @@ bind = "127.0.0.1:8443"
 
     fn group(route: &str) -> Result<UpstreamGroupConfig> {
         match parse(&format!("{MINIMAL}\n[[route]]\n{route}\n"))?.routes.remove(0).action {
-            RouteAction::Upstream(group) => Ok(group),
+            RouteAction::Upstream(group) => Ok(*group),
             RouteAction::Respond(_) | RouteAction::Redirect(_) => panic!("not an upstream route"),
         }
     }
@@ -1956,6 +1976,18 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
             assert!(err.to_string().contains(needle), "{keys}: {err}");
             assert!(err.position.is_some(), "{keys}: {err}");
         }
+    }
+
+    #[test]
+    fn retry_statuses_are_server_errors_of_upstream_routes() {
+        let route = |keys: &str| parse(&format!("{MINIMAL}\n[[route]]\n{keys}\n"));
+        let g = group("upstream = \"http://u:1\"\nretry_statuses = [502, 503, 504]").unwrap();
+        assert_eq!(g.retry_statuses, [502, 503, 504]);
+        assert!(group("upstream = \"http://u:1\"").unwrap().retry_statuses.is_empty());
+        let err = route("upstream = \"http://u:1\"\nretry_statuses = [503, 404]").unwrap_err();
+        assert!(err.to_string().contains("route[0].retry_statuses: 404 is not a 5xx status"), "{err}");
+        let err = route("respond = { status = 200 }\nretry_statuses = [503]").unwrap_err();
+        assert!(err.to_string().contains("route[0].retry_statuses: only an `upstream` route has it"), "{err}");
     }
 
     #[test]

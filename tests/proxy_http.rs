@@ -226,6 +226,8 @@ response_headers = {{ Location = "https://app.example.test/new" }}
         } else {
             let mut sender = http1(tls).await;
             for path in ["/api/users?id=7", "/old", "/elsewhere"] {
+                // The connection may still be finishing the previous exchange.
+                sender.ready().await.unwrap();
                 let (head, _) = text_with_head(sender.send_request(request(path)).await.unwrap()).await;
                 responses.push(head);
             }

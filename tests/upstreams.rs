@@ -283,6 +283,36 @@ async fn ip_hash_sends_a_client_to_one_upstream_and_elsewhere_only_while_that_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_statuses_are_retried_on_another_upstream_for_idempotent_bodiless_requests_only() {
+    let f = fixture();
+    let unavailable = Upstream::start_with(|_| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"overloaded")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    })
+    .await;
+    let good = Upstream::start().await;
+    let no_ejection = "retries = 1\nretry_statuses = [502, 503]\noutlier = { consecutive_failures = 0 }";
+    let server = f.start(&route("/", &[unavailable.url(), good.url()], no_ejection)).await;
+    let mut c = connection(&f, &server).await;
+
+    // GETs that round robin sends to the upstream answering 503 are retried on the other: every one succeeds.
+    for i in 0..4 {
+        assert_eq!(send(&mut c, "GET", &format!("/g{i}"), "").await, (StatusCode::OK, format!("upstream: /g{i}")));
+    }
+    assert_eq!(good.count(), 4);
+    assert!(unavailable.count() >= 2, "round robin tried it first for some: {}", unavailable.count());
+    // A POST, or a request with a body, is not sent twice: a 503 it gets is the client's answer.
+    let before = unavailable.count() + good.count();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        statuses.push(send(&mut c, "POST", &format!("/p{i}"), "data").await.0.as_u16());
+    }
+    assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
+    assert_eq!(unavailable.count() + good.count(), before + 4, "each POST was sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_take_an_unhealthy_upstream_out_and_bring_it_back() {
     let f = fixture();
     let passing = Arc::new(AtomicBool::new(true));

@@ -15,7 +15,8 @@
 //! attempt, where refusing would fail every request until the judgement changes. When every attempt fails the
 //! client gets 502 (or 504 when the last attempt ran out of time), as with a single upstream.
 //!
-//! **Retries** (see `retry`) go to an available upstream not tried yet for the request, else to any upstream
+//! **Retries** (see `retry`), after a transport failure or an answer whose status the route lists in
+//! `retry_statuses`, go to an available upstream not tried yet for the request, else to any upstream
 //! not tried yet, else to one already tried; all attempts share the route's timeout as one deadline.
 
 mod balancer;
@@ -79,6 +80,8 @@ pub struct UpstreamGroup {
     balancer: Balancer,
     pool: Pool,
     retries: u32,
+    /// Upstream answers retried as a transport failure is (`retry_statuses`).
+    retry_statuses: Box<[u16]>,
     preserve_host: bool,
     /// The route's `prefix_rewrite`.
     prefix_rewrite: Option<PrefixRewrite>,
@@ -124,6 +127,7 @@ impl UpstreamGroup {
             balancer: Balancer::new(config.balance),
             pool,
             retries: config.retries,
+            retry_statuses: config.retry_statuses.clone().into_boxed_slice(),
             preserve_host: proxy.preserve_host,
             prefix_rewrite: config.prefix_rewrite.clone(),
             request_headers: config.request_headers.clone().into_boxed_slice(),
@@ -176,7 +180,20 @@ impl UpstreamGroup {
             let in_flight = endpoint.start();
             let error = match tokio::time::timeout_at(deadline, self.pool.send(&endpoint.connections, request)).await {
                 Ok(Ok(response)) => {
-                    endpoint.answered(response.status());
+                    let status = response.status();
+                    endpoint.answered(status);
+                    if !last && self.retry_statuses.contains(&status.as_u16()) && Instant::now() < deadline {
+                        // Its body is not read: the connection is closed rather than given back.
+                        drop((response, in_flight));
+                        tracing::debug!(
+                            route = endpoint.route(),
+                            upstream = %endpoint.name,
+                            %status,
+                            attempt = tried.len(),
+                            "retrying on another upstream after its answer"
+                        );
+                        continue;
+                    }
                     let (mut head, body) = response.into_parts();
                     // A switch of protocols keeps its `Upgrade` for the proxy to check (see `proxy::upgrade`), which
                     // then removes the hop-by-hop headers itself.

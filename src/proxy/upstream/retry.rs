@@ -10,8 +10,10 @@
 //!   buffered, so once a body was handed to an attempt it is gone; a `PUT` or `DELETE` with a body is not
 //!   retried. With no body there is nothing that could have been half sent;
 //! - the attempt failed in the transport (refused, reset, closed before the response, TLS refused, connect
-//!   timeout). An upstream's response, whatever its status, is passed to the client as is, and an attempt
-//!   that ran into the route's timeout leaves no time for another;
+//!   timeout), or the upstream answered with a status the route lists in `retry_statuses` (nginx's
+//!   `proxy_next_upstream http_503`, Envoy's `retry_on: gateway-error`; none by default). Any other response
+//!   is passed to the client as is, and so is a listed one when no attempt is left; an attempt that ran into
+//!   the route's timeout leaves no time for another;
 //! - attempts stay within `1 + retries` and within the route's timeout, which is one deadline for all of them.
 
 use http::Method;
