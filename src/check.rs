@@ -1,4 +1,5 @@
-//! `sealgate check`: validates the configuration and the export, and prints one row per association.
+//! `sealgate check`: validates the configuration and the export, and prints one row per association; warns of
+//! routes for names that no served certificate covers.
 //!
 //! Exit status: 0 when at least one association is served, 1 when none is, 2 when the configuration or the
 //! export as a whole cannot be read.
@@ -49,11 +50,39 @@ pub fn run(config: &Path) -> ExitCode {
         eprintln!("sealgate check: cannot write the report: {e}");
         return ExitCode::from(UNREADABLE);
     }
+    for warning in unreachable_routes(&config, &snapshot) {
+        eprintln!("sealgate check: warning: {warning}");
+    }
     if snapshot.associations.iter().any(AssociationOutcome::is_served) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(NOTHING_SERVED)
     }
+}
+
+/// The routes whose host no served certificate covers, said as warnings: a request for such a host cannot
+/// arrive (a handshake for the name finds no certificate, and a connection made with another certificate gets
+/// 421), which is nearly always a typo or a certificate not associated yet. A route without a host, or with a
+/// wildcard host under which some served name falls, is reachable.
+pub fn unreachable_routes(config: &Config, snapshot: &Snapshot) -> Vec<String> {
+    let served: Vec<&str> = snapshot
+        .associations
+        .iter()
+        .filter(|a| a.is_served())
+        .flat_map(|a| a.server_names.iter().map(String::as_str))
+        .collect();
+    config
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| {
+            let host = route.host.as_deref()?;
+            let reachable = served.iter().any(|name| crate::names::covers(name, host) || crate::names::covers(host, name));
+            (!reachable).then(|| {
+                format!("route[{index}] (host {host}) is for a name no served certificate covers: its requests cannot arrive")
+            })
+        })
+        .collect()
 }
 
 /// Column titles of the report.

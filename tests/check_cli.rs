@@ -108,3 +108,25 @@ fn an_unparseable_export_exits_2_naming_the_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("export/associations.toml"), "{stderr}");
 }
+
+#[test]
+fn routes_for_names_no_served_certificate_covers_are_warned_of() {
+    let dir = TempDir::new().unwrap();
+    let export = toml::Value::String(vectors().join("export").display().to_string());
+    // The vectors serve localhost and *.example.test (rsa.example.test too).
+    let config = format!(
+        "[custody]\nexport = {export}\ngrantee = \"sealgate-vectors\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+         [[route]]\nhost = \"app.example.test\"\nrespond = {{ status = 200 }}\n\
+         [[route]]\nhost = \"*.example.test\"\nrespond = {{ status = 200 }}\n\
+         [[route]]\nhost = \"app.exmaple.test\"\nrespond = {{ status = 200 }}\n\
+         [[route]]\nrespond = {{ status = 200 }}\n"
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = run(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "a warning is not a failure: {stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("route[2] (host app.exmaple.test)"), "{stderr}");
+}
