@@ -292,7 +292,9 @@ pub struct LoggedBody<B> {
     inner: B,
     /// When the request arrived.
     started: Instant,
-    pending: Option<(Arc<AccessLog>, AccessRecord)>,
+    /// Boxed: the record is a few hundred bytes, and hyper moves the body several times per response; without
+    /// an access log this is a null pointer.
+    pending: Option<Box<(Arc<AccessLog>, AccessRecord)>>,
     /// `sealgate_route_request_duration_seconds` of the request's route.
     duration: Option<Histogram>,
 }
@@ -303,7 +305,7 @@ impl<B> LoggedBody<B> {
     pub fn new(
         inner: B,
         started: Instant,
-        log: Option<(Arc<AccessLog>, AccessRecord)>,
+        log: Option<Box<(Arc<AccessLog>, AccessRecord)>>,
         duration: Option<Histogram>,
     ) -> Self {
         Self { inner, started, pending: log, duration }
@@ -314,9 +316,10 @@ impl<B> LoggedBody<B> {
         if let Some(histogram) = self.duration.take() {
             histogram.observe(elapsed.as_secs_f64());
         }
-        if let Some((log, mut record)) = self.pending.take() {
+        if let Some(mut pending) = self.pending.take() {
+            let (log, record) = &mut *pending;
             record.duration = elapsed;
-            log.log(&record);
+            log.log(record);
         }
     }
 }
@@ -335,8 +338,8 @@ impl<B: Body + Unpin> Body for LoggedBody<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(data), Some((_, record))) = (frame.data_ref(), self.pending.as_mut()) {
-                    record.bytes += data.remaining() as u64;
+                if let (Some(data), Some(pending)) = (frame.data_ref(), self.pending.as_mut()) {
+                    pending.1.bytes += data.remaining() as u64;
                 }
             }
             Poll::Ready(None | Some(Err(_))) => self.finish(),
@@ -416,7 +419,7 @@ mod tests {
         let log = AccessLog::open(&AccessLogConfig { path: path.clone(), format: AccessLogFormat::Json }).unwrap();
         let body = http_body_util::Full::new(bytes::Bytes::from_static(b"hello world"));
         let fresh = AccessRecord { bytes: 0, ..record() };
-        let logged = LoggedBody::new(body, Instant::now(), Some((Arc::clone(&log), fresh)), None);
+        let logged = LoggedBody::new(body, Instant::now(), Some(Box::new((Arc::clone(&log), fresh))), None);
         let collected = logged.collect().await.unwrap().to_bytes();
         assert_eq!(&collected[..], b"hello world");
         drop(log);

@@ -139,10 +139,11 @@ impl Proxy {
             // Replaces whatever id the client sent (see `request_id`).
             request.headers_mut().insert(X_REQUEST_ID, id.clone());
         }
+        // Boxed at once: the record is held across the answer's await, in this future, and then by the body.
         let pending = self.access_log.as_ref().map(|log| {
             let mut record = record_of(&request, connection, started.1);
             record.request_id = request_id.clone();
-            (Arc::clone(log), record)
+            Box::new((Arc::clone(log), record))
         });
         let Answer { mut response, upstream, route } = self.answer(request, connection).await;
         self.metrics.request_answered(response.status());
@@ -155,10 +156,10 @@ impl Proxy {
         for rule in route.map_or(&self.response_headers, |route| &route.response_headers).iter() {
             rule.apply(response.headers_mut());
         }
-        let pending = pending.map(|(log, mut record)| {
-            record.status = response.status().as_u16();
-            record.upstream = upstream.as_deref().map(str::to_owned);
-            (log, record)
+        let pending = pending.map(|mut pending| {
+            pending.1.status = response.status().as_u16();
+            pending.1.upstream = upstream.as_deref().map(str::to_owned);
+            pending
         });
         let duration = route.map(|route| route.duration.clone());
         response.map(|body| LoggedBody::new(body, started.0, pending, duration))
