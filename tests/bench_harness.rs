@@ -80,6 +80,13 @@ const METRIC_ROWS: [&str; 9] = [
     "| 6. memory per idle TLS connection (KiB) |",
 ];
 
+/// The rows derived from two figures of a measurement (the server's CPU time over the requests).
+const DERIVED_ROWS: [&str; 3] = [
+    "| 2. server CPU per keep-alive request (µs) |",
+    "| 3. server CPU per HTTP/2 request (µs) |",
+    "| 4. server CPU per proxied request (µs) |",
+];
+
 #[test]
 fn bench_run_quick_against_sealgate_writes_every_scenario() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -117,7 +124,7 @@ fn bench_run_quick_against_sealgate_writes_every_scenario() {
     assert!(!md.contains("error:") && !md.contains("errors:"), "a measurement failed:\n{md}");
     // Scenarios 1-6: a figure for sealgate in every row (no other server ran: no ratios).
     assert_eq!(row(&md, "| metric |"), ["metric", "sealgate", "sealgate/nginx", "sealgate/HAProxy", "better"]);
-    for start in METRIC_ROWS {
+    for start in METRIC_ROWS.iter().chain(&DERIVED_ROWS) {
         let cells = row(&md, start);
         assert!(number(cells[1]) > 0.0, "{start} {cells:?} in:\n{md}");
         assert_eq!(cells[2..4], ["—", "—"], "{start} {cells:?}");
@@ -217,12 +224,17 @@ fn bench_run_quick_against_sealgate_writes_every_scenario() {
         assert!(number(cells[2]) > sealgate && number(cells[3]) > number(cells[2]), "{start} {cells:?}");
         assert_eq!(cells[4..6], ["0.50", "0.25"], "{start} {cells:?}");
     }
+    // Derived from two figures scaled alike, CPU per request comes out equal.
+    for start in DERIVED_ROWS {
+        assert_eq!(row(&md, start)[4..6], ["1.00", "1.00"], "{start}");
+    }
     let targets = table_rows(section(&md, "## Targets (issue 4)"));
     assert_eq!(targets.len(), 9 + 6, "{targets:#?}");
     for target in &targets {
         assert!(target.ends_with("| PASS |") || target.ends_with("| FAIL |"), "target not judged: {target}");
     }
     let svg = std::fs::read_to_string(dir.path().join("latest.svg")).unwrap();
-    assert_eq!(svg.matches("fill=\"#2b6cb0\"/><text").count(), 9 + 1, "bars vs nginx (and the legend):\n{svg}");
-    assert_eq!(svg.matches("fill=\"#dd6b20\"/><text").count(), 9 + 1, "bars vs HAProxy (and the legend):\n{svg}");
+    let bars = METRIC_ROWS.len() + DERIVED_ROWS.len();
+    assert_eq!(svg.matches("fill=\"#2b6cb0\"/><text").count(), bars + 1, "bars vs nginx (and the legend):\n{svg}");
+    assert_eq!(svg.matches("fill=\"#dd6b20\"/><text").count(), bars + 1, "bars vs HAProxy (and the legend):\n{svg}");
 }
