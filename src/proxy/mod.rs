@@ -23,7 +23,7 @@ pub mod routes;
 pub mod upgrade;
 pub mod upstream;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -379,6 +379,19 @@ struct Switch {
     client: hyper::upgrade::OnUpgrade,
     /// HTTP/1.1 upgrade (`101`) rather than HTTP/2 extended CONNECT (`200`).
     http1: bool,
+}
+
+/// The key of a client: its IPv4 address, or its IPv6 address's /64 prefix (an IPv4-mapped IPv6 address is
+/// its IPv4 address). The top bit tells the families apart. One host commonly holds a whole IPv6 /64, and
+/// could otherwise take a fresh key for every request. Used by rate limits and `ip_hash` balancing.
+pub fn client_key(client: IpAddr) -> u64 {
+    match client {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u64::from(u32::from(v4)),
+            None => (u128::from(v6) >> 64) as u64 | 1 << 63,
+        },
+    }
 }
 
 /// The access log record of a request, to be completed when its response ends.

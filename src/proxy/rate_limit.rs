@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::client_key;
 use crate::config::RateLimitConfig;
 
 /// The most clients tracked per route.
@@ -113,18 +114,6 @@ impl RateLimiter {
     #[cfg(test)]
     fn tracked(&self) -> usize {
         self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).clients.len()).sum()
-    }
-}
-
-/// The key of a client: its IPv4 address, or its IPv6 address's /64 prefix (an IPv4-mapped IPv6 address is
-/// its IPv4 address). The top bit tells the families apart. Also `ip_hash`'s client.
-pub fn client_key(client: IpAddr) -> u64 {
-    match client {
-        IpAddr::V4(v4) => u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => u64::from(u32::from(v4)),
-            None => (u128::from(v6) >> 64) as u64 | 1 << 63,
-        },
     }
 }
 

@@ -161,7 +161,7 @@ impl UpstreamGroup {
         let mut body = (!bodiless).then_some(body);
         let mut headers = parts.headers;
         let mut tried = Tried::default();
-        let client_key = crate::proxy::rate_limit::client_key(client.peer.ip());
+        let client_key = crate::proxy::client_key(client.peer.ip());
         loop {
             let (index, endpoint) = self.pick(&tried, client_key);
             tried.push(index);
