@@ -137,6 +137,24 @@ async fn too_many_or_too_large_headers_get_431_and_long_uris_414() {
     }
 }
 
+/// POSTs `path` over HTTP/2 without a declared length, the body in three DATA frames of `frame` bytes each;
+/// returns how stream 1 ended.
+async fn post_in_three_data_frames(
+    f: &Fixture,
+    server: &sealgate::server::RunningServer,
+    path: &str,
+    frame: usize,
+) -> Option<Event> {
+    let mut h2 = H2::start(tls_to(f, server, HOST, b"h2").await).await;
+    let mut frames =
+        h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &h2raw::request_block("POST", HOST, path, &[]));
+    for end in [0, 0, h2raw::END_STREAM] {
+        frames.extend(h2raw::frame(h2raw::DATA, end, 1, &vec![b'e'; frame]));
+    }
+    h2.send(&frames).await;
+    h2.outcome(1, DEADLINE).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_max_body_bytes_get_413_and_the_upstream_never_receives_more() {
     let f = Fixture::new();
@@ -187,14 +205,7 @@ async fn bodies_over_max_body_bytes_get_413_and_the_upstream_never_receives_more
     assert_eq!(h2_declared.total_bytes(), 0);
 
     // HTTP/2 without content-length: three DATA frames of 400 bytes.
-    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
-    let mut frames =
-        h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &h2raw::request_block("POST", HOST, "/h2-streamed", &[]));
-    for end in [0, 0, h2raw::END_STREAM] {
-        frames.extend(h2raw::frame(h2raw::DATA, end, 1, &[b'e'; 400]));
-    }
-    h2.send(&frames).await;
-    let outcome = h2.outcome(1, DEADLINE).await;
+    let outcome = post_in_three_data_frames(&f, &server, "/h2-streamed", 400).await;
     assert!(matches!(outcome, Some(Event::Headers { status: Some(413), .. })), "{outcome:?}");
 
     // The upstream may have received the head and part of the body (or nothing, if the client's body failed
@@ -241,14 +252,7 @@ async fn a_routes_own_body_limit_replaces_the_global_one_both_ways() {
     assert_eq!(status(post("/tiny", 10)).await, Some(200));
 
     // Streamed over HTTP/2 without a declared length, the route's limit holds too.
-    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
-    let mut frames =
-        h2raw::frame(h2raw::HEADERS, h2raw::END_HEADERS, 1, &h2raw::request_block("POST", HOST, "/upload", &[]));
-    for end in [0, 0, h2raw::END_STREAM] {
-        frames.extend(h2raw::frame(h2raw::DATA, end, 1, &[b'e'; 1500]));
-    }
-    h2.send(&frames).await;
-    let outcome = h2.outcome(1, DEADLINE).await;
+    let outcome = post_in_three_data_frames(&f, &server, "/upload", 1500).await;
     assert!(matches!(outcome, Some(Event::Headers { status: Some(200), .. })), "4500 bytes pass: {outcome:?}");
     assert_eq!(uploads.requests().iter().filter(|r| r.complete && r.body.len() == 4500).count(), 1);
 }

@@ -74,6 +74,16 @@ async fn attempts(admin: SocketAddr, route: usize, upstream: &str, result: &str)
     metric(admin, "sealgate_upstream_requests_total", &labels).await
 }
 
+/// An upstream that answers every request `503 Service Unavailable`: up, but failing.
+async fn answering_503() -> Upstream {
+    Upstream::start_with(|_| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"unavailable")));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        response
+    })
+    .await
+}
+
 fn ok() -> Reply {
     Some(Response::new(Full::new(Bytes::new())))
 }
@@ -180,12 +190,7 @@ async fn a_failing_upstream_is_ejected_and_readmitted_when_its_ejection_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_eject_an_upstream_only_where_consecutive_5xx_is_set() {
     let f = fixture();
-    let failing = Upstream::start_with(|_| {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"broken")));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        response
-    })
-    .await;
+    let failing = answering_503().await;
     let good = Upstream::start().await;
     let upstreams = [failing.url(), good.url()];
     let routes = format!(
@@ -285,12 +290,7 @@ async fn ip_hash_sends_a_client_to_one_upstream_and_elsewhere_only_while_that_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listed_statuses_are_retried_on_another_upstream_for_idempotent_bodiless_requests_only() {
     let f = fixture();
-    let unavailable = Upstream::start_with(|_| {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"overloaded")));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        response
-    })
-    .await;
+    let unavailable = answering_503().await;
     let good = Upstream::start().await;
     let no_ejection = "retries = 1\nretry_statuses = [502, 503]\noutlier = { consecutive_failures = 0 }";
     let server = f.start(&route("/", &[unavailable.url(), good.url()], no_ejection)).await;
