@@ -28,6 +28,11 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::from(UNREADABLE);
         }
     };
+    // The TLS settings read files too (`[tls.client_auth]`'s CAs and CRLs): refused here as `run` would refuse them.
+    if let Err(e) = crate::tls::TlsPolicy::new(&config.tls) {
+        eprintln!("sealgate check: {e}");
+        return ExitCode::from(UNREADABLE);
+    }
     let custody = &config.custody;
     let snapshot = match read_export(&custody.export, &custody.grantee, OffsetDateTime::now_utc()) {
         Ok(snapshot) => snapshot,

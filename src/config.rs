@@ -131,6 +131,30 @@ pub struct TlsConfig {
     pub key_exchange: Vec<KeyExchange>,
     /// Time allowed for the whole TLS handshake.
     pub handshake_timeout: Duration,
+    /// Client certificates asked for (mutual TLS), if any.
+    pub client_auth: Option<ClientAuthConfig>,
+}
+
+/// `[tls.client_auth]`: mutual TLS, client certificates verified against the operator's CAs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuthConfig {
+    /// PEM file of the CAs a client certificate must chain to.
+    pub ca: PathBuf,
+    /// Whether a client may connect without a certificate.
+    pub mode: ClientAuthMode,
+    /// PEM files of certificate revocation lists, checked for the whole chain.
+    pub crl: Vec<PathBuf>,
+    /// Whether upstreams are told who the client is (`X-Forwarded-Client-Cert`).
+    pub forward: bool,
+}
+
+/// Whether a client certificate is required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// A client without a valid certificate is refused in the handshake.
+    Required,
+    /// A client may send no certificate; one it sends must be valid.
+    Optional,
 }
 
 /// One `[[listener]]`.
@@ -642,6 +666,17 @@ struct RawTls {
     key_exchange: Option<Vec<Spanned<String>>>,
     #[serde(default, with = "humantime_serde::option")]
     handshake_timeout: Option<Duration>,
+    client_auth: Option<RawClientAuth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientAuth {
+    ca: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    crl: Vec<Spanned<String>>,
+    forward: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -831,8 +866,15 @@ const RESPONSE_HEADERS_MANAGED: &[&str] = &["strict-transport-security"];
 /// Headers a configuration may not set on upstream requests either: `Host` (see `[proxy] preserve_host`), and the
 /// forwarding headers and `X-Request-Id` (see `[proxy] request_id`), which sealgate sets from what it saw itself
 /// so that upstreams can trust them.
-const REQUEST_HEADERS_MANAGED: &[&str] =
-    &["host", "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"];
+const REQUEST_HEADERS_MANAGED: &[&str] = &[
+    "host",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-client-cert",
+    "x-request-id",
+];
 
 /// Default period of the backstop rescan of the export.
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -882,7 +924,7 @@ impl Config {
         let base = path.parent().map(Path::to_owned).unwrap_or_default();
 
         let custody = cx.custody(raw.custody, &base)?;
-        let tls = cx.tls(raw.tls)?;
+        let tls = cx.tls(raw.tls, &base)?;
         let listeners = raw
             .listener
             .iter()
@@ -1068,7 +1110,7 @@ impl Context<'_> {
         Ok(AuditConfig { path: base.join(path) })
     }
 
-    fn tls(&self, raw: RawTls) -> Result<TlsConfig> {
+    fn tls(&self, raw: RawTls, base: &Path) -> Result<TlsConfig> {
         let min_version = match &raw.min_version {
             None => TlsVersion::Tls12,
             Some(v) => match v.get_ref().as_str() {
@@ -1113,6 +1155,30 @@ impl Context<'_> {
             default_certificate: raw.default_certificate.map(Spanned::into_inner),
             key_exchange,
             handshake_timeout,
+            client_auth: raw.client_auth.map(|raw| self.client_auth(raw, base)).transpose()?,
+        })
+    }
+
+    fn client_auth(&self, raw: RawClientAuth, base: &Path) -> Result<ClientAuthConfig> {
+        let file = |value: &Spanned<String>, key: &str| {
+            if value.get_ref().trim().is_empty() {
+                return Err(self.at(value, key, "must name a PEM file"));
+            }
+            Ok(base.join(value.get_ref()))
+        };
+        let mode = match &raw.mode {
+            None => ClientAuthMode::Required,
+            Some(mode) => match mode.get_ref().as_str() {
+                "required" => ClientAuthMode::Required,
+                "optional" => ClientAuthMode::Optional,
+                _ => return Err(self.at(mode, "tls.client_auth.mode", "must be \"required\" or \"optional\"")),
+            },
+        };
+        Ok(ClientAuthConfig {
+            ca: file(&raw.ca, "tls.client_auth.ca")?,
+            mode,
+            crl: raw.crl.iter().map(|crl| file(crl, "tls.client_auth.crl")).collect::<Result<_>>()?,
+            forward: raw.forward.unwrap_or(false),
         })
     }
 
@@ -1608,6 +1674,37 @@ bind = "127.0.0.1:8443"
     }
 
     #[test]
+    fn client_auth_parses_with_defaults_and_refuses_unknown_modes_and_empty_files() {
+        assert!(parse(MINIMAL).unwrap().tls.client_auth.is_none());
+        let config = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \"clients.pem\"\n")).unwrap();
+        let expected = ClientAuthConfig {
+            ca: PathBuf::from("/etc/sealgate/clients.pem"),
+            mode: ClientAuthMode::Required,
+            crl: Vec::new(),
+            forward: false,
+        };
+        assert_eq!(config.tls.client_auth, Some(expected));
+        let text = format!(
+            "{MINIMAL}\n[tls.client_auth]\nca = \"/srv/ca.pem\"\nmode = \"optional\"\ncrl = [\"a.pem\", \"/b.pem\"]\n\
+             forward = true\n"
+        );
+        let client_auth = parse(&text).unwrap().tls.client_auth.unwrap();
+        assert_eq!(client_auth.ca, Path::new("/srv/ca.pem"));
+        assert_eq!(client_auth.mode, ClientAuthMode::Optional);
+        assert_eq!(client_auth.crl, [PathBuf::from("/etc/sealgate/a.pem"), PathBuf::from("/b.pem")]);
+        assert!(client_auth.forward);
+
+        let err = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \"c.pem\"\nmode = \"request\"\n")).unwrap_err();
+        assert!(err.to_string().contains(":11:") && err.message.contains("tls.client_auth.mode"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \" \"\n")).unwrap_err();
+        assert!(err.message.contains("tls.client_auth.ca") && err.message.contains("PEM file"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \"c.pem\"\ncrl = [\"\"]\n")).unwrap_err();
+        assert!(err.message.contains("tls.client_auth.crl"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[tls.client_auth]\nmode = \"required\"\n")).unwrap_err();
+        assert!(err.message.contains("ca"), "{err}");
+    }
+
+    #[test]
     fn tls_below_1_2_is_refused() {
         let err = parse(&format!("{MINIMAL}\n[tls]\nmin_version = \"1.1\"\n")).unwrap_err();
         assert!(err.to_string().contains("TLS 1.2"), "{err}");
@@ -2028,6 +2125,9 @@ mod readme {
         assert_eq!((checks.interval, checks.timeout), (Duration::from_secs(5), Duration::from_secs(1)));
         assert_eq!(checks.expect_status, 200..=399);
         assert_eq!(config.tls.key_exchange.len(), 3);
+        let client_auth = config.tls.client_auth.expect("the reference shows client certificates");
+        assert_eq!((client_auth.mode, client_auth.forward), (ClientAuthMode::Required, false), "the defaults");
+        assert_eq!(client_auth.ca, Path::new("/srv/client-ca.pem"));
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
         // The reference shows the defaults.

@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod check;
+pub mod client_auth;
 pub mod config;
 pub mod custody;
 pub mod daemon;

@@ -28,6 +28,9 @@ pub enum HandshakeFailure {
     Io,
     /// A listener with `proxy_protocol` got no valid PROXY protocol header.
     ProxyHeader,
+    /// `[tls.client_auth]`: the client sent no certificate where one is required, or one that failed
+    /// verification (unknown issuer, expired, revoked, wrong usage).
+    ClientCertificate,
 }
 
 /// Why a connection was refused as soon as it was accepted.

@@ -586,6 +586,10 @@ async fn serve_connection(
         hard_stop: shared.hard_stop.clone(),
         tunnel: std::sync::Mutex::new(None),
         forwarding: ForwardingCache::default(),
+        client_certificate: match shared.store.forwards_client_certificates() {
+            true => session.peer_certificates().and_then(|chain| chain.first()).and_then(forwarded_client_certificate),
+            false => None,
+        },
     });
     let activity = Arc::new(Activity::new());
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
@@ -1145,11 +1149,21 @@ where
 }
 
 fn classify(error: &std::io::Error) -> HandshakeFailure {
-    if error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-        HandshakeFailure::Protocol
-    } else {
-        HandshakeFailure::Io
+    match error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        // A server verifies no certificate but its clients'.
+        Some(
+            rustls::Error::NoCertificatesPresented
+            | rustls::Error::InvalidCertificate(_)
+            | rustls::Error::InvalidCertRevocationList(_),
+        ) => HandshakeFailure::ClientCertificate,
+        Some(_) => HandshakeFailure::Protocol,
+        None => HandshakeFailure::Io,
     }
+}
+
+/// The `X-Forwarded-Client-Cert` value of a verified client's leaf, boxed for [`ConnectionInfo`].
+fn forwarded_client_certificate(leaf: &rustls_pki_types::CertificateDer<'_>) -> Option<Box<http::HeaderValue>> {
+    crate::client_auth::forwarded_value(leaf).map(Box::new)
 }
 
 fn handshake_failed(shared: &Shared, peer: SocketAddr, reason: HandshakeFailure, detail: &dyn std::fmt::Display) {

@@ -33,6 +33,9 @@ pub enum TlsError {
     /// rustls refused the combination of provider and protocol versions.
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    /// `[tls.client_auth]` cannot be set up (its CA or CRL files).
+    #[error(transparent)]
+    ClientAuth(#[from] crate::client_auth::ClientAuthError),
     /// The crypto provider's random generator failed: no handshake could be made.
     #[error("the TLS random generator failed: {0:?}")]
     Random(rustls::crypto::GetRandomFailed),
@@ -76,6 +79,7 @@ pub struct TlsPolicy {
     session_resumption: bool,
     session_cache_size: usize,
     default_certificate: Option<String>,
+    forward_client_certificate: bool,
 }
 
 impl fmt::Debug for TlsPolicy {
@@ -101,10 +105,15 @@ impl TlsPolicy {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::Tls13 => &[&rustls::version::TLS13],
         };
-        let mut template = ServerConfig::builder_with_provider(Arc::new(provider))
-            .with_protocol_versions(versions)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(RefuseAll));
+        let provider = Arc::new(provider);
+        let builder = ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(versions)?;
+        let builder = match &config.client_auth {
+            Some(client_auth) => {
+                builder.with_client_cert_verifier(crate::client_auth::verifier(client_auth, provider)?)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut template = builder.with_cert_resolver(Arc::new(RefuseAll));
         template.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
         template.max_early_data_size = 0;
         // The server's cipher suite order (the provider's: AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305, all AEAD
@@ -120,6 +129,7 @@ impl TlsPolicy {
             session_resumption: config.session_resumption,
             session_cache_size: config.session_cache_size,
             default_certificate: config.default_certificate.clone(),
+            forward_client_certificate: config.client_auth.as_ref().is_some_and(|c| c.forward),
         })
     }
 
@@ -375,6 +385,11 @@ impl CertificateStore {
     /// The current table.
     pub fn table(&self) -> Arc<CertificateTable> {
         self.table.load_full()
+    }
+
+    /// Whether upstreams are told the client certificate's identity (`[tls.client_auth] forward`).
+    pub fn forwards_client_certificates(&self) -> bool {
+        self.policy.forward_client_certificate
     }
 
     /// The config that ends a handshake with an alert.

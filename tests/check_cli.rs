@@ -130,3 +130,29 @@ fn routes_for_names_no_served_certificate_covers_are_warned_of() {
     assert_eq!(warnings.len(), 1, "{stderr}");
     assert!(warnings[0].contains("route[2] (host app.exmaple.test)"), "{stderr}");
 }
+
+#[test]
+fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
+    let dir = TempDir::new().unwrap();
+    let export = toml::Value::String(vectors().join("export").display().to_string());
+    let config = format!(
+        "[custody]\nexport = {export}\ngrantee = \"sealgate-vectors\"\n\n[tls.client_auth]\nca = \"clients.pem\"\n\n\
+         [[listener]]\nbind = \"127.0.0.1:0\"\n"
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = run(&path);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read the client CA file") && stderr.contains("clients.pem"), "{stderr}");
+    assert!(output.stdout.is_empty());
+
+    // A usable CA: the report as without one.
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(dir.path().join("clients.pem"), ca.pem()).unwrap();
+    let output = run(&path);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+}

@@ -149,3 +149,37 @@ async fn curl_sends_a_proxy_protocol_header_to_a_listener_that_requires_one() {
     let out = run(curl(&f, port, "a.example.test", &[])).await;
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_with_a_client_certificate_is_served_and_without_one_is_refused() {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(f.dir.path().join("client-ca.pem"), ca_params.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &issuer).unwrap();
+    let (cert, key) = (f.dir.path().join("client.pem"), f.dir.path().join("client.key"));
+    std::fs::write(&cert, client.pem()).unwrap();
+    std::fs::write(&key, client_key.serialize_pem()).unwrap();
+    let server = f.start(&format!("[tls.client_auth]\nca = \"client-ca.pem\"\n\n{HELLO}")).await;
+    let port = server.tls_addrs[0].port();
+
+    let with_certificate = ["--cert", cert.to_str().unwrap(), "--key", key.to_str().unwrap()];
+    for version in ["--http1.1", "--http2"] {
+        let extra: Vec<&str> = with_certificate.iter().copied().chain([version]).collect();
+        let out = run(curl(&f, port, "a.example.test", &extra)).await;
+        assert!(out.status.success(), "{version}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello\n\n200"), "{version}");
+    }
+    // Without one, over TLS 1.3 and 1.2: refused.
+    for extra in [&[][..], &["--tls-max", "1.2"][..]] {
+        let out = run(curl(&f, port, "a.example.test", extra)).await;
+        assert!(!out.status.success(), "no certificate ({extra:?}): {}", String::from_utf8_lossy(&out.stdout));
+    }
+}

@@ -33,6 +33,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Envoy's name for the client certificate's identity (see [`crate::client_auth`]).
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
@@ -62,6 +64,9 @@ pub struct ClientSide<'a> {
     pub authority: &'a str,
     /// The connection's forwarding header values, made once.
     pub cache: &'a ForwardingCache,
+    /// The client certificate's `X-Forwarded-Client-Cert` value, when `[tls.client_auth] forward` is on and
+    /// the client sent one.
+    pub client_certificate: Option<&'a HeaderValue>,
 }
 
 /// The forwarding header values of one client connection, made for its first proxied request and reused by the
@@ -144,6 +149,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: ClientSide<'_>, host: Opti
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     set_or_remove(headers, X_FORWARDED_HOST, values.host.clone());
     set_or_remove(headers, FORWARDED, values.forwarded.clone());
+    // Removed even when sealgate does not set it: upstreams that trust it must only ever see sealgate's.
+    set_or_remove(headers, X_FORWARDED_CLIENT_CERT, client.client_certificate.cloned());
 }
 
 /// Appends `ip` in dotted decimal. This runs for every proxied request: `Display` through the formatting
@@ -347,7 +354,7 @@ mod tests {
         let cache = ForwardingCache::default();
         set_forwarded(
             &mut headers,
-            ClientSide { peer, authority, cache: &cache },
+            ClientSide { peer, authority, cache: &cache, client_certificate: None },
             HeaderValue::from_str(authority).ok(),
         );
         assert_eq!(headers[&X_FORWARDED_FOR], "2001:db8::1");
@@ -359,7 +366,11 @@ mod tests {
         for ip in ["0.0.0.0", "127.0.0.1", "10.9.99.100", "255.255.255.255", "192.168.1.20"] {
             let peer = SocketAddr::new(ip.parse().unwrap(), 1);
             let cache = ForwardingCache::default();
-            set_forwarded(&mut headers, ClientSide { peer, authority: "a.test", cache: &cache }, None);
+            set_forwarded(
+                &mut headers,
+                ClientSide { peer, authority: "a.test", cache: &cache, client_certificate: None },
+                None,
+            );
             assert_eq!(headers[&X_FORWARDED_FOR], ip);
             assert_eq!(headers[&FORWARDED], format!("for={ip};host=a.test;proto=https").as_str());
             assert!(!headers.contains_key(&X_FORWARDED_HOST));
@@ -370,7 +381,7 @@ mod tests {
     fn a_connections_values_serve_its_authority_and_no_other() {
         let peer: SocketAddr = "192.0.2.7:5555".parse().unwrap();
         let cache = ForwardingCache::default();
-        let first = |authority| ClientSide { peer, authority, cache: &cache };
+        let first = |authority| ClientSide { peer, authority, cache: &cache, client_certificate: None };
         let mut headers = HeaderMap::new();
         set_forwarded(&mut headers, first("a.test"), HeaderValue::from_str("a.test").ok());
         assert_eq!(headers[&FORWARDED], "for=192.0.2.7;host=a.test;proto=https");

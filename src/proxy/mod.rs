@@ -77,6 +77,9 @@ pub struct ConnectionInfo {
     pub tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The forwarding header values of the connection's proxied requests, made for the first.
     pub forwarding: ForwardingCache,
+    /// The verified client certificate's `X-Forwarded-Client-Cert` value, made at the handshake when
+    /// `[tls.client_auth] forward` is on and the client sent one. Boxed: most connections have none.
+    pub client_certificate: Option<Box<HeaderValue>>,
 }
 
 impl ConnectionInfo {
@@ -234,7 +237,12 @@ impl Proxy {
             Action::Upstream(upstreams) => {
                 // Owned only here, where the request moves on.
                 let authority = authority.to_owned();
-                let client = ClientSide { peer: connection.peer, authority: &authority, cache: &connection.forwarding };
+                let client = ClientSide {
+                    peer: connection.peer,
+                    authority: &authority,
+                    cache: &connection.forwarding,
+                    client_certificate: connection.client_certificate.as_deref(),
+                };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
                 // forwarding is most of this future's size, which every request would otherwise carry, and copy,
                 // for the answers that need none.

@@ -1,0 +1,277 @@
+//! Mutual TLS (`[tls.client_auth]`): client certificates verified against the operator's CA (and CRL), refused
+//! in the handshake when missing, foreign, revoked or made for another usage; the verified identity forwarded
+//! upstream as `X-Forwarded-Client-Cert`, and a client's own such header never reaching an upstream.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ClientConfig;
+
+/// A client CA: its PEM and the means to sign client certificates and CRLs.
+struct ClientCa {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl ClientCa {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self { pem, issuer: Issuer::new(params, key) }
+    }
+
+    /// A client certificate with `serial`, common name `name`, a URI SAN, and the `usage` given.
+    fn client(&self, name: &str, serial: u64, usage: ExtendedKeyUsagePurpose) -> Identity {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        // rcgen's default names a common name first; the subject is built here in the order given.
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::OrganizationName, "Example");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names.push(SanType::URI(format!("spiffe://example.test/{name}").try_into().unwrap()));
+        params.extended_key_usages = vec![usage];
+        params.serial_number = Some(SerialNumber::from(serial));
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        Identity { chain: vec![certificate.der().clone()], key: key.serialize_der() }
+    }
+
+    /// A CRL revoking `serials`.
+    fn crl(&self, serials: &[u64]) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(*serial),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer).unwrap().pem().unwrap()
+    }
+}
+
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: Vec<u8>,
+}
+
+impl Identity {
+    /// A client config trusting the fixture's CA and presenting this identity.
+    fn client(&self, f: &Fixture, alpn: &[&[u8]], tls12: bool) -> Arc<ClientConfig> {
+        let key = PrivateKeyDer::Pkcs8(self.key.clone().into());
+        let mut config = builder(f, tls12).with_client_auth_cert(self.chain.clone(), key).unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// What sealgate must forward for this identity, given its subject.
+    fn forwarded(&self, subject: &str, uri: &str) -> String {
+        let hash: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &self.chain[0])
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("Hash={hash};Subject=\"{subject}\";URI={uri}")
+    }
+}
+
+fn builder(f: &Fixture, tls12: bool) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(f.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
+    ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+}
+
+/// A client config without a certificate.
+fn anonymous(f: &Fixture, alpn: &[&[u8]], tls12: bool) -> Arc<ClientConfig> {
+    let mut config = builder(f, tls12).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+use rustls::pki_types::pem::PemObject;
+
+const SPOOFED: &str = "Hash=0000;Subject=\"CN=admin\"";
+
+/// One HTTP/1.1 GET of `/` through `config`, with a spoofed `X-Forwarded-Client-Cert`: the status, or the
+/// error that stopped it (a refused handshake shows in TLS 1.3 only at the first read, after the client's
+/// side of the handshake is done).
+async fn get_through(addr: std::net::SocketAddr, config: Arc<ClientConfig>) -> Result<StatusCode, String> {
+    let tls = connect(addr, "app.example.test", config).await.map_err(|e| format!("handshake: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri("/")
+        .header("host", "app.example.test")
+        .header("x-forwarded-client-cert", SPOOFED)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await {
+        Ok(Ok(response)) => Ok(response.status()),
+        Ok(Err(e)) => Err(format!("request: {e}")),
+        Err(_) => Err("no answer in 10 s".to_owned()),
+    }
+}
+
+struct Setup {
+    f: Fixture,
+    ca: ClientCa,
+    upstream: Upstream,
+    server: sealgate::server::RunningServer,
+}
+
+/// A server for `app.example.test` proxying to a recording upstream, with `[tls.client_auth]` holding `extra`
+/// (the CA file is `client-ca.pem`, a CRL revoking serial 66 is `revoked.pem`).
+async fn setup(extra: &str) -> Setup {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let ca = ClientCa::new("Example client CA");
+    std::fs::write(f.dir.path().join("client-ca.pem"), &ca.pem).unwrap();
+    std::fs::write(f.dir.path().join("revoked.pem"), ca.crl(&[66])).unwrap();
+    let upstream = Upstream::start().await;
+    let routes =
+        format!("[tls.client_auth]\nca = \"client-ca.pem\"\n{extra}\n\n[[route]]\nupstream = \"{}\"\n", upstream.url());
+    let server = f.start(&routes).await;
+    Setup { f, ca, upstream, server }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_are_verified_and_forwarded_and_a_clients_own_header_never_is() {
+    let Setup { f, ca, upstream, server } = setup("mode = \"required\"\ncrl = [\"revoked.pem\"]\nforward = true").await;
+    let addr = server.tls_addrs[0];
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
+
+    // A verified client: the upstream learns who it is, over HTTP/1.1 and HTTP/2, TLS 1.3 and 1.2, and never
+    // sees the header the client sent.
+    let expected = alice.forwarded("CN=alice,O=Example", "spiffe://example.test/alice");
+    for tls12 in [false, true] {
+        assert_eq!(get_through(addr, alice.client(&f, &[], tls12)).await, Ok(StatusCode::OK), "TLS 1.2: {tls12}");
+        let seen = upstream.last().headers.get_all("x-forwarded-client-cert").iter().cloned().collect::<Vec<_>>();
+        assert_eq!(seen, [expected.as_str()], "TLS 1.2: {tls12}");
+    }
+    let tls = connect(addr, "app.example.test", alice.client(&f, &[b"h2"], false)).await.unwrap();
+    let mut h2 = http2(tls).await;
+    let request = Request::builder()
+        .uri("https://app.example.test/h2")
+        .header("x-forwarded-client-cert", SPOOFED)
+        .body(Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(h2.send_request(request).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(upstream.last().uri.path(), "/h2");
+    assert_eq!(upstream.last().headers["x-forwarded-client-cert"], expected.as_str());
+
+    // A resumed session keeps its client's identity (and needs no certificate sent again).
+    let resuming = alice.client(&f, &[], false);
+    let first = connect(addr, "app.example.test", Arc::clone(&resuming)).await.unwrap();
+    let mut first = http1(first).await;
+    assert_eq!(first.send_request(get("app.example.test", "/first")).await.unwrap().status(), StatusCode::OK);
+    let again = connect(addr, "app.example.test", Arc::clone(&resuming)).await.unwrap();
+    assert_eq!(again.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    let mut again = http1(again).await;
+    assert_eq!(again.send_request(get("app.example.test", "/again")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(upstream.last().uri.path(), "/again");
+    assert_eq!(upstream.last().headers["x-forwarded-client-cert"], expected.as_str());
+
+    // Refused in the handshake: no certificate, one from another CA, a revoked one, one made for servers.
+    let before = upstream.recorded.lock().unwrap().len();
+    let stranger = ClientCa::new("Another CA").client("mallory", 9, ExtendedKeyUsagePurpose::ClientAuth);
+    let revoked = ca.client("revoked", 66, ExtendedKeyUsagePurpose::ClientAuth);
+    let server_only = ca.client("server", 8, ExtendedKeyUsagePurpose::ServerAuth);
+    let refused = [
+        ("no certificate", anonymous(&f, &[], false)),
+        ("no certificate, TLS 1.2", anonymous(&f, &[], true)),
+        ("another CA", stranger.client(&f, &[], false)),
+        ("revoked", revoked.client(&f, &[], false)),
+        ("revoked, TLS 1.2", revoked.client(&f, &[], true)),
+        ("server usage only", server_only.client(&f, &[], false)),
+    ];
+    for (what, config) in &refused {
+        let outcome = get_through(addr, Arc::clone(config)).await;
+        assert!(outcome.is_err(), "{what}: {outcome:?}");
+    }
+    assert_eq!(upstream.recorded.lock().unwrap().len(), before, "no refused client reached the upstream");
+    let counted = format!("sealgate_tls_handshake_failures_total{{reason=\"ClientCertificate\"}} {}", refused.len());
+    let all = wait_until(Duration::from_secs(5), || server.metrics.encode().contains(&counted)).await;
+    assert!(all, "{}", server.metrics.encode());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_admit_clients_without_one_but_not_with_a_bad_one() {
+    let Setup { f, ca, upstream, server } = setup("mode = \"optional\"").await;
+    let addr = server.tls_addrs[0];
+
+    // Without a certificate: served, and the client's header is removed, not passed on.
+    assert_eq!(get_through(addr, anonymous(&f, &[], false)).await, Ok(StatusCode::OK));
+    assert!(!upstream.last().headers.contains_key("x-forwarded-client-cert"));
+    // With a valid one: served; without `forward`, the upstream is told nothing.
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
+    assert_eq!(get_through(addr, alice.client(&f, &[], false)).await, Ok(StatusCode::OK));
+    assert!(!upstream.last().headers.contains_key("x-forwarded-client-cert"));
+    // A certificate that fails verification is refused, optional or not.
+    let stranger = ClientCa::new("Another CA").client("mallory", 9, ExtendedKeyUsagePurpose::ClientAuth);
+    let outcome = get_through(addr, stranger.client(&f, &[], false)).await;
+    assert!(outcome.is_err(), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn an_unusable_client_ca_stops_the_start_naming_the_file() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    for (content, expected) in [
+        (None, "cannot read the client CA file"),
+        (Some("not a certificate\n"), "holds no PEM CA"),
+        (Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"), "is invalid"),
+    ] {
+        let path = f.dir.path().join("client-ca.pem");
+        let _ = std::fs::remove_file(&path);
+        if let Some(content) = content {
+            std::fs::write(&path, content).unwrap();
+        }
+        let text = f.config(&format!("[tls.client_auth]\nca = \"client-ca.pem\"\n\n{HELLO}"));
+        let config_path = f.dir.path().join("proxy.toml");
+        std::fs::write(&config_path, text).unwrap();
+        let config = sealgate::config::Config::load(&config_path).unwrap();
+        let error = sealgate::server::start(config).await.expect_err("the start must fail").to_string();
+        assert!(error.contains(expected) && error.contains("client-ca.pem"), "{error}");
+    }
+    // A CRL file without a CRL, beside a usable CA.
+    std::fs::write(f.dir.path().join("client-ca.pem"), ClientCa::new("CA").pem).unwrap();
+    std::fs::write(f.dir.path().join("crl.pem"), ClientCa::new("CA").pem).unwrap();
+    let text = f.config(&format!("[tls.client_auth]\nca = \"client-ca.pem\"\ncrl = [\"crl.pem\"]\n\n{HELLO}"));
+    std::fs::write(f.dir.path().join("proxy.toml"), text).unwrap();
+    let config = sealgate::config::Config::load(&f.dir.path().join("proxy.toml")).unwrap();
+    let error = sealgate::server::start(config).await.expect_err("the start must fail").to_string();
+    assert!(error.contains("holds no PEM CRL") && error.contains("crl.pem"), "{error}");
+}
