@@ -24,6 +24,8 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::client_auth::ClientIdentity;
+
 /// Lines waiting for the writer thread before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
 
@@ -77,6 +79,8 @@ pub struct AccessRecord {
     pub cipher: &'static str,
     /// The request's id (`[proxy] request_id`), if given one.
     pub request_id: Option<http::HeaderValue>,
+    /// The verified client certificate of the connection (`[tls.client_auth]`), if any.
+    pub client_certificate: Option<Arc<ClientIdentity>>,
 }
 
 impl AccessRecord {
@@ -104,6 +108,10 @@ impl AccessRecord {
         if let Some(id) = self.request_id() {
             let _ = write!(line, " id={id}");
         }
+        // Only for connections made with a client certificate, likewise.
+        if let Some(certificate) = &self.client_certificate {
+            let _ = write!(line, " client_cert={}", Sanitized(&certificate.subject));
+        }
         line
     }
 
@@ -126,6 +134,10 @@ impl AccessRecord {
         });
         if let (Some(id), Some(object)) = (self.request_id(), json.as_object_mut()) {
             object.insert("request_id".to_owned(), id.into());
+        }
+        if let (Some(certificate), Some(object)) = (&self.client_certificate, json.as_object_mut()) {
+            object.insert("client_cert_subject".to_owned(), certificate.subject.as_str().into());
+            object.insert("client_cert_hash".to_owned(), certificate.hash.as_str().into());
         }
         json.to_string()
     }
@@ -377,6 +389,7 @@ mod tests {
             tls_version: "TLSv1_3",
             cipher: "TLS13_AES_128_GCM_SHA256",
             request_id: None,
+            client_certificate: None,
         }
     }
 
@@ -401,6 +414,26 @@ mod tests {
         assert_eq!(value["tls_version"], "TLSv1_3");
         assert_eq!(value["status"], 200);
         assert!(value.get("request_id").is_none(), "only with request ids");
+        assert!(value.get("client_cert_subject").is_none(), "only with client certificates");
+    }
+
+    #[test]
+    fn a_client_certificate_ends_the_line_when_there_is_one() {
+        let identity = ClientIdentity {
+            hash: "ab".repeat(32),
+            subject: "CN=Ann Lee,O=Example\\, Inc.".to_owned(),
+            forwarded: None,
+        };
+        let with_certificate = AccessRecord {
+            request_id: Some(http::HeaderValue::from_static("00ff")),
+            client_certificate: Some(Arc::new(identity)),
+            ..record()
+        };
+        let line = with_certificate.to_text();
+        assert!(line.ends_with(r" id=00ff client_cert=CN=Ann\x20Lee,O=Example\x5c,\x20Inc."), "{line}");
+        let value: serde_json::Value = serde_json::from_str(&with_certificate.to_json()).unwrap();
+        assert_eq!(value["client_cert_subject"], "CN=Ann Lee,O=Example\\, Inc.");
+        assert_eq!(value["client_cert_hash"], "ab".repeat(32));
     }
 
     #[test]

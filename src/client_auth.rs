@@ -96,20 +96,46 @@ fn invalid(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> C
     ClientAuthError::Invalid { what, path: path.to_owned(), reason: reason.to_string() }
 }
 
-/// The `X-Forwarded-Client-Cert` value for a verified client's leaf certificate: `Hash=…;Subject="…"`, then
-/// `;URI=…` and `;DNS=…` for each such subject alternative name. `None` only for a certificate x509-parser cannot
-/// read, which the verifier has accepted (then the upstream is told nothing rather than something partial).
-pub fn forwarded_value(leaf: &CertificateDer<'_>) -> Option<HeaderValue> {
-    let (_, certificate) = X509Certificate::from_der(leaf).ok()?;
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf);
+/// A verified client certificate, as the connection made with it knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// SHA-256 of the leaf certificate (DER), lowercase hex.
+    pub hash: String,
+    /// The leaf's subject as RFC 4514 writes it (see [`subject`]); may hold any character but control ones.
+    pub subject: String,
+    /// The `X-Forwarded-Client-Cert` value upstreams are told, with `[tls.client_auth] forward` only.
+    pub forwarded: Option<HeaderValue>,
+}
+
+impl ClientIdentity {
+    /// The identity of a verified client's leaf certificate; `forward` makes its `X-Forwarded-Client-Cert`
+    /// value. `None` only for a certificate x509-parser cannot read, which the verifier has accepted: then the
+    /// connection is treated as one without a certificate, and upstreams are told nothing rather than something
+    /// partial.
+    pub fn of(leaf: &CertificateDer<'_>, forward: bool) -> Option<Self> {
+        let (_, certificate) = X509Certificate::from_der(leaf).ok()?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf);
+        let mut hash = String::with_capacity(64);
+        for byte in digest.as_ref() {
+            // Infallible: writing to a String.
+            let _ = write!(hash, "{byte:02x}");
+        }
+        let subject = subject(&certificate);
+        let forwarded = match forward {
+            true => Some(forwarded_value(&certificate, &hash, &subject)?),
+            false => None,
+        };
+        Some(Self { hash, subject, forwarded })
+    }
+}
+
+/// `Hash=…;Subject="…"`, then `;URI=…` and `;DNS=…` for each such subject alternative name.
+fn forwarded_value(certificate: &X509Certificate<'_>, hash: &str, subject: &str) -> Option<HeaderValue> {
     let mut value = String::with_capacity(256);
     value.push_str("Hash=");
-    for byte in digest.as_ref() {
-        // Infallible: writing to a String.
-        let _ = write!(value, "{byte:02x}");
-    }
+    value.push_str(hash);
     value.push_str(";Subject=");
-    push_quoted(&mut value, &subject(&certificate));
+    push_quoted(&mut value, subject);
     if let Ok(Some(names)) = certificate.subject_alternative_name() {
         for name in &names.value.general_names {
             let (key, name) = match name {
@@ -213,7 +239,7 @@ mod tests {
     }
 
     fn value_of(params: CertificateParams) -> String {
-        forwarded_value(&leaf(params)).unwrap().to_str().unwrap().to_owned()
+        ClientIdentity::of(&leaf(params), true).unwrap().forwarded.unwrap().to_str().unwrap().to_owned()
     }
 
     #[test]
@@ -225,8 +251,8 @@ mod tests {
         params.distinguished_name.push(DnType::CommonName, "billing");
         params.subject_alt_names.push(SanType::URI("spiffe://example.test/billing".try_into().unwrap()));
         let der = leaf(params.clone());
-        let value = forwarded_value(&der).unwrap();
-        let value = value.to_str().unwrap();
+        let identity = ClientIdentity::of(&der, true).unwrap();
+        let value = identity.forwarded.as_ref().unwrap().to_str().unwrap();
         let hash: String = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der)
             .as_ref()
             .iter()
@@ -239,6 +265,11 @@ mod tests {
                  URI=spiffe://example.test/billing"
             )
         );
+        assert_eq!(
+            (identity.hash.as_str(), identity.subject.as_str()),
+            (hash.as_str(), "CN=billing,O=Example\\, Inc.,C=DE")
+        );
+        assert_eq!(ClientIdentity::of(&der, false).unwrap().forwarded, None, "made only to be forwarded");
     }
 
     #[test]

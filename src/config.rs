@@ -210,6 +210,8 @@ pub struct RouteConfig {
     pub clients: ClientFilter,
     /// Overrides `[limits] max_body_bytes` for this route's requests.
     pub max_body_bytes: Option<u64>,
+    /// Only connections made with a verified client certificate are answered (403 for the others).
+    pub require_client_certificate: bool,
 }
 
 /// A header a configuration sets or removes.
@@ -730,6 +732,7 @@ struct RawRoute {
     allow: Option<Spanned<Vec<String>>>,
     deny: Option<Spanned<Vec<String>>>,
     max_body_bytes: Option<Spanned<u64>>,
+    require_client_certificate: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -957,7 +960,7 @@ impl Config {
             request_id: raw.proxy.request_id.unwrap_or(false),
         };
         let routes =
-            raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r, &base)).collect::<Result<Vec<_>>>()?;
+            raw.route.into_iter().enumerate().map(|(i, r)| cx.route(i, r, &base, &tls)).collect::<Result<Vec<_>>>()?;
         let runtime = RuntimeConfig { worker_threads: raw.runtime.worker_threads };
         if runtime.worker_threads == Some(0) {
             return Err(cx.error(None, "runtime.worker_threads must be at least 1"));
@@ -1253,7 +1256,7 @@ impl Context<'_> {
         })
     }
 
-    fn route(&self, index: usize, mut raw: RawRoute, base: &Path) -> Result<RouteConfig> {
+    fn route(&self, index: usize, mut raw: RawRoute, base: &Path, tls: &TlsConfig) -> Result<RouteConfig> {
         let key = |field: &str| format!("route[{index}].{field}");
         let host = match &raw.host {
             None => None,
@@ -1334,6 +1337,16 @@ impl Context<'_> {
             rate_limit,
             clients,
             max_body_bytes,
+            require_client_certificate: match &raw.require_client_certificate {
+                Some(required) if *required.get_ref() && tls.client_auth.is_none() => {
+                    return Err(self.at(
+                        required,
+                        &key("require_client_certificate"),
+                        "needs [tls.client_auth] (with mode = \"optional\", other routes serve clients without one)",
+                    ))
+                }
+                required => required.as_ref().is_some_and(|r| *r.get_ref()),
+            },
         })
     }
 
@@ -1702,6 +1715,12 @@ bind = "127.0.0.1:8443"
         assert!(err.message.contains("tls.client_auth.crl"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[tls.client_auth]\nmode = \"required\"\n")).unwrap_err();
         assert!(err.message.contains("ca"), "{err}");
+
+        let route = "[[route]]\nrequire_client_certificate = true\nrespond = { status = 200, body = \"\" }\n";
+        let err = parse(&format!("{MINIMAL}\n{route}")).unwrap_err();
+        assert!(err.message.contains("route[0].require_client_certificate: needs [tls.client_auth]"), "{err}");
+        let config = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \"c.pem\"\n{route}")).unwrap();
+        assert!(config.routes[0].require_client_certificate);
     }
 
     #[test]
@@ -2128,6 +2147,7 @@ mod readme {
         let client_auth = config.tls.client_auth.expect("the reference shows client certificates");
         assert_eq!((client_auth.mode, client_auth.forward), (ClientAuthMode::Required, false), "the defaults");
         assert_eq!(client_auth.ca, Path::new("/srv/client-ca.pem"));
+        assert!(!config.routes[0].require_client_certificate, "the reference shows the default");
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
         // The reference shows the defaults.

@@ -78,6 +78,8 @@ pub enum RequestRefusal {
     RateLimited,
     /// 403: the client's address is not among those its route answers (`allow`, `deny`).
     Forbidden,
+    /// 403: the route requires a client certificate (`require_client_certificate`) and the connection has none.
+    ClientCertificate,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -586,10 +586,7 @@ async fn serve_connection(
         hard_stop: shared.hard_stop.clone(),
         tunnel: std::sync::Mutex::new(None),
         forwarding: ForwardingCache::default(),
-        client_certificate: match shared.store.forwards_client_certificates() {
-            true => session.peer_certificates().and_then(|chain| chain.first()).and_then(forwarded_client_certificate),
-            false => None,
-        },
+        client_certificate: shared.store.client_identity(session.peer_certificates()),
     });
     let activity = Arc::new(Activity::new());
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
@@ -1159,11 +1156,6 @@ fn classify(error: &std::io::Error) -> HandshakeFailure {
         Some(_) => HandshakeFailure::Protocol,
         None => HandshakeFailure::Io,
     }
-}
-
-/// The `X-Forwarded-Client-Cert` value of a verified client's leaf, boxed for [`ConnectionInfo`].
-fn forwarded_client_certificate(leaf: &rustls_pki_types::CertificateDer<'_>) -> Option<Box<http::HeaderValue>> {
-    crate::client_auth::forwarded_value(leaf).map(Box::new)
 }
 
 fn handshake_failed(shared: &Shared, peer: SocketAddr, reason: HandshakeFailure, detail: &dyn std::fmt::Display) {

@@ -18,6 +18,9 @@ use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, Se
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 
+use rustls_pki_types::CertificateDer;
+
+use crate::client_auth::ClientIdentity;
 use crate::config::{KeyExchange, TlsConfig, TlsVersion};
 use crate::keyring::{Keyring, LoadedCertificate};
 use crate::names;
@@ -79,7 +82,8 @@ pub struct TlsPolicy {
     session_resumption: bool,
     session_cache_size: usize,
     default_certificate: Option<String>,
-    forward_client_certificate: bool,
+    /// With `[tls.client_auth]`: whether upstreams are told the client's identity.
+    client_auth_forward: Option<bool>,
 }
 
 impl fmt::Debug for TlsPolicy {
@@ -129,7 +133,7 @@ impl TlsPolicy {
             session_resumption: config.session_resumption,
             session_cache_size: config.session_cache_size,
             default_certificate: config.default_certificate.clone(),
-            forward_client_certificate: config.client_auth.as_ref().is_some_and(|c| c.forward),
+            client_auth_forward: config.client_auth.as_ref().map(|c| c.forward),
         })
     }
 
@@ -387,9 +391,11 @@ impl CertificateStore {
         self.table.load_full()
     }
 
-    /// Whether upstreams are told the client certificate's identity (`[tls.client_auth] forward`).
-    pub fn forwards_client_certificates(&self) -> bool {
-        self.policy.forward_client_certificate
+    /// The identity of the verified client certificate a connection was made with (its chain as rustls gives
+    /// it), when `[tls.client_auth]` asks clients for one.
+    pub fn client_identity(&self, chain: Option<&[CertificateDer<'static>]>) -> Option<Arc<ClientIdentity>> {
+        let forward = self.policy.client_auth_forward?;
+        ClientIdentity::of(chain?.first()?, forward).map(Arc::new)
     }
 
     /// The config that ends a handshake with an alert.

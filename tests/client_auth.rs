@@ -153,16 +153,25 @@ struct Setup {
 }
 
 /// A server for `app.example.test` proxying to a recording upstream, with `[tls.client_auth]` holding `extra`
-/// (the CA file is `client-ca.pem`, a CRL revoking serial 66 is `revoked.pem`).
+/// (the CA file is `client-ca.pem`, a CRL revoking serial 66 is `revoked.pem`) and a JSON access log
+/// (`access.log`).
 async fn setup(extra: &str) -> Setup {
+    setup_with(extra, "").await
+}
+
+/// [`setup`] with `routes` ahead of the upstream route.
+async fn setup_with(extra: &str, routes: &str) -> Setup {
     let f = Fixture::new();
     f.serve("c-app", &["app.example.test"]);
     let ca = ClientCa::new("Example client CA");
     std::fs::write(f.dir.path().join("client-ca.pem"), &ca.pem).unwrap();
     std::fs::write(f.dir.path().join("revoked.pem"), ca.crl(&[66])).unwrap();
     let upstream = Upstream::start().await;
-    let routes =
-        format!("[tls.client_auth]\nca = \"client-ca.pem\"\n{extra}\n\n[[route]]\nupstream = \"{}\"\n", upstream.url());
+    let routes = format!(
+        "[tls.client_auth]\nca = \"client-ca.pem\"\n{extra}\n\n[access_log]\npath = \"access.log\"\nformat = \"json\"\n\n\
+         {routes}\n[[route]]\nupstream = \"{}\"\n",
+        upstream.url()
+    );
     let server = f.start(&routes).await;
     Setup { f, ca, upstream, server }
 }
@@ -243,6 +252,42 @@ async fn optional_client_certificates_admit_clients_without_one_but_not_with_a_b
     let stranger = ClientCa::new("Another CA").client("mallory", 9, ExtendedKeyUsagePurpose::ClientAuth);
     let outcome = get_through(addr, stranger.client(&f, &[], false)).await;
     assert!(outcome.is_err(), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_require_a_client_certificate_that_the_listener_only_asks_for() {
+    let admin = "[[route]]\npath = \"/admin\"\nrequire_client_certificate = true\nrespond = { status = 200, body = \"admin\\n\" }\n";
+    let Setup { f, ca, upstream, server } = setup_with("mode = \"optional\"", admin).await;
+    let addr = server.tls_addrs[0];
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
+
+    let ask = |config: Arc<ClientConfig>, path: &'static str| async move {
+        let mut sender = http1(connect(addr, "app.example.test", config).await.unwrap()).await;
+        text(sender.send_request(get("app.example.test", path)).await.unwrap()).await
+    };
+    // Without a certificate: the public route answers, the one that requires a certificate refuses.
+    assert_eq!(ask(anonymous(&f, &[], false), "/").await.0, StatusCode::OK);
+    assert_eq!(ask(anonymous(&f, &[], false), "/admin").await, (StatusCode::FORBIDDEN, "forbidden\n".to_owned()));
+    // With one: both.
+    assert_eq!(ask(alice.client(&f, &[], false), "/admin").await, (StatusCode::OK, "admin\n".to_owned()));
+    assert_eq!(ask(alice.client(&f, &[], false), "/").await.0, StatusCode::OK);
+    assert_eq!(upstream.recorded.lock().unwrap().len(), 2);
+    let refused = "sealgate_requests_refused_total{reason=\"ClientCertificate\"} 1";
+    assert!(server.metrics.encode().contains(refused), "{}", server.metrics.encode());
+
+    // The access log names the client certificate of the requests that came with one.
+    let log = f.dir.path().join("access.log");
+    let logged = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.lines().count() == 4)
+    })
+    .await;
+    assert!(logged, "{:?}", std::fs::read_to_string(&log));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let subjects: Vec<_> = lines.iter().map(|line| line.get("client_cert_subject").cloned()).collect();
+    let alice_subject = Some(serde_json::Value::from("CN=alice,O=Example"));
+    assert_eq!(subjects, [None, None, alice_subject.clone(), alice_subject]);
+    drop(server);
 }
 
 #[tokio::test]

@@ -33,6 +33,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
+use crate::client_auth::ClientIdentity;
 use crate::config::{Config, HeaderRule, HstsConfig};
 use crate::keyring::CertificateIdentity;
 use crate::metrics::{Metrics, RequestRefusal};
@@ -77,9 +78,8 @@ pub struct ConnectionInfo {
     pub tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The forwarding header values of the connection's proxied requests, made for the first.
     pub forwarding: ForwardingCache,
-    /// The verified client certificate's `X-Forwarded-Client-Cert` value, made at the handshake when
-    /// `[tls.client_auth] forward` is on and the client sent one. Boxed: most connections have none.
-    pub client_certificate: Option<Box<HeaderValue>>,
+    /// The verified client certificate the connection was made with (`[tls.client_auth]`), if any.
+    pub client_certificate: Option<Arc<ClientIdentity>>,
 }
 
 impl ConnectionInfo {
@@ -211,6 +211,9 @@ impl Proxy {
         let refusal = if route.clients.as_ref().is_some_and(|clients| !clients.admits(client)) {
             tracing::debug!(peer = %connection.peer, route = route.index, "403: the route does not answer this client");
             Some((respond::error(StatusCode::FORBIDDEN), RequestRefusal::Forbidden))
+        } else if route.require_client_certificate && connection.client_certificate.is_none() {
+            tracing::debug!(peer = %connection.peer, route = route.index, "403: the route requires a client certificate");
+            Some((respond::error(StatusCode::FORBIDDEN), RequestRefusal::ClientCertificate))
         } else if let Some(Err(limited)) = route.rate_limit.as_ref().map(|limiter| limiter.check(client)) {
             Some((respond::too_many_requests(limited.retry_after), RequestRefusal::RateLimited))
         } else {
@@ -241,7 +244,7 @@ impl Proxy {
                     peer: connection.peer,
                     authority: &authority,
                     cache: &connection.forwarding,
-                    client_certificate: connection.client_certificate.as_deref(),
+                    client_certificate: connection.client_certificate.as_ref().and_then(|c| c.forwarded.as_ref()),
                 };
                 // Boxed, in a statement of its own (a temporary would be kept in this future across the await):
                 // forwarding is most of this future's size, which every request would otherwise carry, and copy,
@@ -419,6 +422,7 @@ fn record_of<B>(request: &Request<B>, connection: &ConnectionInfo, time: SystemT
         tls_version: connection.tls_version,
         cipher: connection.cipher,
         request_id: None,
+        client_certificate: connection.client_certificate.clone(),
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Route {
     pub clients: Option<ClientFilter>,
     /// The route's own body limit, over `[limits] max_body_bytes`.
     pub max_body_bytes: Option<u64>,
+    /// Only connections made with a verified client certificate are answered.
+    pub require_client_certificate: bool,
     /// `sealgate_route_request_duration_seconds` of the route.
     pub duration: Histogram,
 }
@@ -128,6 +130,7 @@ impl RouteTable {
                     rate_limit: r.rate_limit.as_ref().map(RateLimiter::new),
                     clients: (!r.clients.is_open()).then(|| r.clients.clone()),
                     max_body_bytes: r.max_body_bytes,
+                    require_client_certificate: r.require_client_certificate,
                     duration: metrics.route_duration(index, r.host.as_deref(), &r.path),
                 })
             })
