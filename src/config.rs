@@ -326,6 +326,19 @@ pub struct UpstreamGroupConfig {
     pub prefix_rewrite: Option<PrefixRewrite>,
     /// Headers set on or removed from the requests sent upstream, after sealgate's own rewriting.
     pub request_headers: Vec<HeaderRule>,
+    /// The HTTP version the upstreams speak.
+    pub protocol: UpstreamProtocol,
+}
+
+/// `upstream_protocol`: the HTTP version an upstream route's upstreams speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, on a pool of kept-alive connections.
+    #[default]
+    Http11,
+    /// HTTP/2 (prior knowledge over `http`, ALPN `h2` over `https`), all requests on one connection per
+    /// upstream: gRPC, and trailers both ways.
+    Http2,
 }
 
 /// Load balancing policy of an upstream route.
@@ -733,6 +746,7 @@ struct RawRoute {
     deny: Option<Spanned<Vec<String>>>,
     max_body_bytes: Option<Spanned<u64>>,
     require_client_certificate: Option<Spanned<bool>>,
+    upstream_protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1303,6 +1317,7 @@ impl Context<'_> {
                     ("health_check", raw.health_check.as_ref().map(Spanned::span)),
                     ("prefix_rewrite", raw.prefix_rewrite.as_ref().map(Spanned::span)),
                     ("request_headers", raw.request_headers.as_ref().map(Spanned::span)),
+                    ("upstream_protocol", raw.upstream_protocol.as_ref().map(Spanned::span)),
                 ];
                 if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
                     return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
@@ -1521,7 +1536,16 @@ impl Context<'_> {
             None => Vec::new(),
             Some(table) => self.header_rules(table.get_ref(), &key("request_headers"), REQUEST_HEADERS_MANAGED)?,
         };
+        let protocol = match &raw.upstream_protocol {
+            None => UpstreamProtocol::default(),
+            Some(protocol) => match protocol.get_ref().as_str() {
+                "http1.1" => UpstreamProtocol::Http11,
+                "http2" => UpstreamProtocol::Http2,
+                _ => return Err(self.at(protocol, &key("upstream_protocol"), "must be \"http1.1\" or \"http2\"")),
+            },
+        };
         Ok(UpstreamGroupConfig {
+            protocol,
             upstreams,
             balance,
             retries,
@@ -1777,6 +1801,19 @@ bind = "127.0.0.1:8443"
             RouteAction::Upstream(group) => Ok(*group),
             RouteAction::Respond(_) | RouteAction::Redirect(_) => panic!("not an upstream route"),
         }
+    }
+
+    #[test]
+    fn upstream_protocol_is_http1_1_http2_or_refused() {
+        assert_eq!(group("upstream = \"http://a\"").unwrap().protocol, UpstreamProtocol::Http11);
+        let g = group("upstream = \"http://a\"\nupstream_protocol = \"http2\"").unwrap();
+        assert_eq!(g.protocol, UpstreamProtocol::Http2);
+        let err = group("upstream = \"http://a\"\nupstream_protocol = \"h2\"").unwrap_err();
+        assert!(err.message.contains("route[0].upstream_protocol: must be \"http1.1\" or \"http2\""), "{err}");
+        let text =
+            format!("{MINIMAL}\n[[route]]\nrespond = {{ status = 200, body = \"\" }}\nupstream_protocol = \"http2\"\n");
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("route[0].upstream_protocol: only an `upstream` route has it"), "{err}");
     }
 
     #[test]
@@ -2139,6 +2176,7 @@ mod readme {
         assert_eq!(group.upstreams[1].scheme, UpstreamScheme::Https);
         assert_eq!(group.ca.as_deref(), Some(Path::new("/srv/upstream-ca.pem")));
         assert_eq!((group.balance, group.retries), (Balance::RoundRobin, DEFAULT_RETRIES));
+        assert_eq!(group.protocol, UpstreamProtocol::Http11, "the reference shows the default");
         assert_eq!(group.outlier, OutlierConfig::default(), "the reference shows the defaults");
         let checks = group.health_check.as_ref().expect("the reference shows health checks");
         assert_eq!((checks.interval, checks.timeout), (Duration::from_secs(5), Duration::from_secs(1)));

@@ -55,6 +55,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the client's `TE` lists `trailers`.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| coding.split(';').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("trailers")))
+}
+
 /// What the proxy knows of the client side of a request, for the `X-Forwarded-*` and `Forwarded` headers.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientSide<'a> {
@@ -342,6 +352,19 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn trailers_are_accepted_when_te_lists_them() {
+        let te = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(header::TE, HeaderValue::from_static(value));
+            }
+            accepts_trailers(&headers)
+        };
+        assert!(te(&["trailers"]) && te(&["gzip, Trailers"]) && te(&["deflate", "trailers;q=1"]));
+        assert!(!te(&[]) && !te(&["gzip"]) && !te(&["trailersx"]));
     }
 
     #[test]

@@ -104,7 +104,8 @@ impl UpstreamGroup {
         if config.upstreams.is_empty() {
             return Err(UpstreamError::NoUpstream { route });
         }
-        let pool = Pool::new(proxy, config.ca.as_deref()).map_err(|source| UpstreamError::Pool { route, source })?;
+        let pool = Pool::new(proxy, config.ca.as_deref(), config.protocol)
+            .map_err(|source| UpstreamError::Pool { route, source })?;
         let clock = Clock::new();
         let stop = CancellationToken::new();
         let endpoints: Box<[Arc<Endpoint>]> = config
@@ -147,7 +148,13 @@ impl UpstreamGroup {
     ) -> Result<Response<ResponseBody>, ForwardError> {
         let deadline = outlier::later(Instant::now(), timeout);
         let (mut parts, body) = request.into_parts();
+        // `TE: trailers` (the only `TE` HTTP/2 allows; gRPC servers require it) goes on to an HTTP/2 upstream;
+        // to an HTTP/1.1 one, `TE` is hop-by-hop and goes nowhere.
+        let trailers = self.pool.speaks_http2() && forward::accepts_trailers(&parts.headers);
         forward::rewrite_head(&mut parts, client, self.preserve_host)?;
+        if trailers {
+            parts.headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        }
         for rule in self.request_headers.iter() {
             rule.apply(&mut parts.headers);
         }

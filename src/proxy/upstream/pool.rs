@@ -1,5 +1,6 @@
 //! The connection pool of a route: kept-alive HTTP/1.1 connections to `http` and `https` upstreams, made with
-//! hyper's connection API (`hyper::client::conn::http1`).
+//! hyper's connection API (`hyper::client::conn::http1`); or, with `upstream_protocol = "http2"`, one shared
+//! HTTP/2 connection per upstream (`hyper::client::conn::http2`).
 //!
 //! **Why not hyper-util's pooled client.** Its pool is one map keyed by scheme and authority behind a mutex,
 //! hashed with SipHash byte by byte on every checkout and return; every request races a checkout against a lazy
@@ -21,7 +22,13 @@
 //! back, and verification cannot be turned off. The server name (SNI, and the name the certificate must carry)
 //! is the upstream URL's host; an IP address is checked against the certificate's IP addresses and sent
 //! without SNI, as RFC 6066 requires (rustls does both for a `ServerName::IpAddress`). ALPN offers `http/1.1`
-//! only. The connect timeout covers the TCP connection and the TLS handshake.
+//! only, or `h2` only for an HTTP/2 route. The connect timeout covers the TCP connection and the TLS handshake.
+//!
+//! **HTTP/2.** Requests multiplex on one connection per upstream, made by the first request that needs it
+//! (others wait for it under the upstream's lock rather than each opening one) and replaced once closed. A
+//! request is given back unsent by a connection that closed (or went away) before taking it, and is then sent
+//! on a new connection, once. There is no idle list: the connection stays open, PINGed, for as long as the
+//! route and the upstream keep it.
 //!
 //! Each route has its own pool, since each route has its own trust: two routes to the same upstream do not
 //! share connections.
@@ -35,12 +42,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::ClientConfig;
@@ -49,7 +57,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::proxy::limits::RequestBody as ClientBody;
 
 /// The body of a request sent upstream: the client's, streamed, or none (a bodiless request, which can be sent
@@ -106,9 +114,12 @@ pub enum SendError {
     #[error("the upstream's host is not a name or address TLS can verify")]
     NoServerName,
     /// The exchange failed: the connection closed or reset before a complete response head, or the response
-    /// is not valid HTTP/1.1.
+    /// is not valid HTTP.
     #[error("{0}")]
     Exchange(#[source] hyper::Error),
+    /// The request could not be put in the form the upstream's protocol needs.
+    #[error("cannot make the upstream request: {0}")]
+    Request(#[source] http::Error),
 }
 
 /// A route's pool: how to make connections. The idle connections themselves are each [`Upstream`]'s.
@@ -124,12 +135,15 @@ struct Shared {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
+    /// Whether the route's upstreams speak HTTP/2 (`upstream_protocol = "http2"`).
+    http2: bool,
 }
 
 impl Pool {
     /// A pool with the `[proxy]` settings, trusting the CAs in `ca` for `https` upstreams (none without it:
     /// the configuration refuses `https` upstreams without a `ca`).
-    pub fn new(config: &ProxyConfig, ca: Option<&Path>) -> Result<Self, PoolError> {
+    pub fn new(config: &ProxyConfig, ca: Option<&Path>, protocol: UpstreamProtocol) -> Result<Self, PoolError> {
+        let http2 = protocol == UpstreamProtocol::Http2;
         let tls = match ca {
             Some(path) => {
                 let mut roots = rustls::RootCertStore::empty();
@@ -139,7 +153,7 @@ impl Pool {
                     .with_safe_default_protocol_versions()?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
-                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                tls.alpn_protocols = vec![if http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
                 Some(Arc::new(tls))
             }
             None => None,
@@ -150,17 +164,28 @@ impl Pool {
                 connect_timeout: config.connect_timeout,
                 idle_timeout: config.pool_idle_timeout,
                 max_idle: config.pool_max_idle_per_host,
+                http2,
             }),
         })
     }
 
+    /// Whether the route's upstreams speak HTTP/2.
+    pub fn speaks_http2(&self) -> bool {
+        self.shared.http2
+    }
+
     /// Sends `request` (origin-form URI, `Host` set) to `upstream` on an idle connection, or a new one when none
-    /// is idle. The response's body gives the connection back to `upstream` once delivered.
+    /// is idle. The response's body gives the connection back to `upstream` once delivered. To an HTTP/2
+    /// upstream, on its one shared connection (see [`Pool::send_multiplexed`]).
     pub async fn send(
         &self,
         upstream: &Upstream,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        if self.shared.http2 {
+            // Boxed: the HTTP/1.1 path, every other route's, should not carry this future's room.
+            return Box::pin(self.send_multiplexed(upstream, request)).await;
+        }
         while let Some(mut sender) = upstream.idle.checkout() {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.lease(upstream, sender, response)),
@@ -198,23 +223,15 @@ impl Pool {
     async fn connect(&self, upstream: &Upstream) -> Result<SendRequest<UpstreamBody>, SendError> {
         let timeout = self.shared.connect_timeout;
         let connecting = async {
-            let tcp = TcpStream::connect((&*upstream.host, upstream.port)).await.map_err(SendError::Connect)?;
-            // Requests and responses are written whole; Nagle would only delay the last segment.
-            tcp.set_nodelay(true).map_err(SendError::Connect)?;
-            match &upstream.security {
-                Security::Plain => http1::handshake(TokioIo::new(tcp)).await.map(|(sender, connection)| {
+            match self.open(upstream).await? {
+                Transport::Plain(tcp) => http1::handshake(TokioIo::new(tcp)).await.map(|(sender, connection)| {
                     spawn_connection(connection);
                     sender
                 }),
-                Security::NoServerName => return Err(SendError::NoServerName),
-                Security::Tls(name) => {
-                    let tls = TlsConnector::from(self.shared.tls.clone().ok_or(SendError::NoTrust)?);
-                    let stream = tls.connect(name.clone(), tcp).await.map_err(SendError::Tls)?;
-                    http1::handshake(TokioIo::new(stream)).await.map(|(sender, connection)| {
-                        spawn_connection(connection);
-                        sender
-                    })
-                }
+                Transport::Tls(stream) => http1::handshake(TokioIo::new(stream)).await.map(|(sender, connection)| {
+                    spawn_connection(connection);
+                    sender
+                }),
             }
             .map_err(SendError::Exchange)
         };
@@ -223,6 +240,107 @@ impl Pool {
         upstream.idle.start_reaper(self.shared.idle_timeout, &upstream.stop);
         Ok(sender)
     }
+
+    /// The TCP connection to `upstream`, with TLS over it for `https`.
+    async fn open(&self, upstream: &Upstream) -> Result<Transport, SendError> {
+        let tcp = TcpStream::connect((&*upstream.host, upstream.port)).await.map_err(SendError::Connect)?;
+        // Requests and responses are written whole; Nagle would only delay the last segment.
+        tcp.set_nodelay(true).map_err(SendError::Connect)?;
+        match &upstream.security {
+            Security::Plain => Ok(Transport::Plain(tcp)),
+            Security::NoServerName => Err(SendError::NoServerName),
+            Security::Tls(name) => {
+                let tls = TlsConnector::from(self.shared.tls.clone().ok_or(SendError::NoTrust)?);
+                let stream = tls.connect(name.clone(), tcp).await.map_err(SendError::Tls)?;
+                Ok(Transport::Tls(Box::new(stream)))
+            }
+        }
+    }
+
+    /// Sends `request` to an HTTP/2 upstream on the connection all of the route's requests to it share, made
+    /// when there is none or the last one closed. A request the connection took no more (it closed, or the
+    /// upstream sent GOAWAY, after it was looked up) comes back unsent and goes once more, on a new connection:
+    /// as with HTTP/1.1, the race with an upstream closing an idle connection never fails a request.
+    async fn send_multiplexed(
+        &self,
+        upstream: &Upstream,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let mut request = upstream.http2_form(request)?;
+        let mut resent = false;
+        loop {
+            let mut sender = self.multiplexed_sender(upstream).await?;
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response.map(|inner| PooledBody { inner, ended: false, lease: None })),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if !resent => {
+                        request = unsent;
+                        resent = true;
+                    }
+                    _ => return Err(SendError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// `upstream`'s shared HTTP/2 connection, made now if it has none open. Requests arriving while it is being
+    /// made wait for it rather than each making their own.
+    async fn multiplexed_sender(&self, upstream: &Upstream) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
+        let mut shared = upstream.multiplexed.lock().await;
+        if let Some(sender) = shared.as_ref().filter(|sender| !sender.is_closed()) {
+            return Ok(sender.clone());
+        }
+        let timeout = self.shared.connect_timeout;
+        let connecting = async {
+            let mut builder = http2::Builder::new(TokioExecutor::new());
+            // PINGs find a connection whose upstream vanished without closing it, idle or not, before a request
+            // is sent on it; the window grows with the bandwidth-delay product, as on the client side.
+            builder
+                .timer(TokioTimer::new())
+                .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+                .adaptive_window(true);
+            let handshake = match self.open(upstream).await? {
+                Transport::Plain(tcp) => builder.handshake(TokioIo::new(tcp)).await.map(spawn_http2_connection),
+                Transport::Tls(stream) => builder.handshake(TokioIo::new(stream)).await.map(spawn_http2_connection),
+            };
+            handshake.map_err(SendError::Exchange)
+        };
+        let sender =
+            tokio::time::timeout(timeout, connecting).await.map_err(|_| SendError::ConnectTimeout(timeout))??;
+        *shared = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Interval of the PINGs on an HTTP/2 upstream connection.
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long an HTTP/2 upstream may take to answer a PING before its connection is closed.
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A connection to an upstream, before HTTP.
+enum Transport {
+    Plain(TcpStream),
+    /// Boxed: the TLS client connection is several times the size of a TCP stream.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Runs an HTTP/2 connection in a task of its own until it closes: when the upstream closes it, or once its
+/// shared sender and every request on it are gone (the route was dropped).
+fn spawn_http2_connection<T>(
+    (sender, connection): (http2::SendRequest<UpstreamBody>, http2::Connection<T, UpstreamBody, TokioExecutor>),
+) -> http2::SendRequest<UpstreamBody>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream HTTP/2 connection closed with an error");
+        }
+    });
+    sender
 }
 
 /// Runs a connection's HTTP/1.1 side (with upgrades, for WebSocket tunnels) until it closes.
@@ -245,6 +363,12 @@ pub struct Upstream {
     port: u16,
     security: Security,
     idle: Arc<IdleList>,
+    /// The one connection of an HTTP/2 upstream, shared by its requests (unused for HTTP/1.1).
+    multiplexed: tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// `http` or `https`, and the URL's authority: an HTTP/2 request's `:scheme`, and its `:authority` when
+    /// the request has no `Host`.
+    scheme: Scheme,
+    authority: Authority,
     /// Cancelled when the route is dropped: ends the reaper.
     stop: CancellationToken,
 }
@@ -259,7 +383,36 @@ impl Upstream {
             false => Security::Plain,
             true => ServerName::try_from(host.to_owned()).map_or(Security::NoServerName, Security::Tls),
         };
-        Self { host: host.into(), port, security, idle: Arc::default(), stop }
+        Self {
+            host: host.into(),
+            port,
+            security,
+            idle: Arc::default(),
+            multiplexed: tokio::sync::Mutex::new(None),
+            scheme: scheme.clone(),
+            authority: authority.clone(),
+            stop,
+        }
+    }
+
+    /// `request` as an HTTP/2 client sends it: an absolute URI, whose scheme and authority become `:scheme` and
+    /// `:authority` (the authority from `Host`, which HTTP/2 replaces, or the upstream's), and no `Host`.
+    fn http2_form(&self, request: Request<UpstreamBody>) -> Result<Request<UpstreamBody>, SendError> {
+        let (mut head, body) = request.into_parts();
+        let authority = head
+            .headers
+            .remove(header::HOST)
+            .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+            .unwrap_or_else(|| self.authority.clone());
+        let mut uri = std::mem::take(&mut head.uri).into_parts();
+        uri.scheme = Some(self.scheme.clone());
+        uri.authority = Some(authority);
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        head.uri = Uri::from_parts(uri).map_err(|error| SendError::Request(http::Error::from(error)))?;
+        head.version = Version::HTTP_2;
+        Ok(Request::from_parts(head, body))
     }
 }
 
@@ -430,13 +583,22 @@ mod tests {
     fn ca_files_that_trust_nothing_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.pem");
-        assert!(matches!(Pool::new(&proxy_config(), Some(&missing)), Err(PoolError::ReadCa { .. })));
+        assert!(matches!(
+            Pool::new(&proxy_config(), Some(&missing), UpstreamProtocol::Http11),
+            Err(PoolError::ReadCa { .. })
+        ));
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
-        assert!(matches!(Pool::new(&proxy_config(), Some(&empty)), Err(PoolError::NoCertificate { .. })));
+        assert!(matches!(
+            Pool::new(&proxy_config(), Some(&empty), UpstreamProtocol::Http11),
+            Err(PoolError::NoCertificate { .. })
+        ));
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
-        assert!(matches!(Pool::new(&proxy_config(), Some(&garbage)), Err(PoolError::InvalidCertificate { .. })));
+        assert!(matches!(
+            Pool::new(&proxy_config(), Some(&garbage), UpstreamProtocol::Http11),
+            Err(PoolError::InvalidCertificate { .. })
+        ));
     }
 
     #[test]
@@ -446,8 +608,8 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let path = dir.path().join("ca.pem");
         std::fs::write(&path, ca.self_signed(&key).unwrap().pem()).unwrap();
-        assert!(Pool::new(&proxy_config(), Some(&path)).is_ok());
-        assert!(Pool::new(&proxy_config(), None).is_ok());
+        assert!(Pool::new(&proxy_config(), Some(&path), UpstreamProtocol::Http11).is_ok());
+        assert!(Pool::new(&proxy_config(), None, UpstreamProtocol::Http11).is_ok());
     }
 
     #[test]
