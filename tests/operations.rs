@@ -332,3 +332,39 @@ async fn each_route_has_a_request_duration_histogram_that_a_reload_keeps_to_its_
     assert_eq!(count(&text, r#"route="0",host="a.example.test",path="/v2""#), Some(0.0), "{text}");
     assert_eq!(count(&text, any), Some(1.0), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_log_that_cannot_be_reopened_goes_on_in_the_file_it_had() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let access = f.dir.path().join("access.log");
+    let rotated = f.dir.path().join("access.log.1");
+    let routes = format!("[access_log]\npath = {access:?}\n\n{}", respond("one"));
+    let server = f.start(&routes).await;
+    let addr = server.tls_addrs[0];
+    let client = f.client(&[]);
+    let request = |path: &'static str| {
+        let client = Arc::clone(&client);
+        async move {
+            let tls = connect(addr, "a.example.test", client).await.unwrap();
+            text(http1(tls).await.send_request(get("a.example.test", path)).await.unwrap()).await.0
+        }
+    };
+    let logged = |file: &std::path::Path, path: &str| std::fs::read_to_string(file).is_ok_and(|t| t.contains(path));
+    assert_eq!(request("/before").await, StatusCode::OK);
+    assert!(wait_until(APPLY_DEADLINE, || logged(&access, "/before")).await);
+
+    // Rotated away, and a directory where the new file should be: the reopen fails, no line is lost.
+    std::fs::rename(&access, &rotated).unwrap();
+    std::fs::create_dir(&access).unwrap();
+    server.reopen_logs().await;
+    assert_eq!(request("/during").await, StatusCode::OK);
+    assert!(wait_until(APPLY_DEADLINE, || logged(&rotated, "/during")).await, "the old file took the line");
+
+    // The path usable again: the next reopen takes it.
+    std::fs::remove_dir(&access).unwrap();
+    server.reopen_logs().await;
+    assert_eq!(request("/after").await, StatusCode::OK);
+    assert!(wait_until(APPLY_DEADLINE, || logged(&access, "/after")).await, "the new file took the line");
+    assert!(!logged(&rotated, "/after"));
+}

@@ -181,6 +181,7 @@ async fn routes_rewrite_the_path_prefix_and_set_and_remove_headers_both_ways() {
             .header("x-powered-by", "framework/1.2")
             .header("x-frame-options", "ALLOWALL")
             .header("server", "app/1")
+            .header("x-upstream-debug", "trace=1")
             .body(Full::new(Bytes::new()))
             .unwrap()
     })
@@ -190,6 +191,7 @@ async fn routes_rewrite_the_path_prefix_and_set_and_remove_headers_both_ways() {
 [response_headers]
 X-Frame-Options = "DENY"
 X-Content-Type-Options = "nosniff"
+X-Upstream-Debug = ""
 
 [[route]]
 path = "/api/"
@@ -245,6 +247,7 @@ response_headers = {{ Location = "https://app.example.test/new" }}
         assert!(!headers.contains_key("x-powered-by"), "{alpn:?}: removed by the route: {headers:?}");
         assert_eq!(headers["x-frame-options"], "SAMEORIGIN", "the route's value beats the top-level one");
         assert_eq!(headers["x-content-type-options"], "nosniff", "the top-level ones still apply");
+        assert!(!headers.contains_key("x-upstream-debug"), "{alpn:?}: removed by the top-level rule: {headers:?}");
         assert_eq!(headers["server"], "app/1", "what no rule names passes");
 
         assert_eq!(redirect.status(), StatusCode::PERMANENT_REDIRECT);

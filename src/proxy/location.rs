@@ -112,6 +112,10 @@ mod tests {
         assert_eq!(render("https://$host/new/"), "https://shop.example.com/new/");
         assert_eq!(render("/moved"), "/moved");
         assert_eq!(render("$request_uri$request_uri"), "/cart?id=7/cart?id=7");
+        // A value that makes no header value renders nothing (the route answers 400), never a broken header.
+        let template = LocationTemplate::parse("https://$host$request_uri").unwrap();
+        assert_eq!(template.render("bad\nhost", "/"), None);
+        assert_eq!(template.render("host", "/\r\nSet-Cookie: x=1"), None);
         let template = "https://$host:8443$request_uri";
         assert_eq!(LocationTemplate::parse(template).unwrap().to_string(), template);
     }
