@@ -67,6 +67,8 @@ pub struct Config {
     pub response_headers: Vec<HeaderRule>,
     /// The access log, if any.
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// Response compression, if configured.
+    pub compression: Option<CompressionConfig>,
     /// How long clients may take.
     pub timeouts: TimeoutsConfig,
     /// How much clients may ask for.
@@ -114,6 +116,59 @@ pub enum KeyExchange {
     /// NIST P-384.
     Secp384r1,
 }
+
+/// `[compression]`: responses compressed for clients that accept it (see [`crate::proxy::compress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionConfig {
+    /// The codings offered, in preference order (never empty).
+    pub codings: Vec<Coding>,
+    /// Media types compressed: `type/subtype`, or `type/*`.
+    pub types: Vec<String>,
+    /// Responses declared shorter than this are sent as they are.
+    pub min_bytes: u64,
+}
+
+/// A content coding sealgate can compress with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    /// `gzip`.
+    Gzip = 0,
+    /// `br` (Brotli).
+    Brotli = 1,
+}
+
+impl Coding {
+    /// Every coding, by its index.
+    pub const ALL: [Coding; 2] = [Coding::Gzip, Coding::Brotli];
+
+    /// Its `Accept-Encoding` / `Content-Encoding` token.
+    pub fn token(self) -> &'static str {
+        match self {
+            Coding::Gzip => "gzip",
+            Coding::Brotli => "br",
+        }
+    }
+}
+
+/// The media types `[compression]` compresses when it names none: text, and the structured formats that are
+/// text (JSON, JavaScript, XML, SVG), plus WebAssembly; never images, audio, video or archives, which are
+/// compressed already.
+pub const DEFAULT_COMPRESSED_TYPES: &[&str] = &[
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "application/rss+xml",
+    "application/atom+xml",
+    "application/manifest+json",
+    "application/ld+json",
+    "application/problem+json",
+    "application/wasm",
+    "image/svg+xml",
+];
+
+/// `[compression] min_bytes` when not set: below about a kilobyte compression saves less than it costs.
+pub const DEFAULT_COMPRESSION_MIN_BYTES: u64 = 1024;
 
 /// `[tls]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +267,8 @@ pub struct RouteConfig {
     pub max_body_bytes: Option<u64>,
     /// Only connections made with a verified client certificate are answered (403 for the others).
     pub require_client_certificate: bool,
+    /// Whether the route's responses may be compressed (`[compression]`); true unless turned off.
+    pub compress: bool,
 }
 
 /// A header a configuration sets or removes.
@@ -630,6 +687,7 @@ struct RawConfig {
     #[serde(default)]
     response_headers: HeaderTable,
     access_log: Option<RawAccessLog>,
+    compression: Option<RawCompression>,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
@@ -653,6 +711,14 @@ struct RawHsts {
     include_subdomains: bool,
     #[serde(default)]
     preload: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompression {
+    codings: Option<Spanned<Vec<String>>>,
+    types: Option<Spanned<Vec<String>>>,
+    min_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -747,6 +813,7 @@ struct RawRoute {
     max_body_bytes: Option<Spanned<u64>>,
     require_client_certificate: Option<Spanned<bool>>,
     upstream_protocol: Option<Spanned<String>>,
+    compress: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1022,6 +1089,7 @@ impl Config {
                 })
             })
             .transpose()?;
+        let compression = raw.compression.map(|c| cx.compression(c)).transpose()?;
         let timeouts = cx.timeouts(raw.timeouts)?;
         let limits = cx.limits(raw.limits)?;
         Ok(Self {
@@ -1041,6 +1109,7 @@ impl Config {
             hsts,
             response_headers,
             access_log,
+            compression,
             timeouts,
             limits,
         })
@@ -1174,6 +1243,56 @@ impl Context<'_> {
             handshake_timeout,
             client_auth: raw.client_auth.map(|raw| self.client_auth(raw, base)).transpose()?,
         })
+    }
+
+    fn compression(&self, raw: RawCompression) -> Result<CompressionConfig> {
+        let codings = match &raw.codings {
+            None => vec![Coding::Brotli, Coding::Gzip],
+            Some(list) => {
+                let mut codings = Vec::new();
+                for name in list.get_ref() {
+                    let coding = match name.as_str() {
+                        "gzip" => Coding::Gzip,
+                        "br" => Coding::Brotli,
+                        _ => {
+                            return Err(self.at(
+                                list,
+                                "compression.codings",
+                                format_args!("{name:?} is not a coding sealgate compresses with: use \"br\", \"gzip\""),
+                            ))
+                        }
+                    };
+                    if codings.contains(&coding) {
+                        return Err(self.at(list, "compression.codings", format_args!("{name:?} is listed twice")));
+                    }
+                    codings.push(coding);
+                }
+                if codings.is_empty() {
+                    return Err(self.at(list, "compression.codings", "lists no coding (remove [compression] instead)"));
+                }
+                codings
+            }
+        };
+        let types = match &raw.types {
+            None => DEFAULT_COMPRESSED_TYPES.iter().map(|t| (*t).to_owned()).collect(),
+            Some(list) => {
+                for media_type in list.get_ref() {
+                    let valid = media_type.split_once('/').is_some_and(|(top, sub)| {
+                        let token = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+                        token(top) && top != "*" && (sub == "*" || token(sub))
+                    });
+                    if !valid {
+                        return Err(self.at(
+                            list,
+                            "compression.types",
+                            format_args!("{media_type:?} is not a media type (`type/subtype`, or `type/*`)"),
+                        ));
+                    }
+                }
+                list.get_ref().clone()
+            }
+        };
+        Ok(CompressionConfig { codings, types, min_bytes: raw.min_bytes.unwrap_or(DEFAULT_COMPRESSION_MIN_BYTES) })
     }
 
     fn client_auth(&self, raw: RawClientAuth, base: &Path) -> Result<ClientAuthConfig> {
@@ -1362,6 +1481,7 @@ impl Context<'_> {
                 }
                 required => required.as_ref().is_some_and(|r| *r.get_ref()),
             },
+            compress: raw.compress.unwrap_or(true),
         })
     }
 
@@ -1745,6 +1865,33 @@ bind = "127.0.0.1:8443"
         assert!(err.message.contains("route[0].require_client_certificate: needs [tls.client_auth]"), "{err}");
         let config = parse(&format!("{MINIMAL}\n[tls.client_auth]\nca = \"c.pem\"\n{route}")).unwrap();
         assert!(config.routes[0].require_client_certificate);
+    }
+
+    #[test]
+    fn compression_parses_with_defaults_and_refuses_what_it_cannot_do() {
+        assert!(parse(MINIMAL).unwrap().compression.is_none());
+        let config =
+            parse(&format!("{MINIMAL}\n[compression]\n[[route]]\ncompress = false\nrespond = {{ status = 200 }}\n"))
+                .unwrap();
+        let compression = config.compression.unwrap();
+        assert_eq!(compression.codings, [Coding::Brotli, Coding::Gzip]);
+        assert_eq!(compression.min_bytes, DEFAULT_COMPRESSION_MIN_BYTES);
+        assert!(compression.types.iter().any(|t| t == "text/*"));
+        assert!(!config.routes[0].compress);
+        let text = format!("{MINIMAL}\n[compression]\ncodings = [\"gzip\"]\ntypes = [\"text/html\", \"application/*\"]\nmin_bytes = 0\n");
+        let compression = parse(&text).unwrap().compression.unwrap();
+        assert_eq!((compression.codings, compression.types.len(), compression.min_bytes), (vec![Coding::Gzip], 2, 0));
+        for (body, expected) in [
+            ("codings = [\"zstd\"]", "\"zstd\" is not a coding"),
+            ("codings = [\"gzip\", \"gzip\"]", "listed twice"),
+            ("codings = []", "lists no coding"),
+            ("types = [\"html\"]", "\"html\" is not a media type"),
+            ("types = [\"*/*\"]", "is not a media type"),
+            ("min_bytes = -1", "invalid value"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n[compression]\n{body}\n")).unwrap_err();
+            assert!(err.to_string().contains(expected), "{body}: {err}");
+        }
     }
 
     #[test]
@@ -2186,6 +2333,12 @@ mod readme {
         assert_eq!((client_auth.mode, client_auth.forward), (ClientAuthMode::Required, false), "the defaults");
         assert_eq!(client_auth.ca, Path::new("/srv/client-ca.pem"));
         assert!(!config.routes[0].require_client_certificate, "the reference shows the default");
+        assert!(config.routes[0].compress, "the reference shows the default");
+        let compression = config.compression.as_ref().expect("the reference shows [compression]");
+        assert_eq!(
+            (compression.codings.as_slice(), compression.min_bytes),
+            (&[Coding::Brotli, Coding::Gzip][..], 1024)
+        );
         assert!(config.admin.is_some());
         assert_eq!(config.audit.map(|a| a.path), Some(PathBuf::from("/srv/audit.jsonl")));
         // The reference shows the defaults.

@@ -13,6 +13,7 @@
 //! certificate is served for *and* that is still served: a client that reuses a connection for another name
 //! (HTTP/2 connection coalescing, or a forged `Host`) gets 421 and retries on a connection of its own.
 
+pub mod compress;
 pub mod forward;
 pub mod limits;
 pub mod location;
@@ -39,6 +40,7 @@ use crate::keyring::CertificateIdentity;
 use crate::metrics::{Metrics, RequestRefusal};
 use crate::names;
 use crate::tls::CertificateStore;
+use compress::{Compressible, Compression};
 use forward::{ClientSide, ForwardingCache};
 use limits::{LimitError, Limits};
 use request_id::{RequestIds, X_REQUEST_ID};
@@ -52,7 +54,7 @@ pub type ReplyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// The body of every response sealgate sends (counted for the access log when it is enabled, and timed for its
 /// route's duration histogram).
-pub type ProxyBody = LoggedBody<ReplyBody>;
+pub type ProxyBody = LoggedBody<Compressible<ReplyBody>>;
 
 pub use limits::RequestBody;
 
@@ -105,6 +107,8 @@ pub struct Proxy {
     limits: Limits,
     /// `[proxy] request_id`: the ids given to requests.
     request_ids: Option<RequestIds>,
+    /// `[compression]`, if configured.
+    compression: Option<Compression>,
 }
 
 impl Proxy {
@@ -126,6 +130,7 @@ impl Proxy {
             access_log,
             limits: Limits::new(&config.limits, &config.timeouts),
             request_ids: config.proxy.request_id.then(RequestIds::new),
+            compression: config.compression.as_ref().map(Compression::new),
         })
     }
 
@@ -148,6 +153,8 @@ impl Proxy {
             record.request_id = request_id.clone();
             Box::new((Arc::clone(log), record))
         });
+        // Read before the request moves on; applied to the answer below.
+        let compression = self.compression.as_ref().map(|c| (c, c.choose(request.method(), request.headers())));
         let Answer { mut response, upstream, route } = self.answer(request, connection).await;
         self.metrics.request_answered(response.status());
         if let Some(id) = request_id {
@@ -165,6 +172,10 @@ impl Proxy {
             pending
         });
         let duration = route.map(|route| route.duration.clone());
+        let response = match (compression, route) {
+            (Some((compression, choice)), Some(route)) if route.compress => compression.apply(choice, response),
+            _ => response.map(Compressible::plain),
+        };
         response.map(|body| LoggedBody::new(body, started.0, pending, duration))
     }
 

@@ -39,6 +39,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// Only connections made with a verified client certificate are answered.
     pub require_client_certificate: bool,
+    /// Whether `[compression]` applies to the route's responses.
+    pub compress: bool,
     /// `sealgate_route_request_duration_seconds` of the route.
     pub duration: Histogram,
 }
@@ -131,6 +133,7 @@ impl RouteTable {
                     clients: (!r.clients.is_open()).then(|| r.clients.clone()),
                     max_body_bytes: r.max_body_bytes,
                     require_client_certificate: r.require_client_certificate,
+                    compress: r.compress,
                     duration: metrics.route_duration(index, r.host.as_deref(), &r.path),
                 })
             })
