@@ -28,10 +28,19 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::from(UNREADABLE);
         }
     };
-    // The TLS settings read files too (`[tls.client_auth]`'s CAs and CRLs): refused here as `run` would refuse them.
+    // The TLS settings and the upstream routes read files too (`[tls.client_auth]`'s CAs and CRLs, a route's
+    // `ca`): refused here as `run` would refuse them.
     if let Err(e) = crate::tls::TlsPolicy::new(&config.tls) {
         eprintln!("sealgate check: {e}");
         return ExitCode::from(UNREADABLE);
+    }
+    for (index, route) in config.routes.iter().enumerate() {
+        if let crate::config::RouteAction::Upstream(group) = &route.action {
+            if let Err(e) = crate::proxy::upstream::UpstreamGroup::check_files(index, group, &config.proxy) {
+                eprintln!("sealgate check: {e}");
+                return ExitCode::from(UNREADABLE);
+            }
+        }
     }
     let custody = &config.custody;
     let snapshot = match read_export(&custody.export, &custody.grantee, OffsetDateTime::now_utc()) {

@@ -156,3 +156,19 @@ fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
     let output = run(&path);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn an_upstream_ca_that_cannot_be_read_exits_2_naming_the_route_and_file() {
+    let dir = TempDir::new().unwrap();
+    let export = toml::Value::String(vectors().join("export").display().to_string());
+    let config = format!(
+        "[custody]\nexport = {export}\ngrantee = \"sealgate-vectors\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
+         [[route]]\nupstream = \"https://app.internal\"\nca = \"missing-ca.pem\"\n"
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let output = run(&path);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("route[0]") && stderr.contains("missing-ca.pem"), "{stderr}");
+}

@@ -93,6 +93,14 @@ pub struct UpstreamGroup {
 }
 
 impl UpstreamGroup {
+    /// Checks what building route `route`'s upstreams reads from files (the `ca`), without building them: for
+    /// `sealgate check`, which must refuse what `run` would.
+    pub fn check_files(route: usize, config: &UpstreamGroupConfig, proxy: &ProxyConfig) -> Result<(), UpstreamError> {
+        Pool::new(proxy, config.ca.as_deref(), config.protocol)
+            .map_err(|source| UpstreamError::Pool { route, source })?;
+        Ok(())
+    }
+
     /// The upstreams of route `route`, with health checks started when configured (which needs a Tokio
     /// runtime).
     pub fn new(
