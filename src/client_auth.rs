@@ -65,26 +65,41 @@ pub enum ClientAuthError {
 /// Result alias of this module.
 pub type Result<T, E = ClientAuthError> = std::result::Result<T, E>;
 
-/// The verifier `[tls.client_auth]` asks for, with `provider`'s signature algorithms.
-pub fn verifier(config: &ClientAuthConfig, provider: Arc<CryptoProvider>) -> Result<Arc<dyn ClientCertVerifier>> {
+/// The client certificate trust `[tls.client_auth]` describes, as read from its files.
+pub struct ClientTrust {
+    /// The verifier, with the provider's signature algorithms.
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// SHA-256 over the section and the bytes of every file it names: a reload with the same digest changes
+    /// nothing.
+    pub digest: [u8; 32],
+}
+
+/// Reads `[tls.client_auth]`'s CA and CRL files and makes their verifier.
+pub fn load(config: &ClientAuthConfig, provider: Arc<CryptoProvider>) -> Result<ClientTrust> {
+    let mut digest = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    digest.update(format!("{config:?}").as_bytes());
     let mut roots = RootCertStore::empty();
-    for certificate in pem_items::<CertificateDer<'static>>(&config.ca, "CA")? {
+    for certificate in pem_items::<CertificateDer<'static>>(&config.ca, "CA", &mut digest)? {
         roots.add(certificate).map_err(|e| invalid("CA", &config.ca, e))?;
     }
     let mut crls = Vec::new();
     for path in &config.crl {
-        crls.extend(pem_items::<CertificateRevocationListDer<'static>>(path, "CRL")?);
+        crls.extend(pem_items::<CertificateRevocationListDer<'static>>(path, "CRL", &mut digest)?);
     }
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).with_crls(crls);
     if config.mode == ClientAuthMode::Optional {
         builder = builder.allow_unauthenticated();
     }
-    Ok(builder.build()?)
+    let mut out = [0; 32];
+    out.copy_from_slice(digest.finish().as_ref());
+    Ok(ClientTrust { verifier: builder.build()?, digest: out })
 }
 
-/// Every PEM item of type `T` in `path`; at least one.
-fn pem_items<T: PemObject>(path: &Path, what: &'static str) -> Result<Vec<T>> {
+/// Every PEM item of type `T` in `path`; at least one. The file's bytes go into `digest`.
+fn pem_items<T: PemObject>(path: &Path, what: &'static str, digest: &mut aws_lc_rs::digest::Context) -> Result<Vec<T>> {
     let pem = std::fs::read(path).map_err(|source| ClientAuthError::Read { what, path: path.to_owned(), source })?;
+    digest.update(&(pem.len() as u64).to_be_bytes());
+    digest.update(&pem);
     let items = T::pem_slice_iter(&pem).collect::<Result<Vec<T>, _>>().map_err(|e| invalid(what, path, e))?;
     if items.is_empty() {
         return Err(ClientAuthError::Empty { what, path: path.to_owned() });

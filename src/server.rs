@@ -123,6 +123,9 @@ pub struct Reloaded {
     pub closed: Vec<SocketAddr>,
     /// Sections that changed but only take effect at the next start.
     pub need_restart: Vec<&'static str>,
+    /// `[tls.client_auth]` (the section or its files) changed, and every certificate's TLS configuration was
+    /// made again with it.
+    pub client_auth_renewed: bool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -165,6 +168,9 @@ impl RunningServer {
     async fn apply(&self, current: &mut Current, config: Config) -> Result<Reloaded> {
         let access_log = config.access_log.as_ref().map(AccessLog::open).transpose()?;
         let proxy = Proxy::new(&config, Arc::clone(&self.shared.store), Arc::clone(&self.shared.metrics), access_log)?;
+        // Client certificate trust is read again at every reload (SIGHUP is how a renewed CRL is taken in); the
+        // rest of the TLS policy stays as it started.
+        let client_auth = self.shared.store.policy().with_client_auth(config.tls.client_auth.as_ref())?;
         let mut reloaded =
             Reloaded { need_restart: restart_only_changes(&current.config, &config), ..Default::default() };
 
@@ -204,6 +210,11 @@ impl RunningServer {
             self.shared.connections.forget_permits(old - new);
         }
         self.shared.settings.store(Arc::new(settings));
+        if let Some(policy) = client_auth {
+            self.shared.store.replace_policy(policy);
+            reloaded.client_auth_renewed = true;
+            tracing::info!("client certificate trust reloaded: new handshakes verify against it, none resumes");
+        }
         current.config = config;
         if !reloaded.need_restart.is_empty() {
             tracing::warn!(sections = ?reloaded.need_restart, "these changes take effect at the next start");
@@ -1165,9 +1176,10 @@ fn handshake_failed(shared: &Shared, peer: SocketAddr, reason: HandshakeFailure,
 
 /// The sections of `new` that differ from `old` and cannot change while running.
 fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    // The TLS handshake timeout is reloadable; the rest of the TLS policy is built into every certificate's
-    // configuration.
-    let tls_policy = |c: &Config| crate::config::TlsConfig { handshake_timeout: Duration::ZERO, ..c.tls.clone() };
+    // The TLS handshake timeout and client certificate trust are reloadable; the rest of the TLS policy stays as
+    // it started.
+    let tls_policy =
+        |c: &Config| crate::config::TlsConfig { handshake_timeout: Duration::ZERO, client_auth: None, ..c.tls.clone() };
     [
         ("custody", old.custody == new.custody),
         ("tls", tls_policy(old) == tls_policy(new)),

@@ -8,6 +8,10 @@
 //!
 //! The table is immutable and published whole through [`ArcSwap`]: a handshake sees either the old table or the
 //! new one, never a mix.
+//!
+//! The policy behind the configurations is published the same way: a reload that changes client certificate
+//! trust ([`CertificateStore::replace_policy`]) makes every generation's configuration again, with fresh session
+//! storage, and publishes policy and table together under the lock every publisher takes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 
 use crate::client_auth::ClientIdentity;
-use crate::config::{KeyExchange, TlsConfig, TlsVersion};
+use crate::config::{ClientAuthConfig, KeyExchange, TlsConfig, TlsVersion};
 use crate::keyring::{Keyring, LoadedCertificate};
 use crate::names;
 
@@ -75,10 +79,16 @@ impl ResolvesServerCert for RefuseAll {
     }
 }
 
-/// The TLS policy shared by every generation: provider, versions, ALPN, resumption.
+/// The TLS policy shared by every generation: provider, versions, ALPN, resumption, client certificates.
 pub struct TlsPolicy {
+    /// What it was built from.
+    config: TlsConfig,
     /// A config with everything but the certificate resolver and session storage.
     template: ServerConfig,
+    /// The config that refuses every handshake with an alert.
+    refusing: Arc<ServerConfig>,
+    /// With `[tls.client_auth]`: its digest (see [`crate::client_auth::ClientTrust`]).
+    client_auth_digest: Option<[u8; 32]>,
     session_resumption: bool,
     session_cache_size: usize,
     default_certificate: Option<String>,
@@ -111,11 +121,12 @@ impl TlsPolicy {
         };
         let provider = Arc::new(provider);
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(versions)?;
-        let builder = match &config.client_auth {
+        let (builder, client_auth_digest) = match &config.client_auth {
             Some(client_auth) => {
-                builder.with_client_cert_verifier(crate::client_auth::verifier(client_auth, provider)?)
+                let trust = crate::client_auth::load(client_auth, provider)?;
+                (builder.with_client_cert_verifier(trust.verifier), Some(trust.digest))
             }
-            None => builder.with_no_client_auth(),
+            None => (builder.with_no_client_auth(), None),
         };
         let mut template = builder.with_cert_resolver(Arc::new(RefuseAll));
         template.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
@@ -129,7 +140,10 @@ impl TlsPolicy {
             template.send_tls13_tickets = 0;
         }
         Ok(Self {
+            config: config.clone(),
+            refusing: Arc::new(template.clone()),
             template,
+            client_auth_digest,
             session_resumption: config.session_resumption,
             session_cache_size: config.session_cache_size,
             default_certificate: config.default_certificate.clone(),
@@ -150,9 +164,14 @@ impl TlsPolicy {
         Arc::new(config)
     }
 
-    /// The config that refuses every handshake with an alert.
-    fn refusing_config(&self) -> Arc<ServerConfig> {
-        Arc::new(self.template.clone())
+    /// The policy with `[tls.client_auth]` as `client_auth` says (its files read again) and the rest as it is;
+    /// `None` when that changes nothing (the same section, the same file contents).
+    pub fn with_client_auth(&self, client_auth: Option<&ClientAuthConfig>) -> Result<Option<Self>> {
+        if client_auth.is_none() && self.config.client_auth.is_none() {
+            return Ok(None);
+        }
+        let policy = Self::new(&TlsConfig { client_auth: client_auth.cloned(), ..self.config.clone() })?;
+        Ok((policy.client_auth_digest != self.client_auth_digest).then_some(policy))
     }
 }
 
@@ -310,9 +329,10 @@ fn preferred(candidate: &ServingCertificate, current: &ServingCertificate) -> bo
 
 /// The published certificate table and the policy that builds each generation's configuration.
 pub struct CertificateStore {
-    policy: TlsPolicy,
+    policy: ArcSwap<TlsPolicy>,
     table: ArcSwap<CertificateTable>,
-    refusing: Arc<ServerConfig>,
+    /// Held by whoever publishes a table: custody changes and a new policy must not overwrite each other's.
+    publishing: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for CertificateStore {
@@ -324,13 +344,50 @@ impl fmt::Debug for CertificateStore {
 impl CertificateStore {
     /// An empty store.
     pub fn new(policy: TlsPolicy) -> Self {
-        let refusing = policy.refusing_config();
-        Self { policy, table: ArcSwap::from_pointee(CertificateTable::default()), refusing }
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            table: ArcSwap::from_pointee(CertificateTable::default()),
+            publishing: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn publishing(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guard protects nothing of its own: a holder's panic leaves no state to distrust.
+        self.publishing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<TlsPolicy> {
+        self.policy.load_full()
+    }
+
+    /// Puts `policy` in force (a reload's new `[tls.client_auth]`): every certificate gets a configuration made
+    /// with it, with session storage of its own, so that no session made under the old trust resumes under the
+    /// new one. Connections already open keep what they were made with.
+    pub fn replace_policy(&self, policy: TlsPolicy) {
+        let _publishing = self.publishing();
+        let current = self.table.load_full();
+        let certificates = current
+            .all
+            .iter()
+            .map(|serving| {
+                Arc::new(ServingCertificate {
+                    certificate: Arc::clone(&serving.certificate),
+                    config: policy.generation_config(&serving.certificate),
+                })
+            })
+            .collect();
+        let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
+        self.policy.store(Arc::new(policy));
+        self.table.store(Arc::new(table));
+        drop(current);
     }
 
     /// Builds a new table from the keyring's served certificates and publishes it in one step. Generations
     /// already in the current table keep their configuration (and their resumable sessions).
     pub fn publish(&self, keyring: &Keyring) {
+        let _publishing = self.publishing();
+        let policy = self.policy.load();
         let current = self.table.load_full();
         let by_generation: foldhash::HashMap<u64, &Arc<ServingCertificate>> =
             current.all.iter().map(|s| (s.certificate.generation, s)).collect();
@@ -340,11 +397,11 @@ impl CertificateStore {
                 Some(existing) => Arc::clone(existing),
                 None => Arc::new(ServingCertificate {
                     certificate: Arc::clone(certificate),
-                    config: self.policy.generation_config(certificate),
+                    config: policy.generation_config(certificate),
                 }),
             })
             .collect();
-        let table = CertificateTable::build(certificates, self.policy.default_certificate.as_deref());
+        let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
         drop(by_generation);
         self.table.store(Arc::new(table));
         // `current` goes last: the replaced generations' configs (and keys) are freed once no handshake holds
@@ -360,6 +417,8 @@ impl CertificateStore {
         removed: impl Iterator<Item = &'a Arc<LoadedCertificate>>,
         added: &[Arc<LoadedCertificate>],
     ) {
+        let _publishing = self.publishing();
+        let policy = self.policy.load();
         let current = self.table.load_full();
         let removed: foldhash::HashSet<u64> = removed.map(|c| c.generation).collect();
         let added = added
@@ -367,11 +426,11 @@ impl CertificateStore {
             .map(|certificate| {
                 Arc::new(ServingCertificate {
                     certificate: Arc::clone(certificate),
-                    config: self.policy.generation_config(certificate),
+                    config: policy.generation_config(certificate),
                 })
             })
             .collect();
-        let table = current.patched(&removed, added, self.policy.default_certificate.as_deref());
+        let table = current.patched(&removed, added, policy.default_certificate.as_deref());
         self.table.store(Arc::new(table));
         drop(current);
     }
@@ -394,13 +453,13 @@ impl CertificateStore {
     /// The identity of the verified client certificate a connection was made with (its chain as rustls gives
     /// it), when `[tls.client_auth]` asks clients for one.
     pub fn client_identity(&self, chain: Option<&[CertificateDer<'static>]>) -> Option<Arc<ClientIdentity>> {
-        let forward = self.policy.client_auth_forward?;
+        let forward = self.policy.load().client_auth_forward?;
         ClientIdentity::of(chain?.first()?, forward).map(Arc::new)
     }
 
     /// The config that ends a handshake with an alert.
     pub fn refusing_config(&self) -> Arc<ServerConfig> {
-        Arc::clone(&self.refusing)
+        Arc::clone(&self.policy.load().refusing)
     }
 }
 

@@ -320,3 +320,47 @@ async fn an_unusable_client_ca_stops_the_start_naming_the_file() {
     let error = sealgate::server::start(config).await.expect_err("the start must fail").to_string();
     assert!(error.contains("holds no PEM CRL") && error.contains("crl.pem"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it() {
+    let Setup { f, ca, upstream: _upstream, server } = setup("crl = [\"revoked.pem\"]").await;
+    let addr = server.tls_addrs[0];
+    let config_path = f.dir.path().join("proxy.toml");
+    let reload = || async { server.reload(sealgate::config::Config::load(&config_path).unwrap()).await.unwrap() };
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
+    let resuming = alice.client(&f, &[], false);
+    let mut open = http1(connect(addr, "app.example.test", Arc::clone(&resuming)).await.unwrap()).await;
+    assert_eq!(open.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+
+    // Nothing changed: nothing renewed.
+    assert!(!reload().await.client_auth_renewed);
+
+    // The CA revokes alice: after the reload her handshakes fail, a resumption of her session included.
+    std::fs::write(f.dir.path().join("revoked.pem"), ca.crl(&[66, 7])).unwrap();
+    let reloaded = reload().await;
+    assert!(reloaded.client_auth_renewed && reloaded.need_restart.is_empty(), "{reloaded:?}");
+    let outcome = get_through(addr, alice.client(&f, &[], false)).await;
+    assert!(outcome.is_err(), "a fresh handshake: {outcome:?}");
+    let outcome = get_through(addr, Arc::clone(&resuming)).await;
+    assert!(outcome.is_err(), "the session made before the reload: {outcome:?}");
+    // The connection made before stays, as nginx's old workers finish theirs.
+    open.ready().await.unwrap();
+    assert_eq!(open.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+
+    // Another CA: its clients are admitted, the old CA's are not.
+    let other = ClientCa::new("Next client CA");
+    std::fs::write(f.dir.path().join("client-ca.pem"), &other.pem).unwrap();
+    std::fs::write(f.dir.path().join("revoked.pem"), other.crl(&[])).unwrap();
+    assert!(reload().await.client_auth_renewed);
+    let bob = other.client("bob", 8, ExtendedKeyUsagePurpose::ClientAuth);
+    assert_eq!(get_through(addr, bob.client(&f, &[], false)).await, Ok(StatusCode::OK));
+    let carol = ca.client("carol", 9, ExtendedKeyUsagePurpose::ClientAuth);
+    assert!(get_through(addr, carol.client(&f, &[], false)).await.is_err());
+
+    // An unusable file is refused with the reload, and the trust in force stays.
+    std::fs::write(f.dir.path().join("client-ca.pem"), "garbage").unwrap();
+    let config = sealgate::config::Config::load(&config_path).unwrap();
+    let error = server.reload(config).await.expect_err("an unusable CA file refuses the reload").to_string();
+    assert!(error.contains("client-ca.pem"), "{error}");
+    assert_eq!(get_through(addr, bob.client(&f, &[], false)).await, Ok(StatusCode::OK));
+}
