@@ -11,9 +11,11 @@
 //! subject alternative name of those kinds. Whatever a client sends under that name is always removed first
 //! ([`crate::proxy::forward::set_forwarded`]): an upstream that trusts the field must only ever see sealgate's.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use http::HeaderValue;
 use rustls::crypto::CryptoProvider;
@@ -21,7 +23,9 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::UnixTime;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::config::{ClientAuthConfig, ClientAuthMode};
@@ -109,6 +113,68 @@ fn pem_items<T: PemObject>(path: &Path, what: &'static str, digest: &mut aws_lc_
 
 fn invalid(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> ClientAuthError {
     ClientAuthError::Invalid { what, path: path.to_owned(), reason: reason.to_string() }
+}
+
+/// The open connections made with a client certificate, each with the chain it presented and the signal that
+/// closes it: when a reload changes the trust, every chain is verified again and the connections whose chain
+/// the new trust refuses (revoked by a renewed CRL, from a CA no longer trusted) are closed, as connections
+/// are when their certificate's grant ends.
+#[derive(Debug, Default)]
+pub struct ClientConnections {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (Vec<CertificateDer<'static>>, CancellationToken)>>,
+}
+
+impl ClientConnections {
+    /// Watches a connection made with `chain` until the guard is dropped; `close` is cancelled should a new
+    /// trust refuse the chain.
+    pub fn register(self: &Arc<Self>, chain: &[CertificateDer<'static>], close: CancellationToken) -> ClientWatch {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, (chain.to_vec(), close));
+        ClientWatch { connections: Arc::clone(self), id }
+    }
+
+    /// Verifies every watched chain with `verifier` and closes the connections whose chain fails; how many.
+    pub fn revalidate(&self, verifier: &dyn ClientCertVerifier) -> usize {
+        let now = UnixTime::now();
+        let mut closed = 0;
+        for (chain, close) in self.lock().values() {
+            let Some((leaf, intermediates)) = chain.split_first() else { continue };
+            if !close.is_cancelled() && verifier.verify_client_cert(leaf, intermediates, now).is_err() {
+                close.cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Connections watched now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no connection is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Vec<CertificateDer<'static>>, CancellationToken)>> {
+        // Inserts and removes only: the map is valid after any panic of a holder.
+        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Keeps a connection watched; dropping it (the connection closed) stops watching it.
+#[derive(Debug)]
+pub struct ClientWatch {
+    connections: Arc<ClientConnections>,
+    id: u64,
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
+    }
 }
 
 /// A verified client certificate, as the connection made with it knows it.

@@ -211,9 +211,13 @@ impl RunningServer {
         }
         self.shared.settings.store(Arc::new(settings));
         if let Some(policy) = client_auth {
-            self.shared.store.replace_policy(policy);
+            let closed = self.shared.store.replace_policy(policy);
             reloaded.client_auth_renewed = true;
-            tracing::info!("client certificate trust reloaded: new handshakes verify against it, none resumes");
+            tracing::info!(
+                closed_connections = closed,
+                "client certificate trust reloaded: new handshakes verify against it, no earlier session resumes, \
+                 and connections whose client certificate it refuses are closed"
+            );
         }
         current.config = config;
         if !reloaded.need_restart.is_empty() {
@@ -587,6 +591,17 @@ async fn serve_connection(
     let h2 = session.alpn_protocol() == Some(ALPN_H2);
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
+    let client_certificate = shared.store.client_identity(session.peer_certificates());
+    // A connection made with a client certificate also closes when a reload's new trust refuses it: its end
+    // signal is then its own, ended with its grant's or by the store (see `ClientConnections`).
+    let (grant_ended, _client_watch) = match (&client_certificate, session.peer_certificates()) {
+        (Some(_), Some(chain)) => {
+            let ended = grant_ended.child_token();
+            let watch = shared.store.watch_client(chain, ended.clone());
+            (ended, Some(watch))
+        }
+        _ => (grant_ended, None),
+    };
     let info = Arc::new(ConnectionInfo {
         peer,
         sni,
@@ -597,7 +612,7 @@ async fn serve_connection(
         hard_stop: shared.hard_stop.clone(),
         tunnel: std::sync::Mutex::new(None),
         forwarding: ForwardingCache::default(),
-        client_certificate: shared.store.client_identity(session.peer_certificates()),
+        client_certificate,
     });
     let activity = Arc::new(Activity::new());
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
@@ -801,7 +816,7 @@ async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Durati
     let timed_out = tokio::select! {
         readable = tcp.readable() => return readable.is_ok(),
         _ = grant_ended.cancelled() => {
-            tracing::debug!(%peer, "closing parked connection: its certificate's grant ended");
+            tracing::debug!(%peer, "closing parked connection: its certificate's grant ended (or its client certificate is no longer trusted)");
             return false;
         }
         _ = shared.shutdown.cancelled() => false,
@@ -867,7 +882,7 @@ where
             biased;
             result = &mut connection => break result,
             _ = grant_ended.cancelled() => {
-                tracing::debug!(%peer, "closing connection: its certificate's grant ended");
+                tracing::debug!(%peer, "closing connection: its certificate's grant ended (or its client certificate is no longer trusted)");
                 return None;
             }
             _ = shared.shutdown.cancelled() => break drained(Pin::new(&mut connection), watch, false).await?,

@@ -24,10 +24,11 @@ use rustls::ServerConfig;
 
 use rustls_pki_types::CertificateDer;
 
-use crate::client_auth::ClientIdentity;
+use crate::client_auth::{ClientConnections, ClientIdentity, ClientWatch};
 use crate::config::{ClientAuthConfig, KeyExchange, TlsConfig, TlsVersion};
 use crate::keyring::{Keyring, LoadedCertificate};
 use crate::names;
+use tokio_util::sync::CancellationToken;
 
 /// ALPN protocol ids offered, in preference order.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -89,6 +90,8 @@ pub struct TlsPolicy {
     refusing: Arc<ServerConfig>,
     /// With `[tls.client_auth]`: its digest (see [`crate::client_auth::ClientTrust`]).
     client_auth_digest: Option<[u8; 32]>,
+    /// With `[tls.client_auth]`: the verifier its configurations use.
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     session_resumption: bool,
     session_cache_size: usize,
     default_certificate: Option<String>,
@@ -121,12 +124,13 @@ impl TlsPolicy {
         };
         let provider = Arc::new(provider);
         let builder = ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(versions)?;
-        let (builder, client_auth_digest) = match &config.client_auth {
+        let (builder, client_auth_digest, client_verifier) = match &config.client_auth {
             Some(client_auth) => {
                 let trust = crate::client_auth::load(client_auth, provider)?;
-                (builder.with_client_cert_verifier(trust.verifier), Some(trust.digest))
+                let verifier = Arc::clone(&trust.verifier);
+                (builder.with_client_cert_verifier(trust.verifier), Some(trust.digest), Some(verifier))
             }
-            None => (builder.with_no_client_auth(), None),
+            None => (builder.with_no_client_auth(), None, None),
         };
         let mut template = builder.with_cert_resolver(Arc::new(RefuseAll));
         template.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
@@ -144,6 +148,7 @@ impl TlsPolicy {
             refusing: Arc::new(template.clone()),
             template,
             client_auth_digest,
+            client_verifier,
             session_resumption: config.session_resumption,
             session_cache_size: config.session_cache_size,
             default_certificate: config.default_certificate.clone(),
@@ -333,6 +338,8 @@ pub struct CertificateStore {
     table: ArcSwap<CertificateTable>,
     /// Held by whoever publishes a table: custody changes and a new policy must not overwrite each other's.
     publishing: std::sync::Mutex<()>,
+    /// The open connections made with a client certificate, verified again when the policy changes.
+    clients: Arc<ClientConnections>,
 }
 
 impl fmt::Debug for CertificateStore {
@@ -348,7 +355,13 @@ impl CertificateStore {
             policy: ArcSwap::from_pointee(policy),
             table: ArcSwap::from_pointee(CertificateTable::default()),
             publishing: std::sync::Mutex::new(()),
+            clients: Arc::default(),
         }
+    }
+
+    /// Watches a connection made with the client certificate `chain` (see [`ClientConnections`]).
+    pub fn watch_client(&self, chain: &[CertificateDer<'static>], close: CancellationToken) -> ClientWatch {
+        self.clients.register(chain, close)
     }
 
     fn publishing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -363,8 +376,9 @@ impl CertificateStore {
 
     /// Puts `policy` in force (a reload's new `[tls.client_auth]`): every certificate gets a configuration made
     /// with it, with session storage of its own, so that no session made under the old trust resumes under the
-    /// new one. Connections already open keep what they were made with.
-    pub fn replace_policy(&self, policy: TlsPolicy) {
+    /// new one; then the connections made with a client certificate the new trust refuses are closed (how many
+    /// is returned). Other connections keep what they were made with.
+    pub fn replace_policy(&self, policy: TlsPolicy) -> usize {
         let _publishing = self.publishing();
         let current = self.table.load_full();
         let certificates = current
@@ -378,9 +392,12 @@ impl CertificateStore {
             })
             .collect();
         let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
+        let verifier = policy.client_verifier.clone();
         self.policy.store(Arc::new(policy));
         self.table.store(Arc::new(table));
         drop(current);
+        // Without client authentication any more, no connection is refused by it.
+        verifier.map_or(0, |verifier| self.clients.revalidate(verifier.as_ref()))
     }
 
     /// Builds a new table from the keyring's served certificates and publishes it in one step. Generations

@@ -329,8 +329,12 @@ async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it
     let reload = || async { server.reload(sealgate::config::Config::load(&config_path).unwrap()).await.unwrap() };
     let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
     let resuming = alice.client(&f, &[], false);
-    let mut open = http1(connect(addr, "app.example.test", Arc::clone(&resuming)).await.unwrap()).await;
-    assert_eq!(open.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+    let mut alices = http1(connect(addr, "app.example.test", Arc::clone(&resuming)).await.unwrap()).await;
+    assert_eq!(alices.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+    let dave = ca.client("dave", 10, ExtendedKeyUsagePurpose::ClientAuth);
+    let tls = connect(addr, "app.example.test", dave.client(&f, &[b"h2"], false)).await.unwrap();
+    let mut daves = http2(tls).await;
+    assert_eq!(daves.send_request(get_h2("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
 
     // Nothing changed: nothing renewed.
     assert!(!reload().await.client_auth_renewed);
@@ -343,9 +347,10 @@ async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it
     assert!(outcome.is_err(), "a fresh handshake: {outcome:?}");
     let outcome = get_through(addr, Arc::clone(&resuming)).await;
     assert!(outcome.is_err(), "the session made before the reload: {outcome:?}");
-    // The connection made before stays, as nginx's old workers finish theirs.
-    open.ready().await.unwrap();
-    assert_eq!(open.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+    // Her connection made before is closed; another client's goes on.
+    let closed = tokio::time::timeout(Duration::from_secs(10), alices.ready()).await.expect("closed in time");
+    assert!(closed.is_err(), "alice's connection was closed");
+    assert_eq!(daves.send_request(get_h2("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
 
     // Another CA: its clients are admitted, the old CA's are not.
     let other = ClientCa::new("Next client CA");
@@ -356,6 +361,8 @@ async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it
     assert_eq!(get_through(addr, bob.client(&f, &[], false)).await, Ok(StatusCode::OK));
     let carol = ca.client("carol", 9, ExtendedKeyUsagePurpose::ClientAuth);
     assert!(get_through(addr, carol.client(&f, &[], false)).await.is_err());
+    // The old CA's clients' connections too: dave's is closed now.
+    assert!(wait_until(Duration::from_secs(10), || daves.is_closed()).await, "dave's connection closed with his CA");
 
     // An unusable file is refused with the reload, and the trust in force stays.
     std::fs::write(f.dir.path().join("client-ca.pem"), "garbage").unwrap();
