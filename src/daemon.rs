@@ -7,6 +7,10 @@
 //!
 //! The configuration file is watched through its directory (editors and Kubernetes ConfigMap volumes replace
 //! files rather than write them), and only a change of its contents triggers a reload.
+//!
+//! The client certificate trust files (`[tls.client_auth]`'s CA and CRLs) are watched the same way: a renewed
+//! CRL written by a cron job or delivered by a Secret volume is taken in without a signal
+//! ([`RunningServer::reload_client_trust`]); nothing happens unless their contents changed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,6 +34,7 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
     // compares the file with the contents `config` was parsed from, not with the file as it finds it.
     let mut file = ConfigFile::new(path, config.source_sha256);
     let server = server::start(config).await?;
+    let mut trust = DirectoryWatch::new(&server.client_trust_files().await);
     let (mut term, mut int, mut hup) =
         match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
             (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
@@ -47,13 +52,20 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
                 server.reopen_logs().await;
                 if let Some(applied) = reload(&server, &mut file, "SIGHUP").await {
                     drain = applied;
+                    trust = DirectoryWatch::new(&server.client_trust_files().await);
                 }
             }
             _ = file.changed() => {
                 if file.contents_changed() {
                     if let Some(applied) = reload(&server, &mut file, "the file changed").await {
                         drain = applied;
+                        trust = DirectoryWatch::new(&server.client_trust_files().await);
                     }
+                }
+            }
+            _ = trust.changed() => {
+                if let Err(error) = server.reload_client_trust().await {
+                    tracing::error!(%error, "client certificate trust files refused; the trust in force stays");
                 }
             }
         }
@@ -88,6 +100,83 @@ async fn reload(server: &RunningServer, file: &mut ConfigFile, why: &str) -> Opt
     }
 }
 
+/// The names of `files`, as a directory event names them.
+fn names_of(files: &[PathBuf]) -> Vec<std::ffi::OsString> {
+    files.iter().filter_map(|file| file.file_name().map(ToOwned::to_owned)).collect()
+}
+
+/// Whether a directory event may concern the files named `names`: one that names them, or the `..data` swap
+/// of a Kubernetes volume (its atomic writer's names begin with `..`), or one that names nothing or asks for a
+/// rescan, or an error (the watch may have missed something). Other files' events (a log written in the same
+/// directory) are not: a directory busy with them would otherwise never settle.
+fn concerns(event: &notify::Result<notify::Event>, names: &[std::ffi::OsString]) -> bool {
+    let Ok(event) = event else { return true };
+    if event.kind.is_access() {
+        return false;
+    }
+    event.need_rescan()
+        || event.paths.is_empty()
+        || event
+            .paths
+            .iter()
+            .filter_map(|path| path.file_name())
+            .any(|name| names.iter().any(|watched| watched == name) || name.as_encoded_bytes().starts_with(b".."))
+}
+
+/// Files watched through their directories, for any change there (the caller reads the files again and
+/// decides); a watch that cannot be made is logged, and SIGHUP remains.
+struct DirectoryWatch {
+    changed: Arc<Notify>,
+    _watcher: Option<RecommendedWatcher>,
+}
+
+impl DirectoryWatch {
+    fn new(files: &[PathBuf]) -> Self {
+        let changed = Arc::new(Notify::new());
+        if files.is_empty() {
+            return Self { changed, _watcher: None };
+        }
+        let notify = Arc::clone(&changed);
+        let names = names_of(files);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if concerns(&event, &names) {
+                notify.notify_one();
+            }
+        })
+        .and_then(|mut watcher| {
+            let mut dirs: Vec<&Path> = files
+                .iter()
+                .map(|f| f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            for dir in dirs {
+                watcher.watch(dir, RecursiveMode::NonRecursive)?;
+            }
+            Ok(watcher)
+        });
+        let watcher = match watcher {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, ?files, "cannot watch the client certificate trust files; SIGHUP reloads them");
+                None
+            }
+        };
+        Self { changed, _watcher: watcher }
+    }
+
+    /// Waits for a change in a watched directory, then for it to settle (never, when nothing is watched).
+    async fn changed(&self) {
+        self.changed.notified().await;
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => continue,
+                _ = tokio::time::sleep(SETTLE) => return,
+            }
+        }
+    }
+}
+
 /// The configuration file, watched through its directory.
 struct ConfigFile {
     path: PathBuf,
@@ -103,8 +192,9 @@ impl ConfigFile {
     fn new(path: &Path, loaded: [u8; 32]) -> Self {
         let changed = Arc::new(Notify::new());
         let notify = Arc::clone(&changed);
+        let names = names_of(&[path.to_owned()]);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            if concerns(&event, &names) {
                 notify.notify_one();
             }
         })
@@ -180,5 +270,31 @@ mod tests {
         let file = ConfigFile::new(&path, sha256(b"# the contents loaded\n"));
         assert!(!file.contents_changed());
         assert!(file.changed.notified().now_or_never().is_none(), "nothing to reload");
+    }
+
+    #[test]
+    fn only_events_that_may_concern_the_watched_files_count() {
+        use notify::event::{CreateKind, EventKind, Flag, ModifyKind};
+        let names = names_of(&[PathBuf::from("/etc/sealgate/clients.pem"), PathBuf::from("/etc/sealgate/crl.pem")]);
+        let event = |kind: EventKind, paths: &[&str]| {
+            Ok(notify::Event { kind, paths: paths.iter().map(PathBuf::from).collect(), attrs: Default::default() })
+        };
+        let modified = EventKind::Modify(ModifyKind::Any);
+        assert!(concerns(&event(modified, &["/etc/sealgate/crl.pem"]), &names));
+        assert!(concerns(&event(EventKind::Create(CreateKind::File), &["/etc/sealgate/clients.pem"]), &names));
+        // A Kubernetes volume's swap of its `..data` link, and events that name nothing.
+        assert!(concerns(&event(EventKind::Create(CreateKind::Any), &["/etc/sealgate/..data_tmp"]), &names));
+        assert!(concerns(&event(modified, &[]), &names));
+        assert!(concerns(&Err(notify::Error::generic("queue overflow")), &names));
+        let mut rescan = event(modified, &["/etc/sealgate/access.log"]).unwrap();
+        rescan.attrs.set_flag(Flag::Rescan);
+        assert!(concerns(&Ok(rescan), &names));
+        // Other files of the directory (a log written beside them), and reads, do not.
+        assert!(!concerns(&event(modified, &["/etc/sealgate/access.log"]), &names));
+        assert!(!concerns(&event(modified, &["/etc/sealgate/crl.pem.bak"]), &names));
+        assert!(!concerns(
+            &event(EventKind::Access(notify::event::AccessKind::Any), &["/etc/sealgate/crl.pem"]),
+            &names
+        ));
     }
 }

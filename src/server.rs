@@ -227,6 +227,36 @@ impl RunningServer {
         Ok(reloaded)
     }
 
+    /// Reads the running configuration's client certificate trust files again (`[tls.client_auth]`'s CA and
+    /// CRLs, which the daemon watches) and, when their contents changed, puts the new trust in force as a reload
+    /// would. Whether it changed; an unusable file is an error and the trust in force stays.
+    pub async fn reload_client_trust(&self) -> Result<bool> {
+        let current = self.current.lock().await;
+        let Some(policy) = self.shared.store.policy().with_client_auth(current.config.tls.client_auth.as_ref())? else {
+            return Ok(false);
+        };
+        let closed = self.shared.store.replace_policy(policy);
+        tracing::info!(
+            closed_connections = closed,
+            "client certificate trust files changed: new handshakes verify against them, no earlier session \
+             resumes, and connections whose client certificate they refuse are closed"
+        );
+        Ok(true)
+    }
+
+    /// The files the running configuration's client certificate trust is read from (`[tls.client_auth]`'s CA
+    /// and CRLs): none without client authentication.
+    pub async fn client_trust_files(&self) -> Vec<std::path::PathBuf> {
+        let current = self.current.lock().await;
+        current
+            .config
+            .tls
+            .client_auth
+            .iter()
+            .flat_map(|c| std::iter::once(c.ca.clone()).chain(c.crl.iter().cloned()))
+            .collect()
+    }
+
     /// Reopens the logs at their paths, for log rotation: the running configuration's access log, and the audit
     /// log (see [`crate::audit::AuditLog::reopen`]). SIGHUP's part in log rotation, done whether or not the
     /// configuration then reloads.

@@ -371,3 +371,52 @@ async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it
     assert!(error.contains("client-ca.pem"), "{error}");
     assert_eq!(get_through(addr, bob.client(&f, &[], false)).await, Ok(StatusCode::OK));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_takes_in_a_crl_renewed_on_disk_without_a_signal() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let ca = ClientCa::new("Example client CA");
+    std::fs::write(f.dir.path().join("client-ca.pem"), &ca.pem).unwrap();
+    std::fs::write(f.dir.path().join("revoked.pem"), ca.crl(&[66])).unwrap();
+    let path = f.dir.path().join("proxy.toml");
+    let routes = format!(
+        "[tls.client_auth]\nca = \"client-ca.pem\"\ncrl = [\"revoked.pem\"]\n\n[access_log]\npath = \"access.log\"\n\n{HELLO}"
+    );
+    std::fs::write(&path, f.config(&routes)).unwrap();
+    let mut child = spawn_run(&path);
+    let lines = stderr_lines(&mut child);
+    let listening = loop {
+        let line = lines.recv_timeout(Duration::from_secs(20)).expect("the daemon says where it listens");
+        if line.contains("listening for TLS") {
+            break line;
+        }
+    };
+    let port: u16 = listening.rsplit(':').next().unwrap().trim().parse().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth);
+    assert_eq!(get_through(addr, alice.client(&f, &[], false)).await, Ok(StatusCode::OK));
+
+    // Another client keeps the access log, in the same directory, busy all along.
+    let dave = ca.client("dave", 10, ExtendedKeyUsagePurpose::ClientAuth).client(&f, &[], false);
+    let busy = tokio::spawn(async move {
+        let mut sender = http1(connect(addr, "app.example.test", dave).await.unwrap()).await;
+        loop {
+            if sender.ready().await.is_err() || sender.send_request(get("app.example.test", "/")).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    // The CRL renewed as a deployment tool does (written aside, renamed into place): no SIGHUP.
+    let renewed = f.dir.path().join("revoked.pem.new");
+    std::fs::write(&renewed, ca.crl(&[66, 7])).unwrap();
+    std::fs::rename(&renewed, f.dir.path().join("revoked.pem")).unwrap();
+    let refused = eventually(Duration::from_secs(10), || async {
+        get_through(addr, alice.client(&f, &[], false)).await.is_err()
+    })
+    .await;
+    assert!(refused, "alice is refused once the renewed CRL is on disk");
+    assert!(!busy.is_finished(), "dave's connection goes on");
+    busy.abort();
+}
