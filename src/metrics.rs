@@ -98,6 +98,11 @@ struct RequestRefusalLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodingLabels {
+    coding: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FailureLabels {
     reason: HandshakeFailure,
 }
@@ -228,6 +233,8 @@ pub struct Metrics {
     accept_errors: Counter,
     connection_timeouts: Family<TimeoutLabels, Counter>,
     requests_refused: Family<RequestRefusalLabels, Counter>,
+    responses_compressed: Family<CodingLabels, Counter>,
+    client_trust_closed: Counter,
     route_durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// The routes with series, so that those a reload changes can be found ([`Metrics::retain_routes`]).
     route_series: std::sync::Mutex<foldhash::HashSet<RouteLabels>>,
@@ -271,6 +278,8 @@ impl Metrics {
             accept_errors: Counter::default(),
             connection_timeouts: Family::default(),
             requests_refused: Family::default(),
+            responses_compressed: Family::default(),
+            client_trust_closed: Counter::default(),
             route_durations: Family::new_with_constructor(request_duration_histogram),
             route_series: std::sync::Mutex::default(),
             registry: Registry::default(),
@@ -340,6 +349,16 @@ impl Metrics {
             "requests_refused",
             "Requests refused by a limit or a framing check, by reason",
             metrics.requests_refused.clone(),
+        );
+        registry.register(
+            "responses_compressed",
+            "Responses compressed ([compression]), by content coding",
+            metrics.responses_compressed.clone(),
+        );
+        registry.register(
+            "client_trust_connections_closed",
+            "Connections closed because a new client certificate trust refused the certificate they were made with",
+            metrics.client_trust_closed.clone(),
         );
         Self { registry, ..metrics }
     }
@@ -451,6 +470,16 @@ impl Metrics {
     /// A deadline closed a connection.
     pub fn connection_timed_out(&self, timeout: ConnectionTimeout) {
         self.connection_timeouts.get_or_create(&TimeoutLabels { timeout }).inc();
+    }
+
+    /// A response was compressed with `coding` (its token: `gzip`, `br`).
+    pub fn response_compressed(&self, coding: &'static str) {
+        self.responses_compressed.get_or_create(&CodingLabels { coding }).inc();
+    }
+
+    /// `closed` connections were closed by a new client certificate trust.
+    pub fn client_trust_closed(&self, closed: usize) {
+        self.client_trust_closed.inc_by(closed as u64);
     }
 
     /// A request was refused by a limit or a framing check.

@@ -212,6 +212,7 @@ impl RunningServer {
         self.shared.settings.store(Arc::new(settings));
         if let Some(policy) = client_auth {
             let closed = self.shared.store.replace_policy(policy);
+            self.shared.metrics.client_trust_closed(closed);
             reloaded.client_auth_renewed = true;
             tracing::info!(
                 closed_connections = closed,
@@ -236,6 +237,7 @@ impl RunningServer {
             return Ok(false);
         };
         let closed = self.shared.store.replace_policy(policy);
+        self.shared.metrics.client_trust_closed(closed);
         tracing::info!(
             closed_connections = closed,
             "client certificate trust files changed: new handshakes verify against them, no earlier session \

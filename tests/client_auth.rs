@@ -363,6 +363,8 @@ async fn a_reload_takes_in_a_renewed_crl_and_ca_and_no_session_resumes_across_it
     assert!(get_through(addr, carol.client(&f, &[], false)).await.is_err());
     // The old CA's clients' connections too: dave's is closed now.
     assert!(wait_until(Duration::from_secs(10), || daves.is_closed()).await, "dave's connection closed with his CA");
+    let closed = "sealgate_client_trust_connections_closed_total 2";
+    assert!(server.metrics.encode().contains(closed), "{}", server.metrics.encode());
 
     // An unusable file is refused with the reload, and the trust in force stays.
     std::fs::write(f.dir.path().join("client-ca.pem"), "garbage").unwrap();

@@ -92,6 +92,9 @@ async fn pages_are_compressed_for_clients_that_accept_it_and_nothing_else_is() {
         assert!(body.len() < page().len() / 4, "{accept}: {} bytes", body.len());
         assert_eq!(decode(Some(expected), &body), page());
     }
+    let metrics = server.metrics.encode();
+    assert!(metrics.contains("sealgate_responses_compressed_total{coding=\"br\"} 1"), "{metrics}");
+    assert!(metrics.contains("sealgate_responses_compressed_total{coding=\"gzip\"} 2"), "{metrics}");
     // The upstream is asked with the client's Accept-Encoding (it may compress itself).
     assert_eq!(upstream.last().headers["accept-encoding"], "br;q=0.5, gzip");
 

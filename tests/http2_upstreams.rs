@@ -298,3 +298,22 @@ async fn a_clients_request_trailers_reach_an_http2_upstream() {
     assert_eq!(&seen.body[..], b"streamed");
     assert_eq!(seen.trailers.and_then(|t| t.get("checksum").cloned()), Some(HeaderValue::from_static("abc")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_speak_http2_to_an_http2_upstream() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let upstream = H2Upstream::start(None).await;
+    let checks = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"1s\" }";
+    let _server = f.start(&route(&upstream.url("http"), checks)).await;
+    let checked = wait_until(Duration::from_secs(10), || {
+        upstream.seen.lock().unwrap().iter().filter(|seen| seen.uri.path() == "/healthz").count() >= 2
+    })
+    .await;
+    assert!(checked, "the checks reached the upstream");
+    let seen = upstream.seen.lock().unwrap().iter().find(|seen| seen.uri.path() == "/healthz").cloned().unwrap();
+    assert_eq!(seen.version, Version::HTTP_2);
+    assert_eq!(seen.uri.to_string(), format!("http://127.0.0.1:{}/healthz", upstream.addr.port()));
+    assert_eq!(seen.headers["user-agent"], "sealgate-health-check");
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1, "checks share the route's connection");
+}

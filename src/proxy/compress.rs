@@ -255,10 +255,16 @@ impl<B> Compressible<B> {
     pub fn get_ref(&self) -> &B {
         &self.inner
     }
+
+    /// The coding the body is compressed with, if any.
+    pub fn coding(&self) -> Option<Coding> {
+        self.encoder.as_ref().map(|encoder| encoder.coding)
+    }
 }
 
 /// One response's encoder, the compressed bytes it has made and not sent yet, and where the body stands.
 struct Encoder {
+    coding: Coding,
     /// `None` once finished.
     writer: Option<Writer>,
     /// The response body's trailers, held until the compressed bytes before them have gone.
@@ -293,7 +299,7 @@ impl Encoder {
                 BROTLI_WINDOW_BITS,
             ))),
         };
-        Self { writer: Some(writer), trailers: None, unflushed: false }
+        Self { coding, writer: Some(writer), trailers: None, unflushed: false }
     }
 
     /// Compresses `data`.

@@ -173,7 +173,13 @@ impl Proxy {
         });
         let duration = route.map(|route| route.duration.clone());
         let response = match (compression, route) {
-            (Some((compression, choice)), Some(route)) if route.compress => compression.apply(choice, response),
+            (Some((compression, choice)), Some(route)) if route.compress => {
+                let response = compression.apply(choice, response);
+                if let Some(coding) = response.body().coding() {
+                    self.metrics.response_compressed(coding.token());
+                }
+                response
+            }
             _ => response.map(Compressible::plain),
         };
         response.map(|body| LoggedBody::new(body, started.0, pending, duration))
