@@ -34,7 +34,7 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
     // compares the file with the contents `config` was parsed from, not with the file as it finds it.
     let mut file = ConfigFile::new(path, config.source_sha256);
     let server = server::start(config).await?;
-    let mut trust = DirectoryWatch::new(&server.client_trust_files().await);
+    let mut trust = trust_watch(&server).await;
     let (mut term, mut int, mut hup) =
         match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
             (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
@@ -52,14 +52,14 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
                 server.reopen_logs().await;
                 if let Some(applied) = reload(&server, &mut file, "SIGHUP").await {
                     drain = applied;
-                    trust = DirectoryWatch::new(&server.client_trust_files().await);
+                    trust = trust_watch(&server).await;
                 }
             }
             _ = file.changed() => {
                 if file.contents_changed() {
                     if let Some(applied) = reload(&server, &mut file, "the file changed").await {
                         drain = applied;
-                        trust = DirectoryWatch::new(&server.client_trust_files().await);
+                        trust = trust_watch(&server).await;
                     }
                 }
             }
@@ -73,6 +73,11 @@ pub async fn run(path: &Path, config: Config) -> Result<(), ServerError> {
     tracing::info!(signal, ?drain, "shutting down: no new connections; draining in-flight requests");
     server.shutdown(drain).await;
     Ok(())
+}
+
+/// A watch on the running configuration's client certificate trust files.
+async fn trust_watch(server: &RunningServer) -> DirectoryWatch {
+    DirectoryWatch::new(&server.client_trust_files().await, "the client certificate trust files")
 }
 
 /// Reloads from the file; returns the new drain deadline when the new configuration was applied.
@@ -131,7 +136,8 @@ struct DirectoryWatch {
 }
 
 impl DirectoryWatch {
-    fn new(files: &[PathBuf]) -> Self {
+    /// Watches `files` (`what` they are, for the warning when they cannot be).
+    fn new(files: &[PathBuf], what: &str) -> Self {
         let changed = Arc::new(Notify::new());
         if files.is_empty() {
             return Self { changed, _watcher: None };
@@ -158,7 +164,7 @@ impl DirectoryWatch {
         let watcher = match watcher {
             Ok(watcher) => Some(watcher),
             Err(error) => {
-                tracing::warn!(%error, ?files, "cannot watch the client certificate trust files; SIGHUP reloads them");
+                tracing::warn!(%error, ?files, "cannot watch {what}; SIGHUP still reloads");
                 None
             }
         };
@@ -182,50 +188,25 @@ struct ConfigFile {
     path: PathBuf,
     /// SHA-256 of the contents last loaded (or refused), to tell a real change from a touch.
     last: Option<[u8; 32]>,
-    changed: Arc<Notify>,
-    _watcher: Option<RecommendedWatcher>,
+    watch: DirectoryWatch,
 }
 
 impl ConfigFile {
     /// Watches `path`, whose contents `loaded` (their SHA-256) are the ones running. When the file already
     /// differs from them (it changed after it was read), a change is signalled at once.
     fn new(path: &Path, loaded: [u8; 32]) -> Self {
-        let changed = Arc::new(Notify::new());
-        let notify = Arc::clone(&changed);
-        let names = names_of(&[path.to_owned()]);
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if concerns(&event, &names) {
-                notify.notify_one();
-            }
-        })
-        .and_then(|mut watcher| {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            watcher.watch(dir, RecursiveMode::NonRecursive).map(|()| watcher)
-        });
-        let watcher = match watcher {
-            Ok(watcher) => Some(watcher),
-            Err(error) => {
-                tracing::warn!(%error, path = %path.display(), "cannot watch the configuration file; SIGHUP reloads it");
-                None
-            }
-        };
-        let file = Self { path: path.to_owned(), last: Some(loaded), changed, _watcher: watcher };
+        let watch = DirectoryWatch::new(&[path.to_owned()], "the configuration file");
+        let file = Self { path: path.to_owned(), last: Some(loaded), watch };
         // After the watch is made: a change from here on is an event; one before it shows here.
         if file.contents_changed() {
-            file.changed.notify_one();
+            file.watch.changed.notify_one();
         }
         file
     }
 
     /// Waits for a change in the file's directory, then for it to settle.
     async fn changed(&self) {
-        self.changed.notified().await;
-        loop {
-            tokio::select! {
-                _ = self.changed.notified() => continue,
-                _ = tokio::time::sleep(SETTLE) => return,
-            }
-        }
+        self.watch.changed().await;
     }
 
     fn digest(&self) -> Option<[u8; 32]> {
@@ -258,7 +239,7 @@ mod tests {
 
         let file = ConfigFile::new(&path, loaded);
         assert!(file.contents_changed(), "the file differs from what runs");
-        assert!(file.changed.notified().now_or_never().is_some(), "the change is signalled without an event");
+        assert!(file.watch.changed.notified().now_or_never().is_some(), "the change is signalled without an event");
     }
 
     #[tokio::test]
@@ -269,7 +250,7 @@ mod tests {
 
         let file = ConfigFile::new(&path, sha256(b"# the contents loaded\n"));
         assert!(!file.contents_changed());
-        assert!(file.changed.notified().now_or_never().is_none(), "nothing to reload");
+        assert!(file.watch.changed.notified().now_or_never().is_none(), "nothing to reload");
     }
 
     #[test]

@@ -11,9 +11,15 @@ fn vectors() -> PathBuf {
 
 /// Writes a `proxy.toml` for the vectors' export as `grantee` and runs `sealgate check` on it.
 fn check(dir: &TempDir, grantee: &str) -> Output {
+    check_with(dir, grantee, "")
+}
+
+/// [`check`] with `extra` appended to the configuration.
+fn check_with(dir: &TempDir, grantee: &str, extra: &str) -> Output {
     let export = toml::Value::String(vectors().join("export").display().to_string());
     let grantee = toml::Value::String(grantee.to_owned());
-    let config = format!("[custody]\nexport = {export}\ngrantee = {grantee}\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n");
+    let config =
+        format!("[custody]\nexport = {export}\ngrantee = {grantee}\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n{extra}");
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config).unwrap();
     run(&path)
@@ -134,14 +140,8 @@ fn routes_for_names_no_served_certificate_covers_are_warned_of() {
 #[test]
 fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
     let dir = TempDir::new().unwrap();
-    let export = toml::Value::String(vectors().join("export").display().to_string());
-    let config = format!(
-        "[custody]\nexport = {export}\ngrantee = \"sealgate-vectors\"\n\n[tls.client_auth]\nca = \"clients.pem\"\n\n\
-         [[listener]]\nbind = \"127.0.0.1:0\"\n"
-    );
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, config).unwrap();
-    let output = run(&path);
+    let client_auth = "[tls.client_auth]\nca = \"clients.pem\"\n";
+    let output = check_with(&dir, "sealgate-vectors", client_auth);
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot read the client CA file") && stderr.contains("clients.pem"), "{stderr}");
@@ -153,21 +153,15 @@ fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap();
     std::fs::write(dir.path().join("clients.pem"), ca.pem()).unwrap();
-    let output = run(&path);
+    let output = check_with(&dir, "sealgate-vectors", client_auth);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[test]
 fn an_upstream_ca_that_cannot_be_read_exits_2_naming_the_route_and_file() {
     let dir = TempDir::new().unwrap();
-    let export = toml::Value::String(vectors().join("export").display().to_string());
-    let config = format!(
-        "[custody]\nexport = {export}\ngrantee = \"sealgate-vectors\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n\
-         [[route]]\nupstream = \"https://app.internal\"\nca = \"missing-ca.pem\"\n"
-    );
-    let path = dir.path().join("proxy.toml");
-    std::fs::write(&path, config).unwrap();
-    let output = run(&path);
+    let route = "[[route]]\nupstream = \"https://app.internal\"\nca = \"missing-ca.pem\"\n";
+    let output = check_with(&dir, "sealgate-vectors", route);
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("route[0]") && stderr.contains("missing-ca.pem"), "{stderr}");

@@ -115,6 +115,17 @@ impl Drop for Daemon {
     }
 }
 
+/// The status of a GET of `path` for `host`, on a new HTTP/1.1 connection to `addr`.
+async fn status_of(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    client: Arc<rustls::ClientConfig>,
+    path: &'static str,
+) -> StatusCode {
+    let tls = connect(addr, host, client).await.unwrap();
+    text(http1(tls).await.send_request(get(host, path)).await.unwrap()).await.0
+}
+
 fn write_config(path: &std::path::Path, text: &str) {
     // Replace by rename, as editors and configuration management do.
     let tmp = path.with_extension("tmp");
@@ -235,13 +246,7 @@ async fn sighup_reopens_rotated_logs_and_the_audit_files_verify_as_one_chain() {
     let mut daemon = Daemon::start(&path);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
     let client = f.client(&[]);
-    let request = |path: &'static str| {
-        let client = Arc::clone(&client);
-        async move {
-            let tls = connect(addr, "b.example.test", client).await.unwrap();
-            text(http1(tls).await.send_request(get("b.example.test", path)).await.unwrap()).await.0
-        }
-    };
+    let request = |path: &'static str| status_of(addr, "b.example.test", Arc::clone(&client), path);
     assert_eq!(request("/before").await, StatusCode::OK);
     assert!(wait_until(APPLY_DEADLINE, || std::fs::read_to_string(&access).unwrap().contains("/before")).await);
 
@@ -343,13 +348,7 @@ async fn an_access_log_that_cannot_be_reopened_goes_on_in_the_file_it_had() {
     let server = f.start(&routes).await;
     let addr = server.tls_addrs[0];
     let client = f.client(&[]);
-    let request = |path: &'static str| {
-        let client = Arc::clone(&client);
-        async move {
-            let tls = connect(addr, "a.example.test", client).await.unwrap();
-            text(http1(tls).await.send_request(get("a.example.test", path)).await.unwrap()).await.0
-        }
-    };
+    let request = |path: &'static str| status_of(addr, "a.example.test", Arc::clone(&client), path);
     let logged = |file: &std::path::Path, path: &str| std::fs::read_to_string(file).is_ok_and(|t| t.contains(path));
     assert_eq!(request("/before").await, StatusCode::OK);
     assert!(wait_until(APPLY_DEADLINE, || logged(&access, "/before")).await);
