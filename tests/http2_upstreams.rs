@@ -42,10 +42,12 @@ struct H2Upstream {
 
 impl H2Upstream {
     async fn start(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
-        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), tls)
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), tls, None)
     }
 
-    fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+    /// Serves on `listener`, with TLS when `tls`, allowing `max_streams` concurrent streams per connection
+    /// (hyper's default, 200, when `None`).
+    fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, max_streams: Option<u32>) -> Self {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -70,7 +72,8 @@ impl H2Upstream {
                 tokio::spawn(async move {
                     let _open = OpenGuard(open);
                     let service = hyper::service::service_fn(move |request| answer(Arc::clone(&seen), request));
-                    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    builder.max_concurrent_streams(max_streams);
                     // Told to close, a connection says GOAWAY and ends once its streams are done, as a server
                     // restarting or limiting its connections' age does.
                     macro_rules! serve {
@@ -266,7 +269,7 @@ async fn an_unreachable_http2_upstream_gets_502_and_one_that_comes_back_is_used(
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
 
     // The same port, now listening: the failed connection is not kept.
-    let upstream = H2Upstream::serve(TcpListener::bind(("127.0.0.1", port)).await.unwrap(), None);
+    let upstream = H2Upstream::serve(TcpListener::bind(("127.0.0.1", port)).await.unwrap(), None, None);
     let (status, body, _) = call(&mut client, "/back", "hello").await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"echo: hello"[..]));
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
@@ -316,4 +319,43 @@ async fn health_checks_speak_http2_to_an_http2_upstream() {
     assert_eq!(seen.uri.to_string(), format!("http://127.0.0.1:{}/healthz", upstream.addr.port()));
     assert_eq!(seen.headers["user-agent"], "sealgate-health-check");
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 1, "checks share the route's connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_allows_few_streams_queues_requests_rather_than_failing_them() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let upstream = H2Upstream::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), None, Some(2));
+    let server = f.start(&route(&upstream.url("http"), "")).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let client = http2(tls).await;
+    let calls: Vec<_> = (0..30)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move { call(&mut client, &format!("/few/{i}"), "x").await.0 })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1, "queued on the one connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways_through_an_http2_upstream() {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let upstream = H2Upstream::start(None).await;
+    let server = f.start(&route(&upstream.url("http"), "")).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let mut client = http2(tls).await;
+    // 16 MiB up, echoed down: far past every flow-control window on both connections.
+    let body = Bytes::from(vec![b'z'; 16 << 20]);
+    let request =
+        Request::builder().method("POST").uri("https://app.example.test/large").body(Full::new(body.clone())).unwrap();
+    let response = client.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed.len(), 6 + body.len());
+    assert_eq!(upstream.last().body.len(), body.len());
 }

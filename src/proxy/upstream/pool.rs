@@ -300,7 +300,12 @@ impl Pool {
                 .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
                 .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT)
                 .keep_alive_while_idle(true)
-                .adaptive_window(true);
+                .adaptive_window(true)
+                // One stream until the upstream's SETTINGS say how many it takes (then as many, or no limit when
+                // they name none): assuming 100, as HTTP/2 clients do, an upstream that allows fewer refuses the
+                // rest of a first burst with REFUSED_STREAM, and a request whose body went with it cannot be
+                // sent again. The first round trip carries one request; the connection is made once.
+                .initial_max_send_streams(1);
             let handshake = match self.open(upstream).await? {
                 Transport::Plain(tcp) => builder.handshake(TokioIo::new(tcp)).await.map(spawn_http2_connection),
                 Transport::Tls(stream) => builder.handshake(TokioIo::new(stream)).await.map(spawn_http2_connection),
