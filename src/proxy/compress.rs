@@ -3,7 +3,8 @@
 //!
 //! **Which responses.** A response is *compressible* when its route allows it, the request is not `HEAD` or
 //! `CONNECT`, its status carries content that may be transformed (not 1xx, 204, 206 or 304), it has no
-//! `Content-Encoding` already, no `Cache-Control: no-transform`, a `Content-Type` among the configured types,
+//! `Content-Encoding` already, no `Cache-Control: no-transform`, a `Content-Type` among the configured types
+//! (never gRPC's, which compresses its messages itself),
 //! and a declared length, if any, of at least `min_bytes`. A compressible response always gets `Vary:
 //! Accept-Encoding` (a cache must not hand the compressed one to a client that cannot read it, nor the plain one
 //! to every client); it is compressed when the client's `Accept-Encoding` accepts one of the configured codings
@@ -158,6 +159,11 @@ impl Compression {
             return false;
         };
         let media_type = media_type.split(';').next().unwrap_or_default().trim();
+        // gRPC compresses its messages itself, and its clients read no HTTP content coding: never, whatever
+        // `types` says (`application/*` included).
+        if media_type.get(..16).is_some_and(|start| start.eq_ignore_ascii_case("application/grpc")) {
+            return false;
+        }
         self.config.types.iter().any(|pattern| matches_type(pattern, media_type))
     }
 }
@@ -528,6 +534,14 @@ mod tests {
         // depends on the client.
         let small = c.apply(Choice::Use(Coding::Gzip), response("text/html", "<p>hi</p>"));
         assert!(plain(small));
+        let everything = Compression::new(&CompressionConfig {
+            codings: vec![Coding::Gzip],
+            types: vec!["application/*".to_owned()],
+            min_bytes: 0,
+        });
+        for grpc in ["application/grpc", "application/grpc+proto", "Application/GRPC-web"] {
+            assert!(plain(everything.apply(Choice::Use(Coding::Gzip), response(grpc, PAGE))), "{grpc}");
+        }
         let image = c.apply(Choice::Use(Coding::Gzip), response("image/png", PAGE));
         assert!(!image.headers().contains_key(header::VARY) && plain(image));
         let mut encoded = response("text/html", PAGE);
