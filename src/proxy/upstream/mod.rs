@@ -198,7 +198,8 @@ impl UpstreamGroup {
                     let status = response.status();
                     endpoint.answered(status);
                     if !last && self.retry_statuses.contains(&status.as_u16()) && Instant::now() < deadline {
-                        // Its body is not read: the connection is closed rather than given back.
+                        // Its body is not read: an HTTP/1.1 connection is closed rather than given back, an HTTP/2
+                        // stream reset.
                         drop((response, in_flight));
                         tracing::debug!(
                             route = endpoint.route(),
