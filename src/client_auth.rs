@@ -122,23 +122,29 @@ fn invalid(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> C
 #[derive(Debug, Default)]
 pub struct ClientConnections {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, (Vec<CertificateDer<'static>>, CancellationToken)>>,
+    open: Mutex<HashMap<u64, Watched>>,
 }
+
+/// A watched connection's chain (shared, so that a revalidation copies pointers) and close signal.
+type Watched = (Arc<[CertificateDer<'static>]>, CancellationToken);
 
 impl ClientConnections {
     /// Watches a connection made with `chain` until the guard is dropped; `close` is cancelled should a new
     /// trust refuse the chain.
     pub fn register(self: &Arc<Self>, chain: &[CertificateDer<'static>], close: CancellationToken) -> ClientWatch {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, (chain.to_vec(), close));
+        self.lock().insert(id, (Arc::from(chain), close));
         ClientWatch { connections: Arc::clone(self), id }
     }
 
     /// Verifies every watched chain with `verifier` and closes the connections whose chain fails; how many.
+    /// The chains are verified outside the lock (a signature check each): connections keep opening and closing
+    /// meanwhile; one opened meanwhile was verified by its handshake, with whichever trust it met.
     pub fn revalidate(&self, verifier: &dyn ClientCertVerifier) -> usize {
         let now = UnixTime::now();
         let mut closed = 0;
-        for (chain, close) in self.lock().values() {
+        let watched: Vec<Watched> = self.lock().values().cloned().collect();
+        for (chain, close) in &watched {
             let Some((leaf, intermediates)) = chain.split_first() else { continue };
             if !close.is_cancelled() && verifier.verify_client_cert(leaf, intermediates, now).is_err() {
                 close.cancel();
@@ -158,7 +164,7 @@ impl ClientConnections {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Vec<CertificateDer<'static>>, CancellationToken)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watched>> {
         // Inserts and removes only: the map is valid after any panic of a holder.
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

@@ -211,8 +211,8 @@ impl RunningServer {
         }
         self.shared.settings.store(Arc::new(settings));
         if let Some(policy) = client_auth {
-            let closed = self.shared.store.replace_policy(policy);
-            self.shared.metrics.client_trust_closed(closed);
+            self.shared.store.replace_policy(policy);
+            let closed = self.revalidate_clients().await;
             reloaded.client_auth_renewed = true;
             tracing::info!(
                 closed_connections = closed,
@@ -236,14 +236,28 @@ impl RunningServer {
         let Some(policy) = self.shared.store.policy().with_client_auth(current.config.tls.client_auth.as_ref())? else {
             return Ok(false);
         };
-        let closed = self.shared.store.replace_policy(policy);
-        self.shared.metrics.client_trust_closed(closed);
+        self.shared.store.replace_policy(policy);
+        let closed = self.revalidate_clients().await;
         tracing::info!(
             closed_connections = closed,
             "client certificate trust files changed: new handshakes verify against them, no earlier session \
              resumes, and connections whose client certificate they refuse are closed"
         );
         Ok(true)
+    }
+
+    /// Closes the connections whose client certificate the trust in force refuses, counted; how many.
+    async fn revalidate_clients(&self) -> usize {
+        let store = Arc::clone(&self.shared.store);
+        let closed = match tokio::task::spawn_blocking(move || store.revalidate_clients()).await {
+            Ok(closed) => closed,
+            Err(error) => {
+                tracing::error!(%error, "revalidating the client certificates of open connections did not finish");
+                0
+            }
+        };
+        self.shared.metrics.client_trust_closed(closed);
+        closed
     }
 
     /// The files the running configuration's client certificate trust is read from (`[tls.client_auth]`'s CA
@@ -615,7 +629,7 @@ async fn serve_connection(
     else {
         return;
     };
-    let Established { mut tls, peer, sni, certificate, grant_ended } = established;
+    let Established { mut tls, peer, sni, certificate, grant_ended, trust_generation } = established;
     tls.set_send_timeout(settings.send_timeout);
     shared.metrics.handshake_ok();
     let _registration = shared.registry.register(&certificate);
@@ -630,6 +644,11 @@ async fn serve_connection(
         (Some(_), Some(chain)) => {
             let ended = grant_ended.child_token();
             let watch = shared.store.watch_client(chain, ended.clone());
+            // A new trust put in force during the handshake may have revalidated the open connections before
+            // this one was watched: then it checks itself against the trust in force.
+            if shared.store.trust_generation() != trust_generation && !shared.store.admits_client(chain) {
+                ended.cancel();
+            }
             (ended, Some(watch))
         }
         _ => (grant_ended, None),
@@ -694,6 +713,8 @@ struct Established {
     certificate: Arc<CertificateIdentity>,
     /// Fires when that certificate's grant ends.
     grant_ended: CancellationToken,
+    /// The store's client trust generation when the certificate (and its configuration) was selected.
+    trust_generation: u64,
 }
 
 /// The TLS handshake, preceded by the PROXY protocol header when `proxy_protocol`, within `timeout`: `None`
@@ -735,6 +756,8 @@ async fn handshake(
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
+    // Read before the selection: see `CertificateStore::trust_generation`.
+    let trust_generation = shared.store.trust_generation();
     let Some(serving) = shared.store.select(sni.as_deref()) else {
         // No certificate for this name: complete the handshake with a config that resolves nothing, so the
         // client receives an alert rather than a bare close.
@@ -751,7 +774,14 @@ async fn handshake(
         result = tokio::time::timeout_at(deadline, handshake) => match result {
             Ok(Ok(tls)) => {
                 let sni = sni.map(Arc::<str>::from);
-                return Some(Established { tls: Box::new(tls), peer, sni, certificate, grant_ended });
+                return Some(Established {
+                    tls: Box::new(tls),
+                    peer,
+                    sni,
+                    certificate,
+                    grant_ended,
+                    trust_generation,
+                });
             }
             Ok(Err(error)) => {
                 let reason = if grant_ended.is_cancelled() { HandshakeFailure::Retired } else { classify(&error) };

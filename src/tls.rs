@@ -340,6 +340,8 @@ pub struct CertificateStore {
     publishing: std::sync::Mutex<()>,
     /// The open connections made with a client certificate, verified again when the policy changes.
     clients: Arc<ClientConnections>,
+    /// Counts the policies put in force (see [`CertificateStore::trust_generation`]).
+    trust_generation: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for CertificateStore {
@@ -356,7 +358,24 @@ impl CertificateStore {
             table: ArcSwap::from_pointee(CertificateTable::default()),
             publishing: std::sync::Mutex::new(()),
             clients: Arc::default(),
+            trust_generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many policies were put in force since the start. A connection reads it before it selects its
+    /// certificate, and again once it is watched as a client connection: when the two differ, a new trust came
+    /// in meanwhile and may have revalidated the open connections without it, so it checks itself
+    /// ([`CertificateStore::admits_client`]). The count goes up after the new table and policy are published:
+    /// a connection that read the new count selected from the new table.
+    pub fn trust_generation(&self) -> u64 {
+        self.trust_generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the client trust in force admits `chain` (always, without client authentication).
+    pub fn admits_client(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let Some(verifier) = self.policy.load().client_verifier.clone() else { return true };
+        let Some((leaf, intermediates)) = chain.split_first() else { return false };
+        verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()).is_ok()
     }
 
     /// Watches a connection made with the client certificate `chain` (see [`ClientConnections`]).
@@ -376,9 +395,8 @@ impl CertificateStore {
 
     /// Puts `policy` in force (a reload's new `[tls.client_auth]`): every certificate gets a configuration made
     /// with it, with session storage of its own, so that no session made under the old trust resumes under the
-    /// new one; then the connections made with a client certificate the new trust refuses are closed (how many
-    /// is returned). Other connections keep what they were made with.
-    pub fn replace_policy(&self, policy: TlsPolicy) -> usize {
+    /// new one. The connections already open are then for [`CertificateStore::revalidate_clients`].
+    pub fn replace_policy(&self, policy: TlsPolicy) {
         let _publishing = self.publishing();
         let current = self.table.load_full();
         let certificates = current
@@ -392,11 +410,18 @@ impl CertificateStore {
             })
             .collect();
         let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
-        let verifier = policy.client_verifier.clone();
-        self.policy.store(Arc::new(policy));
+        // The table first: a connection that loads the new policy selects from the new table.
         self.table.store(Arc::new(table));
+        self.policy.store(Arc::new(policy));
+        self.trust_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(current);
-        // Without client authentication any more, no connection is refused by it.
+    }
+
+    /// Closes the open connections made with a client certificate that the policy in force refuses; how many.
+    /// A signature check per such connection: blocking work, for a blocking thread. Without client
+    /// authentication any more, none is refused.
+    pub fn revalidate_clients(&self) -> usize {
+        let verifier = self.policy.load().client_verifier.clone();
         verifier.map_or(0, |verifier| self.clients.revalidate(verifier.as_ref()))
     }
 
