@@ -317,6 +317,8 @@ async fn the_server_starts_before_its_export_exists() {
     let later = f.dir.path().join("later");
     let config =
         config_text(&later, GRANTEE, HELLO).replacen("\n\n[[listener]]", &format!("\n{NO_RESCAN}\n\n[[listener]]"), 1);
+    // Not an ephemeral port: while closed, it must not be given to another test's listener.
+    let config = with_listener_port(&config, reserved_port());
     let server = start_server(f.dir.path(), &config).await;
     let admin = server.admin_addr.unwrap();
     assert_eq!(admin_get(admin, "/readyz").await.0, 503);

@@ -177,7 +177,9 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     .await;
     let path = f.dir.path().join("proxy.toml");
     let config = f.config(&format!("[[route]]\nupstream = \"{}\"\n", upstream.url()));
-    write_config(&path, &config.replace("[admin]", "[timeouts]\ndrain = \"10s\"\n\n[admin]"));
+    let config = config.replace("[admin]", "[timeouts]\ndrain = \"10s\"\n\n[admin]");
+    // Not an ephemeral port: once closed, it must not be given to another test's listener.
+    write_config(&path, &with_listener_port(&config, reserved_port()));
     let mut daemon = Daemon::start(&path);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
 

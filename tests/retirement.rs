@@ -373,7 +373,8 @@ async fn a_retired_grant_restored_from_a_backup_stays_retired() {
 async fn nothing_servable_closes_the_listeners_until_an_association_appears() {
     let f = Fixture::new();
     f.serve("c-a", &["a.example.test"]);
-    let server = f.start(HELLO).await;
+    // Not an ephemeral port: while closed, it must not be given to another test's listener.
+    let server = start_server(f.dir.path(), &with_listener_port(&f.config(HELLO), reserved_port())).await;
     let addr = server.tls_addrs[0];
     let admin = server.admin_addr.unwrap();
     assert_eq!(admin_status(admin, "/readyz").await, 200);

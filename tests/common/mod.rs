@@ -477,3 +477,26 @@ pub fn spawn_run(config: &Path) -> KillOnDrop {
             .unwrap(),
     )
 }
+
+/// A loopback port outside the kernel's ephemeral range (Linux's default is 32768-60999), free when asked. For
+/// tests that check that a listener is closed: a port bound with port 0 comes from that range, and once closed
+/// another test's `bind(0)` may be given it, making the closed listener look open (and keeping the server from
+/// binding it again). Each call in a process gives another port.
+pub fn reserved_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Apart for the test binaries of one `cargo test` run (they run one after the other anyway).
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let candidate = base + NEXT.fetch_add(1, Ordering::Relaxed) % 10_000;
+        let candidate = if candidate >= 32_000 { candidate - 12_000 } else { candidate };
+        if std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            return candidate;
+        }
+    }
+}
+
+/// `config` with its (first) listener on `port`.
+pub fn with_listener_port(config: &str, port: u16) -> String {
+    config.replacen("[[listener]]\nbind = \"127.0.0.1:0\"", &format!("[[listener]]\nbind = \"127.0.0.1:{port}\""), 1)
+}
