@@ -155,6 +155,20 @@ fn route(upstream: &str, extra: &str) -> String {
     format!("[[route]]\nupstream = \"{upstream}\"\nupstream_protocol = \"http2\"\n{extra}\n")
 }
 
+/// A sealgate serving `app.example.test` whose one route goes to `upstream` over HTTP/2 (with `extra` route
+/// keys), and an HTTP/2 client connection to it.
+async fn proxy_to(
+    upstream: &str,
+    extra: &str,
+) -> (Fixture, sealgate::server::RunningServer, hyper::client::conn::http2::SendRequest<Full<Bytes>>) {
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let server = f.start(&route(upstream, extra)).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let client = http2(tls).await;
+    (f, server, client)
+}
+
 /// A gRPC-like call over HTTP/2: POST with `TE: trailers`; the response's status, body and trailers.
 async fn call(
     sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
@@ -177,12 +191,8 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_go_upstream_over_one_http2_connection_with_trailers_both_ways() {
-    let f = Fixture::new();
-    f.serve("c-app", &["app.example.test"]);
     let upstream = H2Upstream::start(None).await;
-    let server = f.start(&route(&upstream.url("http"), "")).await;
-    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
-    let mut client = http2(tls).await;
+    let (f, server, mut client) = proxy_to(&upstream.url("http"), "").await;
 
     let (status, body, trailers) = call(&mut client, "/pkg.Echo/Say?x=1", "ping").await;
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"echo: ping"[..]));
@@ -258,13 +268,9 @@ async fn https_http2_upstreams_are_verified_and_negotiate_h2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_http2_upstream_gets_502_and_one_that_comes_back_is_used() {
-    let f = Fixture::new();
-    f.serve("c-app", &["app.example.test"]);
     // A port nothing listens on (bound, then released).
     let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
-    let server = f.start(&route(&format!("http://127.0.0.1:{port}"), "retries = 0")).await;
-    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
-    let mut client = http2(tls).await;
+    let (_f, _server, mut client) = proxy_to(&format!("http://127.0.0.1:{port}"), "retries = 0").await;
     let response = client.send_request(get_h2("app.example.test", "/")).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
 
@@ -323,12 +329,8 @@ async fn health_checks_speak_http2_to_an_http2_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_allows_few_streams_queues_requests_rather_than_failing_them() {
-    let f = Fixture::new();
-    f.serve("c-app", &["app.example.test"]);
     let upstream = H2Upstream::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), None, Some(2));
-    let server = f.start(&route(&upstream.url("http"), "")).await;
-    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
-    let client = http2(tls).await;
+    let (_f, _server, client) = proxy_to(&upstream.url("http"), "").await;
     let calls: Vec<_> = (0..30)
         .map(|i| {
             let mut client = client.clone();
@@ -343,12 +345,8 @@ async fn an_upstream_that_allows_few_streams_queues_requests_rather_than_failing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_stream_both_ways_through_an_http2_upstream() {
-    let f = Fixture::new();
-    f.serve("c-app", &["app.example.test"]);
     let upstream = H2Upstream::start(None).await;
-    let server = f.start(&route(&upstream.url("http"), "")).await;
-    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
-    let mut client = http2(tls).await;
+    let (_f, _server, mut client) = proxy_to(&upstream.url("http"), "").await;
     // 16 MiB up, echoed down: far past every flow-control window on both connections.
     let body = Bytes::from(vec![b'z'; 16 << 20]);
     let request =
