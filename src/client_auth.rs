@@ -115,10 +115,11 @@ fn invalid(what: &'static str, path: &Path, reason: impl std::fmt::Display) -> C
     ClientAuthError::Invalid { what, path: path.to_owned(), reason: reason.to_string() }
 }
 
-/// The open connections made with a client certificate, each with the chain it presented and the signal that
-/// closes it: when a reload changes the trust, every chain is verified again and the connections whose chain
-/// the new trust refuses (revoked by a renewed CRL, from a CA no longer trusted) are closed, as connections
-/// are when their certificate's grant ends.
+/// The open connections made while client certificates were asked for, each with the chain it presented (none,
+/// in `optional` mode) and the signal that closes it: when a reload changes the trust, every chain is verified
+/// again and the connections the new trust refuses (revoked by a renewed CRL, from a CA no longer trusted,
+/// without a certificate where one is now required) are closed, as connections are when their certificate's
+/// grant ends.
 #[derive(Debug, Default)]
 pub struct ClientConnections {
     next: AtomicU64,
@@ -145,8 +146,7 @@ impl ClientConnections {
         let mut closed = 0;
         let watched: Vec<Watched> = self.lock().values().cloned().collect();
         for (chain, close) in &watched {
-            let Some((leaf, intermediates)) = chain.split_first() else { continue };
-            if !close.is_cancelled() && verifier.verify_client_cert(leaf, intermediates, now).is_err() {
+            if !close.is_cancelled() && !admits(verifier, chain, now) {
                 close.cancel();
                 closed += 1;
             }
@@ -167,6 +167,15 @@ impl ClientConnections {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watched>> {
         // Inserts and removes only: the map is valid after any panic of a holder.
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Whether `verifier` admits a client that presented `chain`: a chain that verifies, or none at all where a
+/// certificate is optional.
+pub fn admits(verifier: &dyn ClientCertVerifier, chain: &[CertificateDer<'static>], now: UnixTime) -> bool {
+    match chain.split_first() {
+        Some((leaf, intermediates)) => verifier.verify_client_cert(leaf, intermediates, now).is_ok(),
+        None => !verifier.client_auth_mandatory(),
     }
 }
 

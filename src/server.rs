@@ -638,10 +638,12 @@ async fn serve_connection(
     let tls_version = session.protocol_version().and_then(|v| v.as_str()).unwrap_or("-");
     let cipher = session.negotiated_cipher_suite().and_then(|s| s.suite().as_str()).unwrap_or("-");
     let client_certificate = shared.store.client_identity(session.peer_certificates());
-    // A connection made with a client certificate also closes when a reload's new trust refuses it: its end
-    // signal is then its own, ended with its grant's or by the store (see `ClientConnections`).
-    let (grant_ended, _client_watch) = match (&client_certificate, session.peer_certificates()) {
-        (Some(_), Some(chain)) => {
+    // A connection made while client certificates are asked for also closes when a reload's new trust refuses
+    // it (its certificate, or its having none): its end signal is then its own, ended with its grant's or by the
+    // store (see `ClientConnections`).
+    let (grant_ended, _client_watch) = match shared.store.asks_client_certificates() {
+        true => {
+            let chain = session.peer_certificates().unwrap_or_default();
             let ended = grant_ended.child_token();
             let watch = shared.store.watch_client(chain, ended.clone());
             // A new trust put in force during the handshake may have revalidated the open connections before
@@ -651,7 +653,7 @@ async fn serve_connection(
             }
             (ended, Some(watch))
         }
-        _ => (grant_ended, None),
+        false => (grant_ended, None),
     };
     let info = Arc::new(ConnectionInfo {
         peer,

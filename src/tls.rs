@@ -371,11 +371,16 @@ impl CertificateStore {
         self.trust_generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Whether the client trust in force admits `chain` (always, without client authentication).
+    /// Whether the client trust in force admits a client that presented `chain` (always, without client
+    /// authentication).
     pub fn admits_client(&self, chain: &[CertificateDer<'static>]) -> bool {
         let Some(verifier) = self.policy.load().client_verifier.clone() else { return true };
-        let Some((leaf, intermediates)) = chain.split_first() else { return false };
-        verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()).is_ok()
+        crate::client_auth::admits(verifier.as_ref(), chain, rustls_pki_types::UnixTime::now())
+    }
+
+    /// Whether client certificates are asked for (`[tls.client_auth]`).
+    pub fn asks_client_certificates(&self) -> bool {
+        self.policy.load().client_verifier.is_some()
     }
 
     /// Watches a connection made with the client certificate `chain` (see [`ClientConnections`]).

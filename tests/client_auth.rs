@@ -422,3 +422,26 @@ async fn the_daemon_takes_in_a_crl_renewed_on_disk_without_a_signal() {
     assert!(!busy.is_finished(), "dave's connection goes on");
     busy.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_makes_certificates_required_closes_the_connections_made_without_one() {
+    let Setup { f, ca, upstream: _upstream, server } = setup("mode = \"optional\"").await;
+    let addr = server.tls_addrs[0];
+    let mut anonymous_connection =
+        http1(connect(addr, "app.example.test", anonymous(&f, &[], false)).await.unwrap()).await;
+    assert_eq!(anonymous_connection.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+    let alice = ca.client("alice", 7, ExtendedKeyUsagePurpose::ClientAuth).client(&f, &[], false);
+    let mut alices = http1(connect(addr, "app.example.test", alice).await.unwrap()).await;
+    assert_eq!(alices.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+
+    let path = f.dir.path().join("proxy.toml");
+    let required = std::fs::read_to_string(&path).unwrap().replace("mode = \"optional\"", "mode = \"required\"");
+    std::fs::write(&path, required).unwrap();
+    let reloaded = server.reload(sealgate::config::Config::load(&path).unwrap()).await.unwrap();
+    assert!(reloaded.client_auth_renewed);
+    let closed = tokio::time::timeout(Duration::from_secs(10), anonymous_connection.ready()).await.expect("in time");
+    assert!(closed.is_err(), "the connection made without a certificate was closed");
+    alices.ready().await.unwrap();
+    assert_eq!(alices.send_request(get("app.example.test", "/")).await.unwrap().status(), StatusCode::OK);
+    assert!(get_through(addr, anonymous(&f, &[], false)).await.is_err(), "and new ones are refused");
+}
