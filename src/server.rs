@@ -211,14 +211,8 @@ impl RunningServer {
         }
         self.shared.settings.store(Arc::new(settings));
         if let Some(policy) = client_auth {
-            self.shared.store.replace_policy(policy);
-            let closed = self.revalidate_clients().await;
+            self.put_trust_in_force(policy, "the configuration was reloaded").await;
             reloaded.client_auth_renewed = true;
-            tracing::info!(
-                closed_connections = closed,
-                "client certificate trust reloaded: new handshakes verify against it, no earlier session resumes, \
-                 and connections whose client certificate it refuses are closed"
-            );
         }
         current.config = config;
         if !reloaded.need_restart.is_empty() {
@@ -236,18 +230,14 @@ impl RunningServer {
         let Some(policy) = self.shared.store.policy().with_client_auth(current.config.tls.client_auth.as_ref())? else {
             return Ok(false);
         };
-        self.shared.store.replace_policy(policy);
-        let closed = self.revalidate_clients().await;
-        tracing::info!(
-            closed_connections = closed,
-            "client certificate trust files changed: new handshakes verify against them, no earlier session \
-             resumes, and connections whose client certificate they refuse are closed"
-        );
+        self.put_trust_in_force(policy, "its files changed").await;
         Ok(true)
     }
 
-    /// Closes the connections whose client certificate the trust in force refuses, counted; how many.
-    async fn revalidate_clients(&self) -> usize {
+    /// Puts a policy with new client certificate trust in force, then closes the connections it refuses (on a
+    /// blocking thread: a signature check each), counted and logged.
+    async fn put_trust_in_force(&self, policy: TlsPolicy, why: &str) {
+        self.shared.store.replace_policy(policy);
         let store = Arc::clone(&self.shared.store);
         let closed = match tokio::task::spawn_blocking(move || store.revalidate_clients()).await {
             Ok(closed) => closed,
@@ -257,7 +247,12 @@ impl RunningServer {
             }
         };
         self.shared.metrics.client_trust_closed(closed);
-        closed
+        tracing::info!(
+            why,
+            closed_connections = closed,
+            "client certificate trust renewed: new handshakes verify against it, no earlier session resumes, \
+             and the connections it refuses are closed"
+        );
     }
 
     /// The files the running configuration's client certificate trust is read from (`[tls.client_auth]`'s CA

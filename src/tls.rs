@@ -82,7 +82,8 @@ impl ResolvesServerCert for RefuseAll {
 
 /// The TLS policy shared by every generation: provider, versions, ALPN, resumption, client certificates.
 pub struct TlsPolicy {
-    /// What it was built from.
+    /// What it was built from (resumption, the default certificate and `[tls.client_auth] forward` are read
+    /// from it).
     config: TlsConfig,
     /// A config with everything but the certificate resolver and session storage.
     template: ServerConfig,
@@ -92,18 +93,13 @@ pub struct TlsPolicy {
     client_auth_digest: Option<[u8; 32]>,
     /// With `[tls.client_auth]`: the verifier its configurations use.
     client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
-    session_resumption: bool,
-    session_cache_size: usize,
-    default_certificate: Option<String>,
-    /// With `[tls.client_auth]`: whether upstreams are told the client's identity.
-    client_auth_forward: Option<bool>,
 }
 
 impl fmt::Debug for TlsPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsPolicy")
-            .field("session_resumption", &self.session_resumption)
-            .field("default_certificate", &self.default_certificate)
+            .field("session_resumption", &self.config.session_resumption)
+            .field("default_certificate", &self.config.default_certificate)
             .finish_non_exhaustive()
     }
 }
@@ -149,24 +145,25 @@ impl TlsPolicy {
             template,
             client_auth_digest,
             client_verifier,
-            session_resumption: config.session_resumption,
-            session_cache_size: config.session_cache_size,
-            default_certificate: config.default_certificate.clone(),
-            client_auth_forward: config.client_auth.as_ref().map(|c| c.forward),
         })
     }
 
-    /// A config for one generation, with storage of its own.
-    fn generation_config(&self, certificate: &Arc<LoadedCertificate>) -> Arc<ServerConfig> {
+    /// One generation ready to serve, with a config (and session storage) of its own.
+    fn serving(&self, certificate: &Arc<LoadedCertificate>) -> Arc<ServingCertificate> {
         let mut config = self.template.clone();
         config.cert_resolver = Arc::new(GenerationResolver { certificate: Arc::clone(certificate) });
         // Fresh storage per generation: never the template's (clones share storage).
-        config.session_storage = if self.session_resumption && self.session_cache_size > 0 {
-            ServerSessionMemoryCache::new(self.session_cache_size)
+        config.session_storage = if self.config.session_resumption && self.config.session_cache_size > 0 {
+            ServerSessionMemoryCache::new(self.config.session_cache_size)
         } else {
             Arc::new(NoServerSessionStorage {})
         };
-        Arc::new(config)
+        Arc::new(ServingCertificate { certificate: Arc::clone(certificate), config: Arc::new(config) })
+    }
+
+    /// `[tls] default_certificate`.
+    fn default_certificate(&self) -> Option<&str> {
+        self.config.default_certificate.as_deref()
     }
 
     /// The policy with `[tls.client_auth]` as `client_auth` says (its files read again) and the rest as it is;
@@ -404,17 +401,8 @@ impl CertificateStore {
     pub fn replace_policy(&self, policy: TlsPolicy) {
         let _publishing = self.publishing();
         let current = self.table.load_full();
-        let certificates = current
-            .all
-            .iter()
-            .map(|serving| {
-                Arc::new(ServingCertificate {
-                    certificate: Arc::clone(&serving.certificate),
-                    config: policy.generation_config(&serving.certificate),
-                })
-            })
-            .collect();
-        let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
+        let certificates = current.all.iter().map(|serving| policy.serving(&serving.certificate)).collect();
+        let table = CertificateTable::build(certificates, policy.default_certificate());
         // The table first: a connection that loads the new policy selects from the new table.
         self.table.store(Arc::new(table));
         self.policy.store(Arc::new(policy));
@@ -442,13 +430,10 @@ impl CertificateStore {
             .served()
             .map(|certificate| match by_generation.get(&certificate.generation) {
                 Some(existing) => Arc::clone(existing),
-                None => Arc::new(ServingCertificate {
-                    certificate: Arc::clone(certificate),
-                    config: policy.generation_config(certificate),
-                }),
+                None => policy.serving(certificate),
             })
             .collect();
-        let table = CertificateTable::build(certificates, policy.default_certificate.as_deref());
+        let table = CertificateTable::build(certificates, policy.default_certificate());
         drop(by_generation);
         self.table.store(Arc::new(table));
         // `current` goes last: the replaced generations' configs (and keys) are freed once no handshake holds
@@ -468,16 +453,8 @@ impl CertificateStore {
         let policy = self.policy.load();
         let current = self.table.load_full();
         let removed: foldhash::HashSet<u64> = removed.map(|c| c.generation).collect();
-        let added = added
-            .iter()
-            .map(|certificate| {
-                Arc::new(ServingCertificate {
-                    certificate: Arc::clone(certificate),
-                    config: policy.generation_config(certificate),
-                })
-            })
-            .collect();
-        let table = current.patched(&removed, added, policy.default_certificate.as_deref());
+        let added = added.iter().map(|certificate| policy.serving(certificate)).collect();
+        let table = current.patched(&removed, added, policy.default_certificate());
         self.table.store(Arc::new(table));
         drop(current);
     }
@@ -500,7 +477,7 @@ impl CertificateStore {
     /// The identity of the verified client certificate a connection was made with (its chain as rustls gives
     /// it), when `[tls.client_auth]` asks clients for one.
     pub fn client_identity(&self, chain: Option<&[CertificateDer<'static>]>) -> Option<Arc<ClientIdentity>> {
-        let forward = self.policy.load().client_auth_forward?;
+        let forward = self.policy.load().config.client_auth.as_ref()?.forward;
         ClientIdentity::of(chain?.first()?, forward).map(Arc::new)
     }
 
