@@ -154,16 +154,6 @@ impl ClientConnections {
         closed
     }
 
-    /// Connections watched now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no connection is watched.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watched>> {
         // Inserts and removes only: the map is valid after any panic of a holder.
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -376,6 +366,19 @@ mod tests {
         let value = value_of(params);
         assert!(value.contains(r#";Subject="CN=a\\\"b\\;c\0D\0Ad \C3\A9""#), "{value}");
         assert!(value.ends_with(r#";URI="urn:x;y=z""#), "{value}");
+    }
+
+    #[test]
+    fn a_connection_is_watched_until_its_guard_drops() {
+        let connections = Arc::new(ClientConnections::default());
+        let first = connections
+            .register(&[leaf(CertificateParams::new(Vec::<String>::new()).unwrap())], CancellationToken::new());
+        let second = connections.register(&[], CancellationToken::new());
+        assert_eq!(connections.lock().len(), 2);
+        drop(first);
+        assert_eq!(connections.lock().len(), 1, "a closed connection is no longer watched");
+        drop(second);
+        assert!(connections.lock().is_empty());
     }
 
     #[test]

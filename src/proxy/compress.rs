@@ -257,11 +257,6 @@ impl<B> Compressible<B> {
         Self { inner, encoder: None }
     }
 
-    /// The body within.
-    pub fn get_ref(&self) -> &B {
-        &self.inner
-    }
-
     /// The coding the body is compressed with, if any.
     pub fn coding(&self) -> Option<Coding> {
         self.encoder.as_ref().map(|encoder| encoder.coding)
