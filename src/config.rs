@@ -236,6 +236,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Time allowed for an upstream to answer with response headers.
     pub response_timeout: Duration,
+    /// Time an upstream may send nothing of a response body it has begun (nginx's `proxy_read_timeout`).
+    pub read_timeout: Duration,
     /// Idle upstream connections are closed after this long.
     pub pool_idle_timeout: Duration,
     /// Idle upstream connections kept per upstream.
@@ -385,6 +387,8 @@ pub struct UpstreamGroupConfig {
     pub request_headers: Vec<HeaderRule>,
     /// The HTTP version the upstreams speak.
     pub protocol: UpstreamProtocol,
+    /// Overrides `[proxy] read_timeout` for this route.
+    pub read_timeout: Option<Duration>,
 }
 
 /// `upstream_protocol`: the HTTP version an upstream route's upstreams speak.
@@ -607,6 +611,9 @@ pub struct TimeoutsConfig {
     /// On SIGTERM or SIGINT: time for in-flight requests to finish once sealgate stops accepting; connections
     /// still open then are closed.
     pub drain: Duration,
+    /// A WebSocket tunnel that carries no byte either way for this long is closed (HAProxy's `timeout tunnel`):
+    /// a tunnel is a request in flight for its whole life, so `idle` never closes it.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -619,6 +626,7 @@ impl Default for TimeoutsConfig {
             h2_keep_alive_interval: Duration::from_secs(30),
             h2_keep_alive_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(10),
+            tunnel_idle: Duration::from_secs(3600),
         }
     }
 }
@@ -781,6 +789,8 @@ struct RawProxy {
     #[serde(default, with = "humantime_serde::option")]
     response_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
+    read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
     pool_idle_timeout: Option<Duration>,
     pool_max_idle_per_host: Option<usize>,
     preserve_host: Option<bool>,
@@ -797,6 +807,8 @@ struct RawRoute {
     redirect: Option<Spanned<RawRedirectRoute>>,
     #[serde(default, with = "humantime_serde::option")]
     timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    read_timeout: Option<Duration>,
     balance: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     retry_statuses: Option<Spanned<Vec<u16>>>,
@@ -924,6 +936,8 @@ struct RawTimeouts {
     h2_keep_alive_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     drain: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    tunnel_idle: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1035,6 +1049,8 @@ impl Config {
         let proxy = ProxyConfig {
             connect_timeout: raw.proxy.connect_timeout.unwrap_or(Duration::from_secs(5)),
             response_timeout: raw.proxy.response_timeout.unwrap_or(Duration::from_secs(60)),
+            read_timeout: timeout_in_range(raw.proxy.read_timeout.unwrap_or(Duration::from_secs(60)))
+                .map_err(|why| cx.error(None, format!("proxy.read_timeout {why}")))?,
             pool_idle_timeout: raw.proxy.pool_idle_timeout.unwrap_or(Duration::from_secs(90)),
             pool_max_idle_per_host: raw.proxy.pool_max_idle_per_host.unwrap_or(64),
             preserve_host: raw.proxy.preserve_host.unwrap_or(true),
@@ -1339,6 +1355,7 @@ impl Context<'_> {
                 defaults.h2_keep_alive_timeout,
             )?,
             drain: positive("drain", raw.drain, defaults.drain)?,
+            tunnel_idle: positive("tunnel_idle", raw.tunnel_idle, defaults.tunnel_idle)?,
         })
     }
 
@@ -1440,6 +1457,9 @@ impl Context<'_> {
                 ];
                 if let Some((name, span)) = upstream_only.into_iter().find_map(|(n, s)| s.map(|s| (n, s))) {
                     return Err(self.error(Some(span), format!("{}: only an `upstream` route has it", key(name))));
+                }
+                if raw.read_timeout.is_some() {
+                    return Err(self.error(None, format!("{}: only an `upstream` route has it", key("read_timeout"))));
                 }
                 match (respond, redirect) {
                     (Some(respond), _) => RouteAction::Respond(self.respond(respond, &key("respond"))?),
@@ -1675,6 +1695,11 @@ impl Context<'_> {
             health_check,
             prefix_rewrite,
             request_headers,
+            read_timeout: raw
+                .read_timeout
+                .map(timeout_in_range)
+                .transpose()
+                .map_err(|why| self.error(None, format!("{} {why}", key("read_timeout"))))?,
         })
     }
 
@@ -1951,6 +1976,29 @@ bind = "127.0.0.1:8443"
     }
 
     #[test]
+    fn read_timeouts_default_to_a_minute_and_a_route_may_override_them() {
+        let config = parse(&format!("{MINIMAL}\n[[route]]\nupstream = \"http://a\"\n")).unwrap();
+        assert_eq!(config.proxy.read_timeout, Duration::from_secs(60));
+        assert_eq!(group("upstream = \"http://a\"").unwrap().read_timeout, None);
+        let g = group("upstream = \"http://a\"\nread_timeout = \"5m\"").unwrap();
+        assert_eq!(g.read_timeout, Some(Duration::from_secs(300)));
+        for (text, needle) in [
+            (format!("{MINIMAL}\n[proxy]\nread_timeout = \"0s\"\n"), "proxy.read_timeout must be greater than zero"),
+            (
+                format!("{MINIMAL}\n[[route]]\nupstream = \"http://a\"\nread_timeout = \"0s\"\n"),
+                "route[0].read_timeout must be greater than zero",
+            ),
+            (
+                format!("{MINIMAL}\n[[route]]\nrespond = {{ status = 200 }}\nread_timeout = \"1s\"\n"),
+                "route[0].read_timeout: only an `upstream` route has it",
+            ),
+        ] {
+            let error = parse(&text).unwrap_err().to_string();
+            assert!(error.contains(needle), "{error}");
+        }
+    }
+
+    #[test]
     fn upstream_protocol_is_http1_1_http2_or_refused() {
         assert_eq!(group("upstream = \"http://a\"").unwrap().protocol, UpstreamProtocol::Http11);
         let g = group("upstream = \"http://a\"\nupstream_protocol = \"http2\"").unwrap();
@@ -2078,7 +2126,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
         assert_eq!(config.limits.max_header_count, DEFAULT_MAX_HEADER_COUNT);
         let text = format!(
             "{MINIMAL}\n[timeouts]\nheader_read = \"2s\"\nidle = \"90s\"\nrequest = \"5m\"\nsend = \"20s\"\n\
-             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\ndrain = \"30s\"\n\
+             h2_keep_alive_interval = \"15s\"\nh2_keep_alive_timeout = \"5s\"\ndrain = \"30s\"\ntunnel_idle = \"2h\"\n\
              [limits]\nmax_connections = 50_000\nmax_header_count = 64\nmax_header_bytes = 16384\n\
              max_uri_bytes = 4096\nmax_body_bytes = 1_048_576\nh2_max_concurrent_streams = 250\n"
         );
@@ -2093,6 +2141,7 @@ health_check = { path = "/healthz?full=1", interval = "2s", timeout = "500ms", h
                 h2_keep_alive_interval: Duration::from_secs(15),
                 h2_keep_alive_timeout: Duration::from_secs(5),
                 drain: Duration::from_secs(30),
+                tunnel_idle: Duration::from_secs(7200),
             }
         );
         assert_eq!(

@@ -12,7 +12,7 @@ use common::h2raw::{self, Event, H2};
 use common::raw::{self, RawUpstream};
 use common::*;
 use http::StatusCode;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -192,6 +192,70 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
 
     let admin = server.admin_addr.unwrap();
     assert!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Idle\"}").await >= 3.0);
+}
+
+/// An upstream that answers every request with a head promising 10 bytes, sends 4 of them and then nothing, its
+/// connection left open.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while raw::find(&head, b"\r\n\r\n").is_none() {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf").await;
+                // Held open until sealgate closes it.
+                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_its_response_body_is_cut_off_at_the_read_timeout() {
+    let f = Fixture::new();
+    let stalling = stalling_upstream().await;
+    // Each step of the slow upstream is 400 ms, above the 300 ms read timeout of the stalling route: its head is
+    // `response_timeout`'s to wait for, and its body's gap is within its own route's 600 ms.
+    let slow = slow_upstream(Duration::from_millis(400)).await;
+    let routes = format!(
+        "[[route]]\npath = \"/stall\"\nupstream = \"http://{stalling}\"\n\
+         [[route]]\npath = \"/slow\"\nupstream = \"http://{slow}\"\nread_timeout = \"600ms\"\n{HELLO}"
+    );
+    let server = server_with(&f, &routes, "[proxy]\nread_timeout = \"300ms\"").await;
+
+    // HTTP/1: the head and the first bytes arrive, then the connection is closed (the body is cut short).
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    tls.write_all(format!("GET /stall HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await.unwrap();
+    let start = Instant::now();
+    let reply = raw::read_response(&mut tls, DEADLINE).await;
+    assert!(reply.closed, "a stalled body is cut off: {reply:?}");
+    assert_closed_in_time(Some(start.elapsed()), "an HTTP/1 response whose upstream stalls");
+    assert_eq!(reply.status(), Some(200), "{reply:?}");
+    assert!(reply.bytes.ends_with(b"half"), "what arrived is delivered: {reply:?}");
+
+    // HTTP/2: the stream is reset; the connection stays usable.
+    let (mut h2, _connection) = h2_client(tls_to(&f, &server, HOST, b"h2").await).await;
+    let start = Instant::now();
+    let response = h2.send_request(get_h2(HOST, "/stall")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = tokio::time::timeout(DEADLINE, response.into_body().collect()).await.expect("cut off in time");
+    assert!(body.is_err(), "a stalled HTTP/2 body ends in a reset, not a complete body");
+    assert_closed_in_time(Some(start.elapsed()), "an HTTP/2 response whose upstream stalls");
+    let (status, _) = text(h2.send_request(get_h2(HOST, "/")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "the HTTP/2 connection goes on");
+
+    // A body that keeps arriving, if slowly, within its route's read timeout is delivered whole.
+    let (status, body) = text(h2.send_request(get_h2(HOST, "/slow")).await.unwrap()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "slow"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -172,3 +172,49 @@ async fn h2c_upgrades_and_connect_are_refused_and_a_wrong_switch_is_a_bad_gatewa
     let liar_head = ws_head.replace("GET / ", "GET /liar ");
     assert!(raw_status(&f, addr, &liar_head).await.contains("502"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_carries_nothing_for_tunnel_idle_is_closed_and_a_busy_one_is_not() {
+    let f = Fixture::new();
+    f.serve("c-ws", &["ws.example.test"]);
+    let (upstream, _) = echo_upstream().await;
+    let idle = Duration::from_millis(600);
+    let server = f
+        .start(&format!(
+            "[timeouts]\ntunnel_idle = \"{}ms\"\n[[route]]\nupstream = \"http://{upstream}\"\n",
+            idle.as_millis()
+        ))
+        .await;
+    let open = |f: &Fixture| {
+        let client = f.client(&[b"http/1.1"]);
+        let addr = server.tls_addrs[0];
+        async move {
+            let tls = connect(addr, "ws.example.test", client).await.unwrap();
+            tokio_tungstenite::client_async("wss://ws.example.test/chat", tls).await.unwrap().0
+        }
+    };
+
+    // Busy: a message every third of the idle time, for twice the idle time, keeps the tunnel open.
+    let mut busy = open(&f).await;
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < idle * 2 {
+        assert_eq!(echo_once(&mut busy, "tick").await, "tick", "a busy tunnel stays open");
+        tokio::time::sleep(idle / 3).await;
+    }
+
+    // Quiet: closed once nothing has moved for `tunnel_idle`, and not before.
+    let mut quiet = open(&f).await;
+    assert_eq!(echo_once(&mut quiet, "once").await, "once");
+    let start = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(APPLY_DEADLINE, async {
+        loop {
+            match quiet.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a quiet tunnel is closed");
+    assert!(start.elapsed() >= idle * 3 / 4, "closed after {:?}, before tunnel_idle", start.elapsed());
+}

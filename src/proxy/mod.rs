@@ -109,6 +109,8 @@ pub struct Proxy {
     request_ids: Option<RequestIds>,
     /// `[compression]`, if configured.
     compression: Option<Compression>,
+    /// `timeouts.tunnel_idle`.
+    tunnel_idle: Duration,
 }
 
 impl Proxy {
@@ -131,6 +133,7 @@ impl Proxy {
             limits: Limits::new(&config.limits, &config.timeouts),
             request_ids: config.proxy.request_id.then(RequestIds::new),
             compression: config.compression.as_ref().map(Compression::new),
+            tunnel_idle: config.timeouts.tunnel_idle,
         })
     }
 
@@ -345,7 +348,7 @@ impl Proxy {
         let mut status = head.status;
         upgrade::client_head(&mut head.headers, &mut status, switch.http1.then_some(&switch.upgrade));
         let closing = [connection.grant_ended.clone(), connection.hard_stop.clone()];
-        let tunnel = tokio::spawn(upgrade::tunnel(switch.client, upstream, closing));
+        let tunnel = tokio::spawn(upgrade::tunnel(switch.client, upstream, closing, self.tunnel_idle));
         if switch.http1 {
             *connection.tunnel.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(tunnel);
         }

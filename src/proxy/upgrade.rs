@@ -11,14 +11,21 @@
 //! - **Refused**: `h2c` and every other upgrade token (400), `CONNECT` (405): sealgate is a reverse proxy, not a
 //!   tunnel to arbitrary places.
 //!
-//! A tunnel lives as long as its connection may: it ends when either side closes, when the certificate's grant
-//! ends, or at the server's hard stop.
+//! A tunnel lives as long as its connection may: it ends when either side closes, when it has carried nothing
+//! either way for `timeouts.tunnel_idle`, when the certificate's grant ends, or at the server's hard stop.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The GUID of RFC 6455 section 1.3, appended to a key to compute `Sec-WebSocket-Accept`.
@@ -145,10 +152,11 @@ pub fn client_head(headers: &mut HeaderMap, status: &mut StatusCode, upgrade: Op
     }
 }
 
-/// Copies bytes both ways between the client and the upstream once both have switched, until either closes, the
-/// grant ends or the server stops.
-pub async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, closing: [CancellationToken; 2]) {
+/// Copies bytes both ways between the client and the upstream once both have switched, until either closes,
+/// nothing has moved for `idle`, the grant ends or the server stops.
+pub async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, closing: [CancellationToken; 2], idle: Duration) {
     let [grant_ended, hard_stop] = closing;
+    let activity = Activity::new();
     let copy = async {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(both) => both,
@@ -157,15 +165,102 @@ pub async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, closing: [Cancellati
                 return;
             }
         };
-        let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+        // Every byte the tunnel moves passes through the client's side, read or written: watching one side sees
+        // all of its traffic.
+        let mut client = Tracked { io: TokioIo::new(client), activity: &activity };
+        let mut upstream = TokioIo::new(upstream);
         if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(%error, "tunnel ended with an error");
         }
     };
     tokio::select! {
         _ = copy => {}
+        _ = activity.idle_for(idle) => tracing::debug!(?idle, "tunnel closed: nothing moved either way"),
         _ = grant_ended.cancelled() => tracing::debug!("tunnel closed: its certificate's grant ended"),
         _ = hard_stop.cancelled() => {}
+    }
+}
+
+/// When a tunnel last moved a byte, for its idle timer.
+struct Activity {
+    start: Instant,
+    /// Milliseconds from `start` to the last read or write that moved bytes.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self { start: Instant::now(), last: AtomicU64::new(0) }
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(elapsed, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let due = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) + limit;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// An I/O object that records in an [`Activity`] every read and write that moves bytes.
+struct Tracked<'a, T> {
+    io: T,
+    activity: &'a Activity,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<'_, T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

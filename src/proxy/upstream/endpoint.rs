@@ -5,15 +5,18 @@
 //! Its `sealgate_upstream_healthy` gauge follows availability; since an ejection ends by the clock rather than
 //! by an event, the end of each ejection is published by a timer ([`Endpoint::failed`] arms it).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::outlier::{Clock, Outlier, Verdict};
@@ -163,16 +166,26 @@ impl Drop for InFlight {
 
 /// An upstream's response body, streamed as it arrives; the request stays in flight (for `least_requests`) until
 /// the body has been delivered or dropped, as Envoy counts active requests.
+///
+/// An upstream that sends nothing of its body for `read_timeout` (nginx's `proxy_read_timeout`, HAProxy's
+/// `timeout server`) ends it with [`ResponseBodyError::Stalled`]: the client's request is in flight all that time,
+/// so no idle timeout would ever free its connection, or the upstream connection it holds.
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: PooledBody,
     in_flight: InFlight,
+    read_timeout: Duration,
+    /// Armed only once the body has had to wait (most small bodies never do), then reset after each wait that
+    /// ended with something read.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// The body is waiting, and `stall` counts from the start of that wait.
+    waiting: bool,
 }
 
 impl ResponseBody {
-    /// `inner`, counted in flight until dropped.
-    pub fn new(inner: PooledBody, in_flight: InFlight) -> Self {
-        Self { inner, in_flight }
+    /// `inner`, counted in flight until dropped, ended if the upstream sends nothing for `read_timeout`.
+    pub fn new(inner: PooledBody, in_flight: InFlight, read_timeout: Duration) -> Self {
+        Self { inner, in_flight, read_timeout, stall: None, waiting: false }
     }
 
     /// The upstream that answered, as named in logs and metrics.
@@ -181,13 +194,50 @@ impl ResponseBody {
     }
 }
 
+/// Why an upstream's response body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    /// The connection failed or the upstream broke its framing.
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// The upstream sent nothing for this long.
+    #[error("the upstream sent nothing of its response body for {0:?}")]
+    Stalled(Duration),
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         // `PooledBody` is `Unpin`, and so is `Self`.
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|frame| frame.map_err(ResponseBodyError::from)));
+        }
+        let stall = match &mut this.stall {
+            Some(stall) => {
+                if !this.waiting {
+                    stall.as_mut().reset(Instant::now() + this.read_timeout);
+                }
+                stall
+            }
+            None => this.stall.insert(Box::pin(tokio::time::sleep(this.read_timeout))),
+        };
+        this.waiting = true;
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                tracing::warn!(
+                    route = this.in_flight.0.route,
+                    upstream = %this.in_flight.0.name,
+                    read_timeout = ?this.read_timeout,
+                    "upstream response body stalled; response cut off"
+                );
+                Poll::Ready(Some(Err(ResponseBodyError::Stalled(this.read_timeout))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

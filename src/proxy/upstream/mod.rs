@@ -83,6 +83,8 @@ pub struct UpstreamGroup {
     /// Upstream answers retried as a transport failure is (`retry_statuses`).
     retry_statuses: Box<[u16]>,
     preserve_host: bool,
+    /// How long a response body may wait on its upstream (`read_timeout`).
+    read_timeout: Duration,
     /// The route's `prefix_rewrite`.
     prefix_rewrite: Option<PrefixRewrite>,
     /// The route's `request_headers`.
@@ -138,6 +140,7 @@ impl UpstreamGroup {
             retries: config.retries,
             retry_statuses: config.retry_statuses.clone().into_boxed_slice(),
             preserve_host: proxy.preserve_host,
+            read_timeout: config.read_timeout.unwrap_or(proxy.read_timeout),
             prefix_rewrite: config.prefix_rewrite.clone(),
             request_headers: config.request_headers.clone().into_boxed_slice(),
             clock,
@@ -216,7 +219,7 @@ impl UpstreamGroup {
                     if head.status != http::StatusCode::SWITCHING_PROTOCOLS {
                         forward::remove_hop_by_hop(&mut head.headers);
                     }
-                    return Ok(Response::from_parts(head, ResponseBody::new(body, in_flight)));
+                    return Ok(Response::from_parts(head, ResponseBody::new(body, in_flight, self.read_timeout)));
                 }
                 Err(_) => {
                     // The route's deadline: no time is left for another attempt.

@@ -577,6 +577,7 @@ mod tests {
         ProxyConfig {
             connect_timeout: std::time::Duration::from_secs(1),
             response_timeout: std::time::Duration::from_secs(1),
+            read_timeout: std::time::Duration::from_secs(1),
             pool_idle_timeout: std::time::Duration::from_secs(1),
             pool_max_idle_per_host: 1,
             preserve_host: true,
