@@ -13,6 +13,7 @@ pub mod audit;
 pub mod check;
 pub mod client_auth;
 pub mod config;
+pub mod connection_limit;
 pub mod custody;
 pub mod daemon;
 pub mod h2streams;

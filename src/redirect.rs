@@ -1,5 +1,9 @@
 //! The plain-HTTP listener that sends every request to HTTPS with a `308 Permanent Redirect` (which, unlike 301,
 //! keeps the method and body). It serves nothing else and never proxies.
+//!
+//! Its connections count under `limits.max_connections` with the TLS listeners' (a flood of plain connections
+//! must not use up the descriptors HTTPS needs), and a request head (and the pause before it) must arrive within
+//! `timeouts.header_read`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,42 +20,70 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::connection_limit::ConnectionLimit;
+use crate::metrics::{ConnectionRefusal, Metrics};
 use crate::names;
 
-/// How long a connection may take to send its request head (and before it, its PROXY protocol header).
-const HEADER_READ: Duration = Duration::from_secs(10);
+/// A redirect listener's settings.
+#[derive(Debug, Clone)]
+pub struct RedirectListener {
+    /// The port clients are sent to (omitted from the URL when it is 443).
+    pub https_port: u16,
+    /// Each connection starts with a PROXY protocol header, which is consumed (connections without a valid one
+    /// are closed).
+    pub proxy_protocol: bool,
+    /// How long a connection may take to send a request head (and before the first, its PROXY protocol header),
+    /// also the keep-alive pause between two (`timeouts.header_read`).
+    pub header_read: Duration,
+    /// `limits.max_header_bytes`.
+    pub max_header_bytes: usize,
+}
 
-/// Serves redirects on `listener` until `shutdown`. `https_port` is the port clients are sent to (omitted from the
-/// URL when it is 443); with `proxy_protocol`, each connection starts with a PROXY protocol header, which is
-/// consumed (connections without a valid one are closed).
+/// Serves redirects on `listener` until `shutdown`, each connection holding a place under `connections`.
 pub async fn serve(
     listener: TcpListener,
-    https_port: u16,
-    proxy_protocol: bool,
+    settings: RedirectListener,
+    connections: Arc<ConnectionLimit>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let RedirectListener { https_port, proxy_protocol, header_read, max_header_bytes } = settings;
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_READ).keep_alive(true);
+    // hyper refuses a read buffer below 8 KiB.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .keep_alive(true)
+        .max_buf_size(max_header_bytes.max(8192));
     let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let mut tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let tcp = match accepted {
+            Ok((tcp, peer)) => {
+                let Some(permit) = connections.try_acquire() else {
+                    metrics.connection_refused(ConnectionRefusal::MaxConnections);
+                    tracing::debug!(%peer, "redirect listener: connection refused: limits.max_connections reached");
+                    continue;
+                };
+                (tcp, permit)
+            }
             Err(error) => {
                 tracing::warn!(%error, "redirect listener: accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let (mut tcp, permit) = tcp;
         let builder = Arc::clone(&builder);
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             if proxy_protocol {
-                let header = tokio::time::timeout(HEADER_READ, crate::proxy_header::read(&mut tcp));
+                let header = tokio::time::timeout(header_read, crate::proxy_header::read(&mut tcp));
                 tokio::select! {
                     read = header => match read {
                         Ok(Ok(_)) => {}

@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 
 use crate::h2streams::{LocalStreams, StreamExecutor};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +37,7 @@ use crate::access_log::AccessLog;
 use crate::admin;
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, LimitsConfig, ListenerConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
+use crate::connection_limit::{ConnectionLimit, ConnectionPermit};
 use crate::custody::snapshot::ExportError;
 use crate::holder::Holder;
 use crate::keyring::CertificateIdentity;
@@ -202,13 +203,8 @@ impl RunningServer {
         current.listeners = kept.into_iter().chain(opened).collect();
 
         let settings = Settings::new(&config, proxy, &self.shared.metrics);
-        let (old, new) = (self.shared.settings.load().max_connections, settings.max_connections);
-        if new > old {
-            self.shared.connections.add_permits(new - old);
-        } else if new < old {
-            // Only permits not in use can be taken back; connections above the new limit finish normally.
-            self.shared.connections.forget_permits(old - new);
-        }
+        // Connections above a lowered limit finish normally; their places are taken back as they close.
+        self.shared.connections.resize(self.shared.settings.load().max_connections, settings.max_connections);
         self.shared.settings.store(Arc::new(settings));
         if let Some(policy) = client_auth {
             self.put_trust_in_force(policy, "the configuration was reloaded").await;
@@ -303,7 +299,7 @@ struct Shared {
     /// What a configuration reload changes, swapped as a whole.
     settings: ArcSwap<Settings>,
     /// One permit per open client connection, across all listeners.
-    connections: Arc<Semaphore>,
+    connections: Arc<ConnectionLimit>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 }
@@ -369,7 +365,7 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
         settings: ArcSwap::from_pointee(Settings::new(&config, proxy, &metrics)),
-        connections: Arc::new(Semaphore::new(config.limits.max_connections)),
+        connections: ConnectionLimit::new(config.limits.max_connections),
         shutdown: shutdown.clone(),
         hard_stop: hard_stop.clone(),
     });
@@ -387,8 +383,20 @@ pub async fn start(config: Config) -> Result<RunningServer> {
         let addr = socket.local_addr().map_err(|source| ServerError::Bind { addr: redirect.bind, source })?;
         tracing::info!(%addr, https_port = redirect.https_port, "redirecting plain HTTP to https");
         redirect_addrs.push(addr);
-        let (https_port, proxy_protocol) = (redirect.https_port, redirect.proxy_protocol);
-        tracker.spawn(crate::redirect::serve(socket, https_port, proxy_protocol, shutdown.clone(), tracker.clone()));
+        let settings = crate::redirect::RedirectListener {
+            https_port: redirect.https_port,
+            proxy_protocol: redirect.proxy_protocol,
+            header_read: config.timeouts.header_read,
+            max_header_bytes: config.limits.max_header_bytes,
+        };
+        tracker.spawn(crate::redirect::serve(
+            socket,
+            settings,
+            Arc::clone(&shared.connections),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
     }
     let admin_addr = match &config.admin {
         None => None,
@@ -581,7 +589,7 @@ async fn accept_loop(mut listening: Listening, shared: Arc<Shared>, tracker: Tas
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
-                let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+                let Some(permit) = shared.connections.try_acquire() else {
                     // Closing at once (rather than leaving it in the kernel's backlog) tells the client, or its load
                     // balancer, to go elsewhere now.
                     shared.metrics.connection_refused(ConnectionRefusal::MaxConnections);
@@ -611,7 +619,7 @@ async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     proxy_protocol: bool,
-    _permit: OwnedSemaphorePermit,
+    _permit: ConnectionPermit,
 ) {
     let settings = shared.settings.load_full();
     let _count = shared.metrics.connection_opened();

@@ -43,6 +43,55 @@ async fn plain_http_is_redirected_to_https_with_308() {
     assert_eq!(plain_get(standard, Some("bad host!"), "/").await.status(), StatusCode::BAD_REQUEST);
 }
 
+/// Whether the server closes `tcp` within `wait` (EOF or a reset).
+async fn closed_within(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(wait, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_connections_count_under_max_connections_and_must_send_a_head_in_header_read() {
+    let f = Fixture::new();
+    f.serve("c-a", &["app.example.test"]);
+    let extra = "[[redirect]]\nbind = \"127.0.0.1:0\"\n\n[limits]\nmax_connections = 2\n\n\
+                 [timeouts]\nheader_read = \"400ms\"\n\n[admin]";
+    let server = start_server(f.dir.path(), &f.config(HELLO).replace("[admin]", extra)).await;
+    let redirect = server.redirect_addrs[0];
+    let tls = server.tls_addrs[0];
+
+    // Two plain connections that send nothing take both places: HTTPS is refused meanwhile.
+    let mut first = tokio::net::TcpStream::connect(redirect).await.unwrap();
+    let mut second = tokio::net::TcpStream::connect(redirect).await.unwrap();
+    let admin = server.admin_addr.unwrap();
+    let refused = "sealgate_connections_refused_total{reason=\"MaxConnections\"}";
+    let mut third = tokio::net::TcpStream::connect(redirect).await.unwrap();
+    assert!(closed_within(&mut third, Duration::from_secs(5)).await, "a third plain connection is refused");
+    assert!(connect(tls, "app.example.test", f.client(&[])).await.is_err(), "the places are taken");
+    assert!(common::raw::metric(admin, refused).await >= 2.0);
+
+    // Silent connections are closed at `timeouts.header_read`, which frees their places.
+    let start = std::time::Instant::now();
+    assert!(closed_within(&mut first, Duration::from_secs(5)).await, "a silent plain connection stays open");
+    assert!(closed_within(&mut second, Duration::from_secs(5)).await);
+    assert!(start.elapsed() >= Duration::from_millis(300), "closed after {:?}", start.elapsed());
+    let client = f.client(&[]);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let client = client.clone();
+            async move { connect(tls, "app.example.test", client).await.is_ok() }
+        })
+        .await,
+        "HTTPS is served again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hsts_and_configured_headers_are_sent_on_every_response() {
     let f = Fixture::new();

@@ -68,6 +68,47 @@ async fn connections_beyond_max_connections_are_closed_at_once_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lowering_max_connections_below_those_open_closes_none_and_admits_no_more_until_they_close() {
+    let f = Fixture::new();
+    let server = server_with(&f, HELLO, "[limits]\nmax_connections = 3").await;
+    let addr = server.tls_addrs[0];
+    let admin = server.admin_addr.unwrap();
+    let reload_with = |max: usize| {
+        let path = f.dir.path().join("proxy.toml");
+        std::fs::write(&path, f.config(&format!("{HELLO}\n[limits]\nmax_connections = {max}\n"))).unwrap();
+        server.reload(sealgate::config::Config::load(&path).unwrap())
+    };
+    let open_count = || raw::metric(admin, "sealgate_connections_open");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+        assert_eq!(h1_status(&mut tls, "/", "").await, Some(200));
+        open.push(tls);
+    }
+
+    reload_with(1).await.unwrap();
+    for tls in &mut open {
+        assert_eq!(h1_status(tls, "/", "").await, Some(200), "open connections go on above the lowered limit");
+    }
+    assert!(connect(addr, HOST, f.client(&[b"http/1.1"])).await.is_err(), "three open, limit one");
+    // Two of the three close: one is still open, which is the new limit.
+    open.truncate(1);
+    assert!(eventually(DEADLINE, || async { open_count().await == 1.0 }).await, "the two closes are seen");
+    assert!(connect(addr, HOST, f.client(&[b"http/1.1"])).await.is_err(), "one open, limit one");
+    open.clear();
+    assert!(eventually(DEADLINE, || async { open_count().await == 0.0 }).await);
+    let mut one = tls_to(&f, &server, HOST, b"http/1.1").await;
+    assert_eq!(h1_status(&mut one, "/", "").await, Some(200), "below the limit again");
+    assert!(connect(addr, HOST, f.client(&[b"http/1.1"])).await.is_err(), "and only one place");
+
+    // Raised again: a second place.
+    reload_with(2).await.unwrap();
+    let mut two = tls_to(&f, &server, HOST, b"http/1.1").await;
+    assert_eq!(h1_status(&mut two, "/", "").await, Some(200));
+    assert!(connect(addr, HOST, f.client(&[b"http/1.1"])).await.is_err(), "two open, limit two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_or_too_large_headers_get_431_and_long_uris_414() {
     let f = Fixture::new();
     let server =
