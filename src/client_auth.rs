@@ -101,7 +101,8 @@ pub fn load(config: &ClientAuthConfig, provider: Arc<CryptoProvider>) -> Result<
 
 /// Every PEM item of type `T` in `path`; at least one. The file's bytes go into `digest`.
 fn pem_items<T: PemObject>(path: &Path, what: &'static str, digest: &mut aws_lc_rs::digest::Context) -> Result<Vec<T>> {
-    let pem = std::fs::read(path).map_err(|source| ClientAuthError::Read { what, path: path.to_owned(), source })?;
+    let pem = crate::hygiene::read_trusted_file(path, "client certificate trust file")
+        .map_err(|source| ClientAuthError::Read { what, path: path.to_owned(), source })?;
     digest.update(&(pem.len() as u64).to_be_bytes());
     digest.update(&pem);
     let items = T::pem_slice_iter(&pem).collect::<Result<Vec<T>, _>>().map_err(|e| invalid(what, path, e))?;

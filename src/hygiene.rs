@@ -9,7 +9,8 @@
 //!   touched ones (`MCL_ONFAULT`): that would save about a quarter of an idle connection's memory, but costs about
 //!   a sixth of proxied requests/s, since memory the allocator gives back and takes again then faults page by
 //!   page (measured in `bench/README.md`);
-//! - a world-writable configuration file or export directory is refused.
+//! - nobody else may change what sealgate trusts: a world-writable configuration file, export directory, export
+//!   file or certificate directory, or CA or CRL file is refused.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,13 @@ pub fn refuse_world_writable(path: &Path, what: &'static str) -> Result<(), Worl
         return Ok(());
     }
     Err(WorldWritable { path: path.to_owned(), what, mode: mode & 0o7777 })
+}
+
+/// Reads a file sealgate trusts (a CA or CRL file), refusing it, as an I/O error, when anyone may write to it.
+pub fn read_trusted_file(path: &Path, what: &'static str) -> std::io::Result<Vec<u8>> {
+    refuse_world_writable(path, what)
+        .map_err(|insecure| std::io::Error::new(std::io::ErrorKind::PermissionDenied, insecure))?;
+    std::fs::read(path)
 }
 
 fn on_read_only_mount(path: &Path) -> bool {

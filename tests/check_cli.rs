@@ -166,3 +166,32 @@ fn an_upstream_ca_that_cannot_be_read_exits_2_naming_the_route_and_file() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("route[0]") && stderr.contains("missing-ca.pem"), "{stderr}");
 }
+
+#[test]
+fn world_writable_ca_files_are_refused_naming_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    for name in ["clients.pem", "upstream-ca.pem"] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, ca.pem()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let extra = "[tls.client_auth]\nca = \"clients.pem\"\n\n\
+                 [[route]]\nupstream = \"https://app.internal\"\nca = \"upstream-ca.pem\"\n";
+    let output = check_with(&dir, "sealgate-vectors", extra);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+
+    for name in ["clients.pem", "upstream-ca.pem"] {
+        let path = dir.path().join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let output = check_with(&dir, "sealgate-vectors", extra);
+        assert_eq!(output.status.code(), Some(2), "{name}: {}", stdout(&output));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(name) && stderr.contains("world-writable"), "{stderr}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}

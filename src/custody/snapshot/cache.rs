@@ -52,9 +52,14 @@ pub(super) struct Timestamp {
 }
 
 impl FileStamp {
-    /// Stats `path`, following symbolic links.
+    /// Stats `path`, following symbolic links. A world-writable file fails (as unreadable, never as missing):
+    /// anyone could rewrite it, a grant file to retire the grant, `associations.toml` to move names around.
     pub(super) fn of(path: &Path) -> io::Result<Self> {
         let metadata = std::fs::metadata(path)?;
+        if metadata.mode() & 0o002 != 0 {
+            crate::hygiene::refuse_world_writable(path, "export file")
+                .map_err(|insecure| io::Error::new(ErrorKind::PermissionDenied, insecure))?;
+        }
         Ok(Self {
             dev: metadata.dev(),
             ino: metadata.ino(),
@@ -340,6 +345,13 @@ fn refresh_one<T>(
         return Refreshed::Kept;
     }
     let was_racy = cached.is_some_and(|c| c.stamp == stamp);
+    // Whoever may write to the file's directory may replace the file: checked when the file is about to be
+    // taken in (the export's own directory, `grants/` and `certificates/` are checked before every read).
+    if let Some(directory) = path.parent() {
+        if let Err(insecure) = crate::hygiene::refuse_world_writable(directory, "export directory") {
+            return Refreshed::Failed(io::Error::new(ErrorKind::PermissionDenied, insecure));
+        }
+    }
     let bytes = match read(path) {
         Ok(bytes) => bytes,
         Err(error) => return Refreshed::Failed(error),

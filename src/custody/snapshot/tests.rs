@@ -781,3 +781,41 @@ fn truncated_and_garbage_files_never_panic() {
     }
     assert!(fixture.snapshot().associations[0].is_served());
 }
+
+#[test]
+fn world_writable_export_files_and_certificate_directories_are_not_taken_in() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |path: &Path, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let mut fixture = Fixture::served();
+    fixture.add_certificate("c-2", &["c2.example.test"]);
+    fixture.associate("c-2", "g-1", None);
+    fixture.write();
+    let second = |snapshot: &Snapshot| {
+        assert!(matches!(snapshot.associations[0].result, Verdict::Served(_)), "the other certificate is served");
+        assert_refused(snapshot, 1, Check::Files, reason::CERTIFICATE_FILE)
+    };
+
+    let pem = fixture.path("certificates/c-2/certificate.pem");
+    chmod(&pem, 0o666);
+    let detail = second(&fixture.snapshot());
+    assert!(detail.contains("certificate.pem") && detail.contains("world-writable"), "{detail}");
+    chmod(&pem, 0o644);
+
+    // Whoever may write to the directory may replace the file.
+    let directory = fixture.path("certificates/c-2");
+    chmod(&directory, 0o777);
+    let detail = second(&fixture.snapshot());
+    assert!(detail.contains("certificates/c-2") && detail.contains("world-writable"), "{detail}");
+    chmod(&directory, 0o755);
+
+    // A grant file anyone may rewrite (to retire the grant) is unreadable, not gone.
+    let grant = fixture.path("grants/g-1.toml");
+    chmod(&grant, 0o666);
+    let snapshot = fixture.snapshot();
+    match &snapshot.grants["g-1"] {
+        GrantStatus::Unreadable(detail) => assert!(detail.contains("world-writable"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    chmod(&grant, 0o644);
+    assert!(fixture.snapshot().associations.iter().all(|a| matches!(a.result, Verdict::Served(_))));
+}

@@ -555,7 +555,8 @@ impl Body for PooledBody {
 }
 
 fn load_roots(path: &Path, roots: &mut rustls::RootCertStore) -> Result<(), PoolError> {
-    let pem = std::fs::read(path).map_err(|source| PoolError::ReadCa { path: path.to_owned(), source })?;
+    let pem = crate::hygiene::read_trusted_file(path, "upstream CA file")
+        .map_err(|source| PoolError::ReadCa { path: path.to_owned(), source })?;
     let mut found = false;
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.map_err(|e| PoolError::InvalidCertificate { path: path.to_owned(), reason: e.to_string() })?;
