@@ -72,9 +72,9 @@ impl Holder {
         let (serving, _) = watch::channel(false);
         Self {
             reader: Mutex::new(ExportReader::new(export.clone(), grantee.clone())),
+            keyring: Mutex::new(Keyring::new(grantee.as_str())),
             export,
             grantee,
-            keyring: Mutex::new(Keyring::new()),
             store,
             metrics,
             registry,
