@@ -27,6 +27,7 @@ use crate::custody::watch::ExportWatcher;
 use crate::keyring::{ApplyReport, EndedGrant, Keyring, LoadedCertificate};
 use crate::metrics::Metrics;
 use crate::registry::ConnectionRegistry;
+use crate::retirement_latency;
 use crate::tls::CertificateStore;
 
 /// After the first event of a burst, wait this long for the burst to go quiet before reading.
@@ -72,9 +73,9 @@ impl Holder {
         let (serving, _) = watch::channel(false);
         Self {
             reader: Mutex::new(ExportReader::new(export.clone(), grantee.clone())),
+            keyring: Mutex::new(Keyring::new(grantee.as_str())),
             export,
             grantee,
-            keyring: Mutex::new(Keyring::new()),
             store,
             metrics,
             registry,
@@ -95,8 +96,9 @@ impl Holder {
         self.reload_after(None, &Changes::everything(&self.export))
     }
 
-    /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it),
-    /// examining on disk only the files `changes` suspects.
+    /// As [`Holder::reload`], for a change first seen at `changed_at` (retirements report their latency from it;
+    /// without it, from the export's files: see [`retirement_latency`]), examining on disk only the files
+    /// `changes` suspects.
     fn reload_after(&self, changed_at: Option<Instant>, changes: &Changes) -> Result<ApplyReport, ExportError> {
         if let Err(insecure) = crate::hygiene::refuse_world_writable_export(&self.export) {
             self.metrics.reload(false);
@@ -153,8 +155,17 @@ impl Holder {
             unchanged = stats.unchanged,
             "read the custody export"
         );
-        for ended in &report.ended {
-            self.grant_ended(ended, changed_at.map(|t| t.elapsed()), &open);
+        if !report.ended.is_empty() {
+            // The keys are dropped: a retirement's latency ends here. Timed from the first file event when one
+            // prompted the read; else (a rescan, a retry) estimated from the export's files.
+            let done = OffsetDateTime::now_utc();
+            for ended in &report.ended {
+                let latency = match changed_at {
+                    Some(first_event) => Some(first_event.elapsed()),
+                    None => retirement_latency::estimate(&self.export, ended, done),
+                };
+                self.grant_ended(ended, latency, &open);
+            }
         }
         self.log_report(&report);
         self.publish_metrics(&report, now);
@@ -608,6 +619,63 @@ mod tests {
         let report = f.holder.reload_after(None, &changes).unwrap();
         assert_eq!(report.partial.as_deref(), Some(&["c-1".to_owned()][..]), "{report:?}");
         assert_eq!(refused(&f.holder), before);
+    }
+
+    /// The sum and count of the retirement latency histogram.
+    fn retirement_latency(holder: &Holder) -> (f64, u64) {
+        let text = holder.metrics.encode();
+        let value = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or_default()
+        };
+        (value("sealgate_grant_retirement_seconds_sum "), value("sealgate_grant_retirement_seconds_count ") as u64)
+    }
+
+    /// The later of `path`'s modification and status-change times, as the latency estimate reads them.
+    fn stamp(path: &std::path::Path) -> std::time::SystemTime {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::metadata(path).unwrap();
+        let at = |s: i64, ns: i64| std::time::UNIX_EPOCH + Duration::new(s as u64, ns as u32);
+        at(metadata.mtime(), metadata.mtime_nsec()).max(at(metadata.ctime(), metadata.ctime_nsec()))
+    }
+
+    /// Waits until `at least` has passed since the instant `since`, by the wall clock file stamps use.
+    fn wait_past(since: std::time::SystemTime, at_least: Duration) {
+        let deadline = std::time::Instant::now() + at_least + Duration::from_secs(5);
+        while since.elapsed().unwrap_or_default() < at_least {
+            assert!(std::time::Instant::now() < deadline, "the clock does not advance");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_retirement_no_file_event_timed_is_timed_from_the_export_files() {
+        let f = Fixture::new();
+        f.holder.reload().unwrap();
+        let grant = crate::custody::writer::grant_id_of("c-1", &f.export).unwrap().unwrap();
+        f.custody.retire_grant(&grant).unwrap();
+        let grant_file = f.export.join("grants").join(format!("{grant}.toml"));
+        let changed = stamp(&grant_file);
+        wait_past(changed, Duration::from_millis(300));
+
+        // `reload` is what a rescan does: no file event, no instant to time from.
+        let report = f.holder.reload().unwrap();
+        assert_eq!(report.ended.len(), 1, "{report:?}");
+        let (sum, count) = retirement_latency(&f.holder);
+        assert_eq!(count, 1, "the retirement is timed");
+        let since_change = changed.elapsed().unwrap().as_secs_f64();
+        assert!((0.3..=since_change).contains(&sum), "{sum} s, the file changed {since_change} s ago");
+
+        // A grant file deleted: timed from its directory's change.
+        let other = crate::custody::writer::grant_id_of("c-2", &f.export).unwrap().unwrap();
+        std::fs::remove_file(f.export.join("grants").join(format!("{other}.toml"))).unwrap();
+        let unlinked = stamp(&f.export.join("grants"));
+        wait_past(unlinked, Duration::from_millis(300));
+        let report = f.holder.reload().unwrap();
+        assert_eq!(report.ended.len(), 1, "{report:?}");
+        let (total, count) = retirement_latency(&f.holder);
+        assert_eq!(count, 2);
+        let since_unlink = unlinked.elapsed().unwrap().as_secs_f64();
+        assert!((0.3..=since_unlink).contains(&(total - sum)), "{} s, unlinked {since_unlink} s ago", total - sum);
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - only the grant ends service: when a held grant is retired, lapses, disappears or stops naming us, every
 //!   key decrypted under it is dropped at once and the grant's [`CancellationToken`] fires, which closes the
 //!   connections made with its certificates;
-//! - a retired grant never comes back for the life of the process, whatever a later file says.
+//! - a retired grant never comes back for the life of the process, whatever a later file says; and a grant issued
+//!   to us is retired as soon as its file is gone, whether or not anything was ever served under it.
 //!
 //! The keyring also remembers, for every served certificate, the inputs digest of the last read that verified it
 //! (or found it unchanged): [`Keyring::inputs_of`] hands it to the [`ExportReader`](crate::custody::snapshot::ExportReader),
@@ -231,14 +232,21 @@ impl Next {
 }
 
 /// The certificates being served and the grants they were decrypted under.
-#[derive(Default)]
 pub struct Keyring {
+    /// The holder's principal: of the grants a read shows, only those naming it go into `seen`.
+    grantee: String,
     /// Served certificates by certificate id.
     served: BTreeMap<String, Arc<LoadedCertificate>>,
     /// Grants with at least one served certificate.
     grants: foldhash::HashMap<String, HeldGrant>,
-    /// Grants seen retired, lapsed or ended: never served again.
+    /// Grants seen retired, lapsed, ended, or gone after being seen: never served again.
     retired: foldhash::HashSet<String>,
+    /// Grants issued to us that a read has shown active and that are not retired, whether or not any of their
+    /// associations was ever served (one refused because its certificate was mid-write, say). FORMAT.md retires
+    /// a grant for its holder as soon as its file is gone, so when the file of one of these goes, it moves to
+    /// `retired`: the same file restored later (a backup) must not be served. Held grants are among them. Each
+    /// id is in `seen` or `retired`, never both, so remembering them costs one string per grant of ours.
+    seen: foldhash::HashSet<String>,
     /// By served certificate id, the inputs digest of the last read that verified the served generation or found
     /// it unchanged. (foldhash for these maps: every read looks up each association in them, and with 10,000
     /// certificates SipHash was a visible part of applying a read.)
@@ -252,14 +260,23 @@ impl fmt::Debug for Keyring {
             .field("served", &self.served.keys().collect::<Vec<_>>())
             .field("grants", &self.grants.keys().collect::<Vec<_>>())
             .field("retired", &self.retired)
+            .field("seen", &self.seen.len())
             .finish()
     }
 }
 
 impl Keyring {
-    /// An empty keyring.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty keyring for the holder `grantee` (the principal grants must name to be ours).
+    pub fn new(grantee: impl Into<String>) -> Self {
+        Self {
+            grantee: grantee.into(),
+            served: BTreeMap::new(),
+            grants: foldhash::HashMap::default(),
+            retired: foldhash::HashSet::default(),
+            seen: foldhash::HashSet::default(),
+            inputs: foldhash::HashMap::default(),
+            next_generation: 0,
+        }
     }
 
     /// The certificates currently served, by certificate id.
@@ -460,11 +477,15 @@ impl Keyring {
         lapsed.into_iter().map(|id| self.end_grant(&id, GrantEnd::Lapsed)).collect()
     }
 
-    /// Ends every held grant the snapshot says is over, and remembers every grant seen retired or lapsed.
+    /// Ends every held grant the snapshot says is over, remembers every grant seen retired or lapsed, and retires
+    /// every grant of ours seen before whose file is gone.
     fn end_grants(&mut self, snapshot: &Snapshot, report: &mut ApplyReport) {
         for (id, status) in &snapshot.grants {
-            if matches!(status, GrantStatus::Retired | GrantStatus::Lapsed) {
-                self.retired.insert(id.clone());
+            match status {
+                GrantStatus::Retired | GrantStatus::Lapsed => self.retire(id),
+                GrantStatus::Active { grantee, .. } if *grantee == self.grantee => self.see(id),
+                // Another holder's grant is none of ours; an unreadable file is present, its state unknown.
+                GrantStatus::Active { .. } | GrantStatus::Unreadable(_) => {}
             }
         }
         let now = snapshot.read_at;
@@ -477,37 +498,63 @@ impl Keyring {
             Some(GrantStatus::Active { .. }) => refused_by_grant.contains(id).then_some(GrantEnd::Revoked),
             Some(GrantStatus::Unreadable(_)) => None,
         };
-        let ending: Vec<(String, GrantEnd)> = match &snapshot.scope {
+        let (ending, gone): (Vec<(String, GrantEnd)>, Vec<String>) = match &snapshot.scope {
             Scope::Complete => {
-                // One lookup per held grant: hashed, not a walk down the snapshot's ordered map (cache misses at
-                // every level, most of the cost of applying a read of 10,000 grants).
+                // One lookup per grant of ours: hashed, not a walk down the snapshot's ordered map (cache misses
+                // at every level, most of the cost of applying a read of 10,000 grants).
                 let statuses: foldhash::HashMap<&str, &GrantStatus> =
                     snapshot.grants.iter().map(|(id, status)| (id.as_str(), status)).collect();
-                self.grants
+                let ending = self
+                    .grants
                     .keys()
                     .filter_map(|id| Some((id.clone(), end_reason(id, statuses.get(id.as_str()).copied())?)))
-                    .collect()
+                    .collect();
+                // What the snapshot does not list is not in the export. (A complete read walks every grant file
+                // anyway: this walk of ours costs no more.)
+                let gone = self.seen.iter().filter(|id| !statuses.contains_key(id.as_str())).cloned().collect();
+                (ending, gone)
             }
-            // Only the grants listed may have changed. (A held grant was found by the previous read, so one that
+            // Only the grants listed may have changed. (A grant seen was found by the previous read, so one that
             // is gone is listed as gone; and every association judged has its grant's status listed.)
             Scope::Partial { gone_grants, .. } => {
                 let listed = snapshot.grants.iter().map(|(id, status)| (id, Some(status)));
-                listed
+                let ending = listed
                     .chain(gone_grants.iter().map(|id| (id, None)))
                     .filter(|(id, _)| self.grants.contains_key(id.as_str()))
                     .filter_map(|(id, status)| Some((id.clone(), end_reason(id, status)?)))
-                    .collect()
+                    .collect();
+                let gone = gone_grants.iter().filter(|id| self.seen.contains(id.as_str())).cloned().collect();
+                (ending, gone)
             }
         };
         for (id, reason) in ending {
             report.ended.push(self.end_grant(&id, reason));
         }
+        // Held grants among them ended above, with their certificates; the others served nothing to end.
+        for id in gone {
+            self.retire(&id);
+        }
+    }
+
+    /// Remembers a grant of ours that a read showed, unless it is retired already.
+    fn see(&mut self, grant_id: &str) {
+        if !self.seen.contains(grant_id) && !self.retired.contains(grant_id) {
+            self.seen.insert(grant_id.to_owned());
+        }
+    }
+
+    /// Never serves `grant_id` again. Looked up before inserting: most reads find the same retired grants again.
+    fn retire(&mut self, grant_id: &str) {
+        if !self.retired.contains(grant_id) {
+            self.retired.insert(grant_id.to_owned());
+        }
+        self.seen.remove(grant_id);
     }
 
     /// Ends a held grant now: drops its keys, fires its token, forgets its certificates, never serves it again.
     /// Also used when `not_after` passes with no file event at all.
     pub fn end_grant(&mut self, grant_id: &str, reason: GrantEnd) -> EndedGrant {
-        self.retired.insert(grant_id.to_owned());
+        self.retire(grant_id);
         let certificates: Vec<_> = self.served.values().filter(|c| c.grant_id == grant_id).cloned().collect();
         self.served.retain(|_, c| c.grant_id != grant_id);
         for certificate in &certificates {
@@ -607,7 +654,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_read_keeps_the_generation() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let v = verified("c-1", "g-1", &["a.test"]);
         let again = same_again(&v);
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(v)]));
@@ -620,7 +667,7 @@ mod tests {
 
     #[test]
     fn a_renewal_makes_a_new_generation_and_keeps_the_grant() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
         let old = Arc::clone(keyring.served().next().unwrap());
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
@@ -633,7 +680,7 @@ mod tests {
 
     #[test]
     fn a_refused_new_state_keeps_the_last_good_one() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
         for check in [Check::Files, Check::KeyId, Check::Seal, Check::KeyMatch, Check::ServerNames] {
             let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", check)]));
@@ -650,7 +697,7 @@ mod tests {
 
     #[test]
     fn a_new_association_refused_is_not_served() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", Check::Seal)]));
         assert_eq!(report.refused.len(), 1);
         assert!(keyring.is_empty());
@@ -670,7 +717,7 @@ mod tests {
                 GrantEnd::Lapsed,
             ),
         ] {
-            let mut keyring = Keyring::new();
+            let mut keyring = Keyring::new("me");
             keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
             let certificate = Arc::clone(keyring.served().next().unwrap());
             let token = certificate.grant_ended().clone();
@@ -687,7 +734,7 @@ mod tests {
 
     #[test]
     fn a_grant_that_stops_naming_us_ends_service() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", Check::Grant)]));
         assert_eq!(report.ended.len(), 1);
@@ -697,7 +744,7 @@ mod tests {
 
     #[test]
     fn a_retired_grant_never_comes_back() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", GrantStatus::Retired)], vec![refused("c-1", "g-1", Check::Grant)]));
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
         assert!(keyring.is_empty());
@@ -709,7 +756,7 @@ mod tests {
 
     #[test]
     fn ending_one_grant_leaves_the_others() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let both = |a, b| vec![served(a), served(b)];
         keyring.apply(snapshot(
             &[("g-1", active()), ("g-2", active())],
@@ -741,7 +788,7 @@ mod tests {
 
     #[test]
     fn a_partial_snapshot_changes_only_what_it_lists() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let three = vec![
             served(verified("c-1", "g-1", &["a.test"])),
             served(verified("c-2", "g-1", &["b.test"])),
@@ -783,7 +830,7 @@ mod tests {
 
     #[test]
     fn a_partial_snapshot_that_refuses_an_association_stops_serving_it_when_its_grant_refuses() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let two = vec![served(verified("c-1", "g-1", &["a.test"])), served(verified("c-2", "g-2", &["b.test"]))];
         keyring.apply(snapshot(&[("g-1", active()), ("g-2", active())], two));
         let other = GrantStatus::Active { grantee: "someone-else".to_owned(), not_after: None };
@@ -791,6 +838,59 @@ mod tests {
         assert_eq!(report.ended.len(), 1);
         assert_eq!(report.ended[0].reason, GrantEnd::Revoked);
         assert_eq!(served_ids(&keyring), ["c-1"]);
+    }
+
+    /// g-1 is ours and shown active, but its association refused (check 4: a certificate mid-write), so it is
+    /// never held; then `gone` (a snapshot without g-1's file) is applied, then the file comes back as it was.
+    fn restored_after(gone: Snapshot) -> (Keyring, ApplyReport) {
+        let mut keyring = Keyring::new("me");
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![refused("c-1", "g-1", Check::KeyMatch)]));
+        assert_eq!((report.refused.len(), keyring.grants_held()), (1, 0), "{report:?}");
+        keyring.apply(gone);
+        let report = keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+        (keyring, report)
+    }
+
+    #[test]
+    fn a_grant_of_ours_gone_before_it_was_ever_served_never_comes_back() {
+        let complete = snapshot(&[], vec![refused("c-1", "g-1", Check::Grant)]);
+        let partial = partial(&[], &["g-1"], vec![refused("c-1", "g-1", Check::Grant)]);
+        for (scope, gone) in [("complete", complete), ("partial", partial)] {
+            let (mut keyring, report) = restored_after(gone);
+            assert!(keyring.is_empty(), "{scope}: the restored grant file is served: {report:?}");
+            assert!(keyring.is_retired("g-1"), "{scope}");
+            assert_eq!(report.refused[0].2.reason, "the grant was retired earlier", "{scope}");
+            assert_eq!(keyring.grants_retired(), 1, "{scope}");
+            // A new grant id serves the same certificate.
+            keyring.apply(snapshot(&[("g-2", active())], vec![served(verified("c-1", "g-2", &["a.test"]))]));
+            assert_eq!(served_ids(&keyring), ["c-1"], "{scope}");
+        }
+    }
+
+    #[test]
+    fn only_a_grant_of_ours_whose_file_is_gone_is_retired_unserved() {
+        // Present but unreadable (perhaps half-written) is not gone.
+        let unreadable = GrantStatus::Unreadable("line 1".to_owned());
+        let (keyring, report) =
+            restored_after(snapshot(&[("g-1", unreadable)], vec![refused("c-1", "g-1", Check::Grant)]));
+        assert_eq!(served_ids(&keyring), ["c-1"], "{report:?}");
+        assert!(!keyring.is_retired("g-1"));
+
+        // Nor is a grant a partial read does not mention (it may not have changed).
+        let (keyring, report) = restored_after(partial(&[], &[], Vec::new()));
+        assert_eq!(served_ids(&keyring), ["c-1"], "{report:?}");
+
+        // Another holder's grant is none of ours: seen for them, gone, and issued to us later under the same id,
+        // it was never retired for us.
+        for gone in [snapshot(&[], Vec::new()), partial(&[], &["g-1"], Vec::new())] {
+            let mut keyring = Keyring::new("me");
+            let theirs = GrantStatus::Active { grantee: "someone-else".to_owned(), not_after: None };
+            keyring.apply(snapshot(&[("g-1", theirs)], vec![refused("c-1", "g-1", Check::Grant)]));
+            keyring.apply(gone);
+            keyring.apply(snapshot(&[("g-1", active())], vec![served(verified("c-1", "g-1", &["a.test"]))]));
+            assert_eq!(served_ids(&keyring), ["c-1"]);
+            assert_eq!(keyring.grants_retired(), 0);
+        }
     }
 
     fn same_again(v: &VerifiedCertificate) -> VerifiedCertificate {
@@ -810,7 +910,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_association_keeps_its_generation_and_inputs() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         assert_eq!(keyring.inputs_of("c-1"), None);
         keyring.apply(snapshot(&[("g-1", active())], vec![served_from(verified("c-1", "g-1", &["a.test"]), [1; 32])]));
         let held = Arc::clone(keyring.served().next().unwrap());
@@ -825,7 +925,7 @@ mod tests {
 
     #[test]
     fn unchanged_without_a_held_generation_is_refused_not_served() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let report = keyring.apply(snapshot(&[("g-1", active())], vec![unchanged("c-1", "g-1", [1; 32])]));
         assert!(keyring.is_empty());
         assert_eq!(report.refused.len(), 1);
@@ -843,7 +943,7 @@ mod tests {
 
     #[test]
     fn the_same_certificate_verified_from_other_inputs_keeps_the_generation_with_the_new_inputs() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let v = verified("c-1", "g-1", &["a.test"]);
         let again = same_again(&v);
         keyring.apply(snapshot(&[("g-1", active())], vec![served_from(v, [1; 32])]));
@@ -857,7 +957,7 @@ mod tests {
 
     #[test]
     fn a_refused_new_state_keeps_the_inputs_of_the_last_good_one() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", active())], vec![served_from(verified("c-1", "g-1", &["a.test"]), [1; 32])]));
         let mut refusal = refused("c-1", "g-1", Check::Seal);
         refusal.inputs = [2; 32];

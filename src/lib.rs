@@ -27,6 +27,7 @@ pub mod proxy;
 pub mod proxy_header;
 pub mod redirect;
 pub mod registry;
+pub mod retirement_latency;
 pub mod secret;
 pub mod server;
 pub mod tls;

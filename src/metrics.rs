@@ -312,7 +312,7 @@ impl Metrics {
         registry.register("grants", "Grants held (active) and retired", metrics.grants.clone());
         registry.register(
             "grant_retirement_seconds",
-            "Time from a grant's end becoming visible (file event, or its not_after) to its keys dropped and table swapped",
+            "Time from a grant's end becoming visible (its file event; without one, its files' change stamps; or its not_after) to its keys dropped and table swapped",
             metrics.retirement_latency.clone(),
         );
         registry.register(

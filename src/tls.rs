@@ -509,7 +509,7 @@ mod tests {
     fn selection_follows_the_format_rules() {
         let now = OffsetDateTime::now_utc();
         let older = now - Duration::days(10);
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(
             &[("g-1", active())],
             vec![
@@ -536,7 +536,7 @@ mod tests {
 
     #[test]
     fn the_default_certificate_answers_unknown_names_when_configured() {
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let now = OffsetDateTime::now_utc();
         keyring.apply(snapshot(&[("g-1", active())], vec![served(verified_from("c-1", "g-1", &["a.test"], now))]));
         let store = store("[tls]\ndefault_certificate = \"c-1\"\n");
@@ -568,7 +568,7 @@ mod tests {
         let pool = ["a.test", "b.test", "x.a.test", "y.a.test", "*.a.test", "*.b.test", "c.test", "*.c.test"];
         let mut names: Vec<String> = pool.iter().map(|n| n.replace('*', "w")).collect();
         names.push("unknown.test".into());
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         let (rebuilt, patched) =
             (store("[tls]\ndefault_certificate = \"c-3\"\n"), store("[tls]\ndefault_certificate = \"c-3\"\n"));
         let mut grants: Vec<(String, GrantStatus)> = (0..4).map(|g| (format!("g-{g}"), active())).collect();
@@ -606,7 +606,7 @@ mod tests {
             assert_eq!(patched.table().certificates().len(), keyring.len());
             if grants.iter().all(|(_, s)| *s == GrantStatus::Retired) {
                 grants = (4..8).map(|g| (format!("g-{}", g % 4), active())).collect();
-                keyring = Keyring::new();
+                keyring = Keyring::new("me");
                 rebuilt.publish(&keyring);
                 patched.publish(&keyring);
             }
@@ -616,7 +616,7 @@ mod tests {
     #[test]
     fn unchanged_generations_keep_their_config_and_renewals_get_a_new_one() {
         let now = OffsetDateTime::now_utc();
-        let mut keyring = Keyring::new();
+        let mut keyring = Keyring::new("me");
         keyring.apply(snapshot(&[("g-1", active())], vec![served(verified_from("c-1", "g-1", &["a.test"], now))]));
         let store = store("");
         store.publish(&keyring);

@@ -231,6 +231,80 @@ async fn a_grant_lapses_at_not_after_with_no_file_event() {
     assert!(metrics.contains("sealgate_grant_retirement_seconds_count 1"), "{metrics}");
 }
 
+/// The periodic rescan backs the file events up. FORMAT.md lets any entry be a symbolic link: here the grant file
+/// is a link to a file kept outside the export and its parent, which are all the watcher sees, so the grant
+/// retired there raises no event. The server that rescans every 250 ms ends the grant within a few intervals; a
+/// second server following the same export with the rescan a minute away shows that no file event told them.
+/// The retirement, found with no event to time it from, is timed from the grant file's change (in `/metrics` and
+/// in the audit log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_rescan_applies_a_change_no_file_event_reports() {
+    const RESCAN: Duration = Duration::from_millis(250);
+    let f = Fixture::new();
+    let grant = f.serve("c-a", &["a.example.test"]);
+    f.serve("c-keep", &["keep.example.test"]);
+    // Subdirectories of the export's parent: the parent is watched, but not what is inside its subdirectories.
+    let dir = |name: &str| {
+        let dir = f.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let store = dir("store");
+    let grant_file = f.export.join("grants").join(format!("{grant}.toml"));
+    let stored = store.join(format!("{grant}.toml"));
+    std::fs::rename(&grant_file, &stored).unwrap();
+    std::os::unix::fs::symlink(&stored, &grant_file).unwrap();
+    let audit = dir("logs").join("audit.jsonl");
+    let config = f
+        .config_with(&format!("rescan_interval = \"{}ms\"", RESCAN.as_millis()), HELLO)
+        .replace("[admin]", &format!("[audit]\npath = {:?}\n\n[admin]", audit.display().to_string()));
+    // Every directory made before the servers start: a new entry in the parent is an event.
+    let (rescanning_dir, evented_dir) = (dir("rescanning"), dir("evented"));
+    let rescanning = start_server(&rescanning_dir, &config).await;
+    let evented = start_server(&evented_dir, &f.config_with(NO_RESCAN, HELLO)).await;
+    for server in [&rescanning, &evented] {
+        assert!(leaf_is(server.tls_addrs[0], &f, "a.example.test", "c-a").await);
+        // The read at start, then the one a new watch asks for: a change made before it would be read by it.
+        assert!(wait_until(APPLY_DEADLINE, || reloads(server) >= 2).await);
+    }
+
+    // Retired where the link points, written aside and renamed into place, as custody systems write.
+    let active = std::fs::read_to_string(&stored).unwrap();
+    let retired: String = active
+        .lines()
+        .filter(|line| !line.starts_with("grant_key"))
+        .map(|line| if line == "state = \"active\"" { "state = \"retired\"\n".to_owned() } else { format!("{line}\n") })
+        .collect();
+    assert_ne!(retired, active);
+    let changed = tokio::time::Instant::now();
+    std::fs::write(store.join(".grant.tmp"), &retired).unwrap();
+    std::fs::rename(store.join(".grant.tmp"), &stored).unwrap();
+
+    let addr = rescanning.tls_addrs[0];
+    assert!(eventually(APPLY_DEADLINE, || refused_with_alert(addr, "a.example.test", f.client(&[]))).await);
+    let took = changed.elapsed();
+    assert!(took < RESCAN * 5, "applied {took:?} after the change, with a rescan every {RESCAN:?}");
+    assert!(
+        leaf_is(evented.tls_addrs[0], &f, "a.example.test", "c-a").await,
+        "a file event told the server: this no longer tests the rescan"
+    );
+    assert!(leaf_is(addr, &f, "keep.example.test", "c-keep").await);
+
+    let (_, metrics) = admin_get(rescanning.admin_addr.unwrap(), "/metrics").await;
+    assert!(metrics.contains("sealgate_grant_retirement_seconds_count 1"), "{metrics}");
+    let retirement = || {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|e| e["event"] == "grant_retired")
+    };
+    assert!(wait_until(APPLY_DEADLINE, || retirement().is_some()).await);
+    // File stamps come from the kernel's coarse clock, up to a tick behind the time of the change.
+    let latency_us = retirement().unwrap()["latency_us"].as_u64();
+    let bound = took + Duration::from_millis(20);
+    assert!(latency_us.is_some_and(|l| l <= bound.as_micros() as u64), "{latency_us:?}, applied after {took:?}");
+}
+
 /// Renewals every 100 ms under a concurrent client loop (new handshakes, HTTP/1.1 keep-alive, HTTP/2): not one
 /// request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

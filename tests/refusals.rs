@@ -107,3 +107,59 @@ async fn each_refused_association_is_refused_alone_and_the_rest_is_served() {
     }
     assert_eq!(server.holder.reload().unwrap().refused.len(), 9, "refusals are stable across reads");
 }
+
+/// The refusal as the binary logs it: `sealgate run`'s stderr names the certificate, the grant and the check, and
+/// holds no byte of the grant key (base64, as in the grant file, or hex).
+#[test]
+fn the_binary_logs_each_refusal_naming_the_certificate_the_grant_and_the_check_and_no_key() {
+    let f = Fixture::new();
+    f.serve("c-good", &["good.example.test"]);
+    let grant = f.serve("c-mismatch", &["mismatch.example.test"]);
+    f.issue("c-donor", &["mismatch.example.test"]);
+    let donor = f.custody.certificate("c-donor").unwrap().certificate_pem;
+    std::fs::write(export_paths(&f.export, "c-mismatch").certificate_pem, donor).unwrap();
+    let grant_file = std::fs::read_to_string(f.export.join("grants").join(format!("{grant}.toml"))).unwrap();
+    let grant_key = grant_file.lines().find_map(|l| l.strip_prefix("grant_key = ")).unwrap().trim_matches('"');
+    let key_bytes = sealgate::custody::format::decode_base64("grant_key", grant_key).unwrap();
+    let key_hex: String = key_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let config = f.dir.path().join("proxy.toml");
+    std::fs::write(&config, f.config(HELLO)).unwrap();
+
+    let mut child = spawn_run(&config);
+    let lines = stderr_lines(&mut child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let refusal = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|_| panic!("no refusal logged in: {seen:#?}"));
+        let line = without_ansi(&line);
+        seen.push(line.clone());
+        if line.contains("association refused") {
+            break line;
+        }
+    };
+    assert!(refusal.contains("certificate=\"c-mismatch\""), "{refusal}");
+    assert!(refusal.contains(&format!("grant=\"{grant}\"")), "{refusal}");
+    assert!(refusal.contains("check=\"check 4\""), "{refusal}");
+
+    // Everything it wrote, up to its end.
+    drop(child);
+    seen.extend(lines.into_iter().map(|line| without_ansi(&line)));
+    for line in &seen {
+        assert!(!line.contains(grant_key) && !line.to_lowercase().contains(&key_hex), "key material: {line}");
+    }
+}
+
+/// `line` without terminal colour sequences (`ESC [ ... m`), which the binary writes only to a terminal.
+fn without_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

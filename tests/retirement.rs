@@ -15,7 +15,7 @@ use common::*;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use rustls::HandshakeKind;
-use sealgate::custody::writer::{AssociateRequest, RenewRequest};
+use sealgate::custody::writer::{export_paths, AssociateRequest, RenewRequest};
 
 /// Opens a TLS connection, sends one HTTP/1.1 request (so that TLS 1.3 tickets are received) and returns how the
 /// handshake went and which certificate was served.
@@ -365,6 +365,55 @@ async fn a_retired_grant_restored_from_a_backup_stays_retired() {
     assert!(refusal.contains("retired earlier"), "{refusal}");
     assert!(refused_with_alert(addr, "a.example.test", f.client(&[])).await);
     assert!(leaf_for(addr, "keep.example.test", f.client(&[])).await.is_some());
+}
+
+/// FORMAT.md retires a grant for its holder as soon as its file is gone, whether or not anything was served under
+/// it. Here the association is refused from the start (its certificate is another key's, as while a certificate
+/// is rewritten), the grant file is deleted, and then everything is restored in a servable state under the same
+/// grant id (a backup): the name is never served. The same certificate under a new grant is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_never_served_is_retired_when_its_file_goes_and_stays_retired_when_restored() {
+    let f = Fixture::new();
+    f.serve("c-keep", &["keep.example.test"]);
+    let grant = f.serve("c-a", &["a.example.test"]);
+    let certificate = export_paths(&f.export, "c-a").certificate_pem;
+    let good_certificate = std::fs::read(&certificate).unwrap();
+    f.issue("c-donor", &["a.example.test"]);
+    std::fs::write(&certificate, f.custody.certificate("c-donor").unwrap().certificate_pem).unwrap();
+    let grant_file = f.export.join("grants").join(format!("{grant}.toml"));
+    let backup = std::fs::read(&grant_file).unwrap();
+    // File events only (the rescan a minute away): the deletion is applied by a read of the named changes.
+    let server = start_server(f.dir.path(), &f.config_with("rescan_interval = \"60s\"", HELLO)).await;
+    let addr = server.tls_addrs[0];
+    let refused_at = |check: &str| {
+        let series = format!("sealgate_associations_refused{{check=\"{check}\"}} 1");
+        server.metrics.encode().lines().any(|line| line == series)
+    };
+    assert!(refused_at("4"), "{}", server.metrics.encode());
+    assert!(leaf_is(addr, &f, "keep.example.test", "c-keep").await);
+
+    std::fs::remove_file(&grant_file).unwrap();
+    assert!(wait_until(APPLY_DEADLINE, || refused_at("1") && !refused_at("4")).await, "the deletion is applied");
+
+    // The backup comes back: the grant file as it was (written aside, renamed into place) and the right
+    // certificate. Every check but "the grant was retired" passes now.
+    std::fs::write(&certificate, &good_certificate).unwrap();
+    let restored = f.export.join("grants").join(".restore.tmp");
+    std::fs::write(&restored, &backup).unwrap();
+    std::fs::rename(&restored, &grant_file).unwrap();
+    // Once a certificate associated after the restoration is served, the restoration has been read too.
+    f.serve("c-b", &["b.example.test"]);
+    assert!(eventually(APPLY_DEADLINE, || leaf_is(addr, &f, "b.example.test", "c-b")).await);
+    assert!(refused_with_alert(addr, "a.example.test", f.client(&[])).await, "the restored grant is served");
+    let report = server.holder.reload().unwrap();
+    let refusal = report.refused.iter().find(|(c, _, _)| c == "c-a").map(|(_, _, r)| r.to_string());
+    assert!(refusal.as_deref().is_some_and(|r| r.contains("retired earlier")), "{refusal:?}");
+    assert!(refused_with_alert(addr, "a.example.test", f.client(&[])).await);
+
+    // Re-association is a new grant id, and serves.
+    f.custody.disassociate("c-a", &f.export).unwrap();
+    assert_ne!(f.associate("c-a"), grant);
+    assert!(eventually(APPLY_DEADLINE, || leaf_is(addr, &f, "a.example.test", "c-a")).await);
 }
 
 /// With nothing left to serve, the listeners stop accepting (connection refused) and /readyz answers 503, while

@@ -188,7 +188,7 @@ fn ten_thousand_certificates_cold_start_and_hot_swap() {
     eprintln!("wrote {count} associations in {:?}", start.elapsed());
 
     let mut reader = ExportReader::new(dir.path().to_owned(), GRANTEE.to_owned());
-    let mut keyring = Keyring::new();
+    let mut keyring = Keyring::new(GRANTEE);
     let (snapshot, cold) = timed_read("cold", &mut reader, &keyring);
     assert_eq!(snapshot.associations.len(), count);
     assert!(snapshot.associations.iter().all(|a| a.is_served()));

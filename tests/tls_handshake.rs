@@ -153,6 +153,38 @@ async fn alpn_chooses_the_http_version() {
     assert_eq!(text(response).await.0, http::StatusCode::OK);
 }
 
+/// HTTP/2 only by ALPN `h2`, never by sniffing: the HTTP/2 connection preface (and a client's first SETTINGS) sent
+/// over a connection that negotiated `http/1.1`, or nothing, is an HTTP/1.1 request that does not parse (400, or
+/// a close), never an HTTP/2 connection. Over `h2`, the same bytes get the server's SETTINGS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_preface_is_http2_only_after_alpn_h2() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    let server = f.start(HELLO).await;
+    let mut preface = h2raw::PREFACE.to_vec();
+    preface.extend(h2raw::frame(h2raw::SETTINGS, 0, 0, &[]));
+    let is_settings = |bytes: &[u8]| bytes.len() >= 9 && bytes[3] == h2raw::SETTINGS && bytes[5..9] == [0; 4];
+
+    let http1: &[&[u8]] = &[b"http/1.1"];
+    for alpn in [http1, &[]] {
+        let mut tls = connect(server.tls_addrs[0], "a.example.test", f.client(alpn)).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), alpn.first().map(|p| &p[..]));
+        let alpn = alpn.first().map(|p| String::from_utf8_lossy(p));
+        let reply = raw::exchange(&mut tls, &preface, Duration::from_secs(5)).await;
+        assert!(!is_settings(&reply.bytes), "ALPN {alpn:?}: answered as HTTP/2: {:?}", reply.bytes);
+        assert!(
+            reply.status() == Some(400) || (reply.bytes.is_empty() && reply.closed),
+            "ALPN {alpn:?}: expected an HTTP/1.1 400 or a close, got {:?} (closed: {})",
+            String::from_utf8_lossy(&reply.bytes),
+            reply.closed
+        );
+    }
+
+    let tls = connect(server.tls_addrs[0], "a.example.test", f.client(&[b"h2"])).await.unwrap();
+    let first = h2raw::H2::start(tls).await.next(Duration::from_secs(5)).await;
+    assert!(matches!(first, Some(h2raw::Event::Settings { ack: false, .. })), "ALPN h2: {first:?}");
+}
+
 /// The demo export, as shipped: a rustls client trusting `certs-example/ca.pem` gets the `localhost`
 /// certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -610,7 +610,7 @@ fn events_from_the_keyring_carry_ids_and_public_data_only() {
     let verified = test_util::verified("c-1", "g-1", &["a.example.test"]);
     let secret = hex(verified.private_key.expose());
     let spki = verified.signing_key.public_key().unwrap().into_owned();
-    let mut keyring = Keyring::new();
+    let mut keyring = Keyring::new("me");
     let report = keyring.apply(test_util::snapshot(&[("g-1", test_util::active())], vec![test_util::served(verified)]));
     let loaded = &report.loaded[0];
     let key = loaded.certified_key().unwrap();

@@ -51,7 +51,7 @@ fn ctime_blind_reader(fixture: &Fixture) -> ExportReader {
 
 /// A keyring holding what the first read of `reader` serves.
 fn keyring_after_first_read(fixture: &Fixture, reader: &mut ExportReader) -> Keyring {
-    let mut keyring = Keyring::new();
+    let mut keyring = Keyring::new(GRANTEE);
     keyring.apply(read(fixture, reader, now(), &Served::new()));
     keyring
 }
@@ -527,7 +527,7 @@ fn a_grant_file_that_changes_during_a_read_leaves_its_state_unknown_for_that_rea
     let mut fixture = Fixture::served();
     fixture.write();
     let mut reader = reader_with(&fixture, Environment { now: a_minute_ahead, stat: stat_freezing_grants });
-    let mut keyring = Keyring::new();
+    let mut keyring = Keyring::new(GRANTEE);
     let first = read(&fixture, &mut reader, now(), &Served::new());
     keyring.apply(first);
 
@@ -556,7 +556,7 @@ fn a_reader_kept_across_changes_agrees_with_a_fresh_read() {
     fixture.write();
     // The real clock: every in-place rewrite below happens within the racy margin.
     let mut reader = reader_with(&fixture, Environment::default());
-    let mut keyring = Keyring::new();
+    let mut keyring = Keyring::new(GRANTEE);
     for relative in FIXTURE_FILES {
         let path = fixture.path(relative);
         let original = std::fs::read(&path).unwrap();
@@ -924,7 +924,7 @@ fn partial_reads_of_named_changes_agree_with_complete_reads() {
 
     let mut partial_reader = trusting_reader(&fixture);
     let mut complete_reader = trusting_reader(&fixture);
-    let (mut partial, mut complete) = (Keyring::new(), Keyring::new());
+    let (mut partial, mut complete) = (Keyring::new(GRANTEE), Keyring::new(GRANTEE));
     let first = partial_reader.read(now(), &|_| None).unwrap();
     let mut outcomes: HashMap<String, String> =
         first.associations.iter().map(|a| (a.certificate_id.clone(), a.outcome())).collect();
