@@ -673,8 +673,14 @@ async fn serve_connection(
     let activity = Arc::new(Activity::new());
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
     let io = TokioIo::new(tls);
-    let watch =
-        Watch { shared: &shared, grant_ended: &grant_ended, activity: &activity, idle: settings.idle_timeout, peer };
+    let watch = Watch {
+        shared: &shared,
+        grant_ended: &grant_ended,
+        activity: &activity,
+        idle: settings.idle_timeout,
+        peer,
+        info: &info,
+    };
     if h2 {
         Box::pin(serve_http2(&settings, io, service, watch)).await;
         return;
@@ -870,7 +876,7 @@ type Http1Stream = Tracked<TokioIo<Box<TlsStream>>>;
 /// closes at once, as hyper closes idle connections when drained), or it stayed idle past `timeouts.idle` or,
 /// as hyper would have enforced, past `timeouts.header_read` since its last request.
 async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Duration) -> bool {
-    let Watch { shared, grant_ended, activity, idle, peer } = watch;
+    let Watch { shared, grant_ended, activity, idle, peer, .. } = watch;
     let _parked = shared.metrics.connection_parked();
     // No request runs while parked, so both deadlines stay where the last request left them: one timer, for the
     // earlier (this wait is what an idle connection's task holds, and each timer takes its room in it).
@@ -912,6 +918,8 @@ struct Watch<'a> {
     /// `timeouts.idle` as it was when the connection was accepted.
     idle: Duration,
     peer: SocketAddr,
+    /// The connection, for the access log of requests hyper refuses itself.
+    info: &'a ConnectionInfo,
 }
 
 /// Runs an HTTP connection until it ends, its grant ends (dropped at once), the server shuts down (drained
@@ -935,7 +943,7 @@ async fn drive<C>(
 where
     C: Drain + Unpin,
 {
-    let Watch { shared, grant_ended, activity, idle, peer } = watch;
+    let Watch { shared, grant_ended, activity, idle, peer, info } = watch;
     let mut after_request = parking.and_then(|p| p.after_request);
     let result = loop {
         // HTTP/1: a request head is due `timeouts.header_read` after the connection became idle (its start, or
@@ -974,7 +982,7 @@ where
             },
         }
     };
-    report_end(shared, peer, result, hyper_timeout);
+    report_end(shared, info, result, hyper_timeout);
     None
 }
 
@@ -1033,10 +1041,17 @@ async fn drained<C: Drain>(mut connection: Pin<&mut C>, watch: Watch<'_>, idle_b
 /// Logs how a connection ended; `hyper_timeout` names the deadline hyper enforces itself, for the metrics.
 fn report_end(
     shared: &Shared,
-    peer: SocketAddr,
+    info: &ConnectionInfo,
     result: Result<(), hyper::Error>,
     hyper_timeout: Option<ConnectionTimeout>,
 ) {
+    let peer = info.peer;
+    // hyper answered a head it refused (431 or 414, 400) and closed: the request gets its access-log line too.
+    let log_refused = |status: u16| {
+        if let Some(log) = shared.settings.load().proxy.access_log() {
+            log.log(&crate::proxy::refused_head_record(info, status));
+        }
+    };
     if let Err(error) = result {
         if is_send_timeout(&error) {
             shared.metrics.connection_timed_out(ConnectionTimeout::Send);
@@ -1045,8 +1060,10 @@ fn report_end(
         } else if error.is_parse_too_large() {
             // hyper answered (431, 414) and closed: the refusals its parser makes count with sealgate's own.
             shared.metrics.request_refused(RequestRefusal::HeadTooLarge);
+            log_refused(431);
         } else if error.is_parse() {
             shared.metrics.request_refused(RequestRefusal::Malformed);
+            log_refused(400);
         }
         tracing::debug!(%peer, %error, "connection ended with an error");
     }

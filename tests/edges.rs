@@ -145,8 +145,17 @@ async fn the_access_log_has_one_line_per_request_and_no_secret() {
         let (status, _) = text(http2(tls).await.send_request(get_h2("app.example.test", "/")).await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
 
+        // A request hyper refuses before it becomes one (obs-fold: 400, closed) gets its line too.
+        let mut tls = connect(addr, "app.example.test", f.client(&[b"http/1.1"])).await.unwrap();
+        let folded = b"GET /folded HTTP/1.1\r\nHost: app.example.test\r\nX-A: 1\r\n 2\r\n\r\n";
+        let reply = common::raw::exchange(&mut tls, folded, Duration::from_secs(5)).await;
+        assert_eq!(reply.status(), Some(400), "{reply:?}");
+
         let lines = || std::fs::read_to_string(&log_path).unwrap_or_default();
-        assert!(wait_until(Duration::from_secs(5), || lines().lines().count() == 2).await, "{format}: {}", lines());
+        assert!(wait_until(Duration::from_secs(5), || lines().lines().count() == 3).await, "{format}: {}", lines());
+        let refused = lines().lines().nth(2).unwrap().to_owned();
+        assert!(refused.contains("\"- - HTTP/1.1\" 400 ") || refused.contains("\"status\":400"), "{format}: {refused}");
+        assert!(refused.contains("127.0.0.1:") && refused.contains("TLSv1_3"), "{format}: {refused}");
         let text = lines();
         assert!(!text.contains("s3cr3t"), "{format}: no query string, no header value: {text}");
         let (first, second) = (text.lines().next().unwrap(), text.lines().nth(1).unwrap());

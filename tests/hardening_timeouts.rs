@@ -259,6 +259,32 @@ async fn an_upstream_that_stalls_its_response_body_is_cut_off_at_the_read_timeou
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_that_never_send_a_preface_or_never_finish_a_header_block_are_closed() {
+    let f = Fixture::new();
+    // hyper's HTTP/1 header-read deadline long: only the idle timer can close these (there is no HTTP/2 one).
+    let server = server_with(&f, HELLO, "[timeouts]\nidle = \"300ms\"\nheader_read = \"60s\"").await;
+
+    // ALPN h2, then nothing at all: not even the preface.
+    let mut silent = tls_to(&f, &server, HOST, b"h2").await;
+    assert_closed_in_time(raw::closed_within(&mut silent, DEADLINE).await, "an HTTP/2 connection with no preface");
+
+    // Half a preface.
+    let mut half = tls_to(&f, &server, HOST, b"h2").await;
+    half.write_all(&h2raw::PREFACE[..10]).await.unwrap();
+    assert_closed_in_time(raw::closed_within(&mut half, DEADLINE).await, "an HTTP/2 connection with half a preface");
+
+    // A request's HEADERS without END_HEADERS, its CONTINUATION never sent: no stream is open yet.
+    let mut h2 = H2::start(tls_to(&f, &server, HOST, b"h2").await).await;
+    h2.settled(DEADLINE).await;
+    let block = h2raw::request_block("GET", HOST, "/", &[]);
+    let start = Instant::now();
+    assert!(h2.send(&h2raw::frame(h2raw::HEADERS, h2raw::END_STREAM, 1, &block[..block.len() / 2])).await);
+    let ended = h2.until(DEADLINE, |e| matches!(e, Event::Closed | Event::GoAway { .. })).await;
+    assert!(ended.is_some(), "an unfinished header block keeps the connection open");
+    assert_closed_in_time(Some(start.elapsed()), "an HTTP/2 connection with an unfinished header block");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_still_arriving_at_the_request_deadline_gets_408() {
     let f = Fixture::new();
     let stalled = RawUpstream::start().await;

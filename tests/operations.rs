@@ -138,7 +138,9 @@ async fn sighup_and_a_changed_file_reload_and_a_bad_file_is_refused() {
     let f = Fixture::new();
     f.serve("c-a", &["a.example.test"]);
     let path = f.dir.path().join("proxy.toml");
-    write_config(&path, &f.config(&respond("one")));
+    // The keep-alive pause of the connection kept open below is bounded by `header_read`: long, for slow runs.
+    let config = |routes: String| f.config(&routes).replace("[admin]", "[timeouts]\nheader_read = \"60s\"\n\n[admin]");
+    write_config(&path, &config(respond("one")));
     let mut daemon = Daemon::start(&path);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
     let body = || async {
@@ -146,23 +148,33 @@ async fn sighup_and_a_changed_file_reload_and_a_bad_file_is_refused() {
         text(http1(tls).await.send_request(get("a.example.test", "/")).await.unwrap()).await.1
     };
     assert_eq!(body().await, "one");
+    // A connection kept open across every reload below: never dropped, it gets each new configuration.
+    let kept = connect(addr, "a.example.test", f.client(&[])).await.unwrap();
+    let mut kept = http1(kept).await;
+    let mut kept_body = || {
+        let request = kept.send_request(get("a.example.test", "/"));
+        async move { text(request.await.expect("the open connection survives the reload")).await.1 }
+    };
+    assert_eq!(kept_body().await, "one");
 
     // A change of the file on disk is applied by itself. The listener keeps its (ephemeral) port because its
     // configured address is unchanged.
-    write_config(&path, &f.config(&respond("two")));
+    write_config(&path, &config(respond("two")));
     daemon.wait_for("configuration reloaded");
     assert_eq!(body().await, "two");
+    assert_eq!(kept_body().await, "two");
 
     // A bad file is refused with its error; the running configuration stays.
-    write_config(&path, &f.config(&respond("three")).replace("[[route]]", "[[route]]\nbogus = 1"));
+    write_config(&path, &config(respond("three")).replace("[[route]]", "[[route]]\nbogus = 1"));
     let line = daemon.wait_for("new configuration refused");
     assert!(line.contains("proxy.toml") && line.contains("bogus"), "{line}");
     assert_eq!(body().await, "two");
 
     // SIGHUP reloads too (here, after the file was fixed without the watcher's help being needed).
-    std::fs::write(&path, f.config(&respond("four"))).unwrap();
+    std::fs::write(&path, config(respond("four"))).unwrap();
     daemon.signal("HUP");
     assert!(eventually(APPLY_DEADLINE, || async { body().await == "four" }).await);
+    assert_eq!(kept_body().await, "four");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

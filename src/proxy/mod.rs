@@ -446,6 +446,29 @@ fn record_of<B>(request: &Request<B>, connection: &ConnectionInfo, time: SystemT
     }
 }
 
+/// The access-log record of an HTTP/1 request hyper refused before it became one (a head too large or
+/// malformed, answered `status` and closed): nothing of it is known but its connection, so method and path are
+/// `-`, as nginx logs a request line it could not parse.
+pub fn refused_head_record(connection: &ConnectionInfo, status: u16) -> AccessRecord {
+    AccessRecord {
+        time: SystemTime::now(),
+        client: connection.peer,
+        sni: connection.sni.clone(),
+        host: String::new(),
+        method: http::Method::from_bytes(b"-").unwrap_or_default(),
+        path: "-".to_owned(),
+        version: http::Version::HTTP_11,
+        status,
+        bytes: 0,
+        duration: Duration::ZERO,
+        upstream: None,
+        tls_version: connection.tls_version,
+        cipher: connection.cipher,
+        request_id: None,
+        client_certificate: connection.client_certificate.clone(),
+    }
+}
+
 /// The request's authority: the URI's (HTTP/2 `:authority`, or an absolute-form HTTP/1.1 target, which
 /// overrides `Host` per RFC 9112 section 3.2.2), else the `Host` header.
 fn request_authority<B>(request: &Request<B>) -> Option<&str> {
