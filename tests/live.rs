@@ -87,6 +87,45 @@ async fn new_and_removed_associations_and_changed_names_apply() {
     assert!(leaf_is(addr, &f, "a.example.test", "c-a").await, "the others go on");
 }
 
+/// `server_names` changed in place, under the same grant (the custody system rewriting `associations.toml`):
+/// a name dropped is refused at once, the names kept go on with the same grant, and connections open on them stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_names_changed_in_place_under_the_same_grant_apply() {
+    let f = Fixture::new();
+    f.serve("c-a", &["a.example.test"]);
+    f.issue("c-d", &["d1.example.test", "d2.example.test"]);
+    let mut both = AssociateRequest::new("c-d", &f.export, GRANTEE);
+    both.server_names = Some(vec!["d1.example.test".to_owned(), "d2.example.test".to_owned()]);
+    let grant = f.custody.associate(&both).unwrap().grant_id;
+    let server = start_server(f.dir.path(), &f.config_with(NO_RESCAN, HELLO)).await;
+    let addr = server.tls_addrs[0];
+    assert!(leaf_is(addr, &f, "d1.example.test", "c-d").await && leaf_is(addr, &f, "d2.example.test", "c-d").await);
+    let open = connect(addr, "d1.example.test", f.client(&[])).await.unwrap();
+    let mut open = http1(open).await;
+
+    let path = f.export.join("associations.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let narrower = text
+        .replace("server_names = [\"d1.example.test\", \"d2.example.test\"]", "server_names = [\"d1.example.test\"]");
+    assert_ne!(narrower, text, "the association lists both names: {text}");
+    let staged = f.export.join(".associations.toml.tmp");
+    std::fs::write(&staged, narrower).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+
+    assert!(
+        eventually(APPLY_DEADLINE, || refused_with_alert(addr, "d2.example.test", f.client(&[]))).await,
+        "a name dropped from server_names is no longer served"
+    );
+    assert!(leaf_is(addr, &f, "d1.example.test", "c-d").await, "the name kept is served");
+    assert!(std::fs::read_to_string(&path).unwrap().contains(&grant));
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(common::raw::metric(admin, "sealgate_grants{state=\"retired\"}").await, 0.0, "no grant ended");
+    let response = open.send_request(get("d1.example.test", "/")).await.expect("the open connection goes on");
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let response = open.send_request(get("d2.example.test", "/")).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::MISDIRECTED_REQUEST, "the dropped name, over that connection");
+}
+
 async fn leaf_is(addr: std::net::SocketAddr, f: &Fixture, sni: &str, id: &str) -> bool {
     leaf_for(addr, sni, f.client(&[])).await == Some(f.leaf(id))
 }

@@ -313,23 +313,43 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
 }
 
 /// A name whose grant was retired gets 421 over a connection made with another certificate, even one whose
-/// certificate covers the name; and a name no longer served at all gets 421 over connections still open.
+/// certificate (as it was when the connection was made) covers the name; and a name no longer served at all gets
+/// 421 over connections still open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_name_gets_421_over_other_connections() {
     let f = Fixture::new();
-    // c-a's certificate covers b.example.test too, but its association serves a.example.test only.
+    // c-a serves a.example.test and b.example.test at first; c-b serves b.example.test.
     f.issue("c-a", &["a.example.test", "b.example.test"]);
     let mut request = AssociateRequest::new("c-a", &f.export, GRANTEE);
-    request.server_names = Some(vec!["a.example.test".to_owned()]);
+    request.server_names = Some(vec!["a.example.test".to_owned(), "b.example.test".to_owned()]);
     f.custody.associate(&request).unwrap();
     f.serve("c-b", &["b.example.test"]);
     let server = f.start(HELLO).await;
     let addr = server.tls_addrs[0];
 
     let mut over_a = http2(connect(addr, "a.example.test", f.client(&[b"h2"])).await.unwrap()).await;
+    assert_eq!(
+        over_a.send_request(get_h2("b.example.test", "/")).await.unwrap().status(),
+        StatusCode::OK,
+        "before: b.example.test over a connection made with c-a, which serves it"
+    );
+
+    // c-a's association narrowed to a.example.test in place (same grant: its connection stays): b.example.test is
+    // still served, by c-b, and over_a's certificate still covers it.
+    let associations = f.export.join("associations.toml");
+    let text = std::fs::read_to_string(&associations).unwrap();
+    let narrowed =
+        text.replace("server_names = [\"a.example.test\", \"b.example.test\"]", "server_names = [\"a.example.test\"]");
+    assert_ne!(narrowed, text);
+    let staged = f.export.join(".associations.tmp");
+    std::fs::write(&staged, narrowed).unwrap();
+    std::fs::rename(&staged, &associations).unwrap();
+    assert!(eventually(APPLY_DEADLINE, || leaf_is(addr, &f, "b.example.test", "c-b")).await);
+    assert_eq!(over_a.send_request(get_h2("b.example.test", "/")).await.unwrap().status(), StatusCode::OK);
     let mut over_b = http2(connect(addr, "b.example.test", f.client(&[b"h2"])).await.unwrap()).await;
     assert_eq!(over_b.send_request(get_h2("b.example.test", "/")).await.unwrap().status(), StatusCode::OK);
 
+    // c-b's grant retired: b.example.test is served by nothing, and over_a's request for it gets 421.
     f.custody.retire_grant(&f.grant_of("c-b")).unwrap();
     assert!(eventually(APPLY_DEADLINE, || refused_with_alert(addr, "b.example.test", f.client(&[]))).await);
     let response = over_a.send_request(get_h2("b.example.test", "/")).await.unwrap();
