@@ -17,6 +17,7 @@ pub mod connection_limit;
 pub mod custody;
 pub mod daemon;
 pub mod h2streams;
+pub mod head_lines;
 pub mod holder;
 pub mod hygiene;
 pub mod keyring;

@@ -39,6 +39,7 @@ use crate::audit::{Audit, AuditEvent};
 use crate::config::{Config, LimitsConfig, ListenerConfig, TimeoutsConfig, DEFAULT_MAX_HEADER_COUNT};
 use crate::connection_limit::{ConnectionLimit, ConnectionPermit};
 use crate::custody::snapshot::ExportError;
+use crate::head_lines::HeadLines;
 use crate::holder::Holder;
 use crate::keyring::CertificateIdentity;
 use crate::metrics::{ConnectionRefusal, ConnectionTimeout, HandshakeFailure, Metrics, RequestRefusal};
@@ -658,6 +659,11 @@ async fn serve_connection(
         }
         false => (grant_ended, None),
     };
+    // HTTP/1: heads with bare LF line endings are refused (see `head_lines`).
+    let head_lines = (!h2).then(HeadLines::new);
+    if let Some(lines) = &head_lines {
+        tls.scan_heads(Arc::clone(lines));
+    }
     let info = Arc::new(ConnectionInfo {
         peer,
         sni,
@@ -669,8 +675,9 @@ async fn serve_connection(
         tunnel: std::sync::Mutex::new(None),
         forwarding: ForwardingCache::default(),
         client_certificate,
+        head_lines: head_lines.clone(),
     });
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(head_lines));
     let service = Service { shared: Arc::clone(&shared), info: Arc::clone(&info), activity: Arc::clone(&activity) };
     let io = TokioIo::new(tls);
     let watch = Watch {
@@ -701,8 +708,14 @@ async fn serve_connection(
         io = parts.io.reuse(parts.read_buf);
         service = parts.service;
         park_after_request = Some(activity.completed());
-        if !io.has_read_ahead() && !wait_parked(&mut io, watch, settings.header_read_timeout).await {
-            return;
+        if !io.has_read_ahead() {
+            if !wait_parked(&mut io, watch, settings.header_read_timeout).await {
+                return;
+            }
+            // The client sends again, after nothing left unread: a head.
+            if let Some(lines) = &activity.head_lines {
+                lines.await_head();
+            }
         }
     }
     // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
@@ -1094,16 +1107,19 @@ struct Activity {
     completed: AtomicU64,
     /// A request of the connection came with a body.
     saw_request_body: AtomicBool,
+    /// HTTP/1: told when a response has been sent, so that the next head is looked at.
+    head_lines: Option<Arc<HeadLines>>,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(head_lines: Option<Arc<HeadLines>>) -> Self {
         Self {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             saw_request_body: AtomicBool::new(false),
+            head_lines,
         }
     }
 
@@ -1174,21 +1190,26 @@ impl Activity {
     /// A request arrived; it is in flight until the guard is dropped (when its response has been sent).
     fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(self))
+        InFlight { activity: Arc::clone(self) }
     }
 }
 
 /// Keeps a request counted as in flight.
 #[derive(Debug)]
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
+        let activity = &self.activity;
         let now = u64::try_from(activity.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.idle_since_ms.store(now, Ordering::Relaxed);
         activity.completed.fetch_add(1, Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::Release);
+        if let Some(lines) = &activity.head_lines {
+            lines.answered();
+        }
     }
 }
 
@@ -1315,17 +1336,17 @@ mod tests {
     #[tokio::test]
     async fn the_earlier_closing_deadline_comes_due() {
         let ms = Duration::from_millis;
-        let (found, after) = due(&Activity::new(), deadlines(LONG, Some(ms(100)), None)).await;
+        let (found, after) = due(&Activity::new(None), deadlines(LONG, Some(ms(100)), None)).await;
         assert_eq!(found, Due::HeaderRead);
         assert!(after >= ms(100) && after < LONG, "{after:?}");
-        let (found, after) = due(&Activity::new(), deadlines(ms(100), Some(LONG), None)).await;
+        let (found, after) = due(&Activity::new(None), deadlines(ms(100), Some(LONG), None)).await;
         assert_eq!(found, Due::Idle);
         assert!(after >= ms(100) && after < LONG, "{after:?}");
     }
 
     #[tokio::test]
     async fn deadlines_count_from_when_the_connection_became_idle() {
-        let activity = Activity::new();
+        let activity = Activity::new(None);
         tokio::time::sleep(Duration::from_millis(150)).await;
         // Made again by the drive loop, the future keeps the deadline: 200 ms from the start, not from now.
         let (found, after) = due(&activity, deadlines(Duration::from_millis(200), None, None)).await;
@@ -1335,7 +1356,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_in_flight_holds_every_deadline_back() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(None));
         let request = activity.request_started();
         let short = deadlines(Duration::from_millis(60), Some(Duration::from_millis(60)), Some(None));
         let held = tokio::time::timeout(Duration::from_millis(300), activity.first_due(short)).await;
@@ -1349,10 +1370,10 @@ mod tests {
 
     #[tokio::test]
     async fn parking_comes_before_the_closing_deadlines_unless_a_body_was_seen() {
-        let (found, after) = due(&Activity::new(), deadlines(LONG, Some(LONG), Some(None))).await;
+        let (found, after) = due(&Activity::new(None), deadlines(LONG, Some(LONG), Some(None))).await;
         assert_eq!(found, Due::Park);
         assert!(after >= PARK_AFTER && after < LONG, "{after:?}");
-        let activity = Activity::new();
+        let activity = Activity::new(None);
         activity.saw_request_body();
         let (found, _) = due(&activity, deadlines(LONG, Some(Duration::from_millis(300)), Some(None))).await;
         assert_eq!(found, Due::HeaderRead, "a connection that had a body is never parked");
@@ -1360,7 +1381,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_an_unparking_parking_waits_for_a_completed_request() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(None));
         let completes = {
             let activity = Arc::clone(&activity);
             tokio::spawn(async move {

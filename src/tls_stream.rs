@@ -34,6 +34,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::head_lines::{HeadLines, HeadScan};
+
 /// Room asked of the receive buffer before each read of the socket: one whole TLS record (a header, 2^14 bytes
 /// and the most a cipher may add), so that a large upload takes one read per record.
 const READ_SIZE: usize = 5 + (1 << 14) + 256;
@@ -129,6 +131,7 @@ impl StartHandshake {
             failed: None,
             send_timeout: None,
             send_stalled: None,
+            head_scan: None,
         };
         poll_fn(|cx| stream.poll_handshake(cx)).await?;
         Ok(stream)
@@ -163,6 +166,9 @@ pub struct TlsStream {
     send_timeout: Option<Duration>,
     /// Runs from the first write the socket refused until one it takes.
     send_stalled: Option<Pin<Box<Sleep>>>,
+    /// HTTP/1: the request heads read are looked at for bare LF line endings (see [`crate::head_lines`]).
+    /// Boxed: an idle HTTP/2 connection carries only the pointer.
+    head_scan: Option<Box<HeadScan>>,
 }
 
 /// The error of a write the client took nothing of for the stream's send timeout (an
@@ -231,6 +237,11 @@ impl TlsStream {
     /// [`SendTimedOut`].
     pub fn set_send_timeout(&mut self, timeout: Duration) {
         self.send_timeout = Some(timeout);
+    }
+
+    /// HTTP/1: looks at the request heads read for bare LF line endings, reporting to `lines`.
+    pub fn scan_heads(&mut self, lines: Arc<HeadLines>) {
+        self.head_scan = Some(Box::new(HeadScan::new(lines)));
     }
 
     /// The socket, to wait for it to be readable without reading.
@@ -542,6 +553,19 @@ impl TlsStream {
 impl AsyncRead for TlsStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = this.poll_read_plaintext(cx, buf);
+        if let Some(scan) = &mut this.head_scan {
+            scan.read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl TlsStream {
+    /// Reads application data into `buf`.
+    fn poll_read_plaintext(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if this.read_plaintext(buf) {
                 return Poll::Ready(Ok(()));

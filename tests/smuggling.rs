@@ -301,10 +301,23 @@ fn http1_cases() -> Vec<Case> {
         },
         Case {
             name: "bare LF line endings in the head",
-            by: "hyper accepts them (RFC 9112 2.2 allows it); the upstream only ever sees hyper's CRLF re-serialisation",
+            by: "sealgate (head_lines: hyper would accept them, as RFC 9112 2.2 allows)",
             bytes: |p| format!("GET {p} HTTP/1.1\nHost: {HOST}\nX-A: 1\n\n").into_bytes(),
-            expect: Expect::Forwarded(1),
-            check: |requests| assert_eq!(requests[0].all("x-a"), ["1"]),
+            expect: Expect::Refused,
+            check: none,
+            half_close: false,
+        },
+        Case {
+            name: "one bare LF among CRLF line endings (hiding a Transfer-Encoding)",
+            by: "sealgate (head_lines)",
+            bytes: |p| {
+                format!(
+                    "POST {p} HTTP/1.1\r\nHost: {HOST}\r\nX-A: 1\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc"
+                )
+                .into_bytes()
+            },
+            expect: Expect::Refused,
+            check: none,
             half_close: false,
         },
         Case {
@@ -512,6 +525,37 @@ async fn http1_ambiguous_framing_never_reaches_the_upstream() {
         };
         judge(case, &reply, upstream);
     }
+}
+
+/// Bare LF line endings are refused on the heads after the first on a kept-alive connection too (after a request
+/// without a body, and after one whose body was read to its end), and the bodies in between, LFs and all, are
+/// left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bare_lf_heads_are_refused_on_kept_alive_connections_and_bodies_are_left_alone() {
+    let (f, server, upstreams) = serve_with_raw_upstreams(1).await;
+    let post = format!("POST /c0/post HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 7\r\n\r\na\nb\nc\n\n");
+    let get = |path: &str, eol: &str| format!("GET /c0/{path} HTTP/1.1{eol}Host: {HOST}{eol}{eol}");
+    let refused = |reply: &Reply| reply.status() == Some(400) && reply.closed;
+
+    // A body full of bare LFs, a head after it, then a head with bare LFs after a bodiless request.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    for request in [post.clone(), get("one", "\r\n")] {
+        let reply = raw::exchange(&mut tls, request.as_bytes(), WAIT).await;
+        assert_eq!((reply.status(), reply.closed), (Some(200), false), "{request:?}: {reply:?}");
+    }
+    let reply = raw::exchange(&mut tls, get("bare", "\n").as_bytes(), WAIT).await;
+    assert!(refused(&reply), "{reply:?}");
+
+    // A head with bare LFs right after a request whose body the upstream read.
+    let mut tls = tls_to(&f, &server, HOST, b"http/1.1").await;
+    let reply = raw::exchange(&mut tls, post.as_bytes(), WAIT).await;
+    assert_eq!((reply.status(), reply.closed), (Some(200), false), "{reply:?}");
+    let reply = raw::exchange(&mut tls, get("bare", "\n").as_bytes(), WAIT).await;
+    assert!(refused(&reply), "{reply:?}");
+
+    let received = upstreams[0].requests();
+    assert_eq!(received.len(), 3, "the three CRLF requests, never a bare-LF one: {received:?}");
+    assert!(received.iter().all(|r| !r.line.contains("bare")), "{received:?}");
 }
 
 /// A header field as raw bytes.

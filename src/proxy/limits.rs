@@ -20,6 +20,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::{LimitsConfig, TimeoutsConfig};
+use crate::head_lines::HeadLines;
 use crate::metrics::RequestRefusal;
 
 /// Why a request is refused.
@@ -142,6 +144,7 @@ impl Limits {
         &self,
         request: Request<Incoming>,
         max_body_bytes: Option<u64>,
+        head_lines: Option<&Arc<HeadLines>>,
     ) -> Result<Request<RequestBody>, LimitError> {
         let max_body_bytes = max_body_bytes.unwrap_or(self.max_body_bytes);
         let (mut parts, body) = request.into_parts();
@@ -160,7 +163,8 @@ impl Limits {
                 }
             }
         }
-        let body = RequestBody::new(body, max_body_bytes, self.request_timeout);
+        let mut body = RequestBody::new(body, max_body_bytes, self.request_timeout);
+        body.head_lines = head_lines.cloned();
         Ok(Request::from_parts(parts, body))
     }
 }
@@ -284,13 +288,22 @@ pub struct RequestBody {
     deadline: Option<Pin<Box<Sleep>>>,
     timeout: Duration,
     done: bool,
+    /// HTTP/1: told when the body has been read to its end (see [`crate::head_lines`]).
+    head_lines: Option<Arc<HeadLines>>,
 }
 
 impl RequestBody {
     fn new(inner: Incoming, max: u64, timeout: Duration) -> Self {
         let done = inner.is_end_stream();
         let deadline = (!done).then(|| Box::pin(tokio::time::sleep_until(Instant::now() + timeout)));
-        Self { inner, remaining: max, max, deadline, timeout, done }
+        Self { inner, remaining: max, max, deadline, timeout, done, head_lines: None }
+    }
+
+    /// The body has been read to its end: the client's next bytes are a head.
+    fn read_to_end(&mut self) {
+        if let Some(lines) = self.head_lines.take() {
+            lines.body_read();
+        }
     }
 
     fn fail(&mut self, error: LimitError) -> Poll<Option<Result<Frame<Bytes>, LimitError>>> {
@@ -319,6 +332,7 @@ impl Body for RequestBody {
             Poll::Ready(None) => {
                 self.done = true;
                 self.deadline = None;
+                self.read_to_end();
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(error))) => return self.fail(LimitError::Body(error)),
@@ -331,6 +345,10 @@ impl Body for RequestBody {
                 return self.fail(LimitError::BodyTooLarge { max });
             }
             self.remaining -= len;
+        }
+        // Readers stop at `is_end_stream` rather than poll for the `None` after the last frame.
+        if self.inner.is_end_stream() {
+            self.read_to_end();
         }
         Poll::Ready(Some(Ok(frame)))
     }

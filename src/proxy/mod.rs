@@ -36,6 +36,7 @@ use hyper::body::Incoming;
 use crate::access_log::{AccessLog, AccessRecord, LoggedBody};
 use crate::client_auth::ClientIdentity;
 use crate::config::{Config, HeaderRule, HstsConfig};
+use crate::head_lines::HeadLines;
 use crate::keyring::CertificateIdentity;
 use crate::metrics::{Metrics, RequestRefusal};
 use crate::names;
@@ -82,6 +83,8 @@ pub struct ConnectionInfo {
     pub forwarding: ForwardingCache,
     /// The verified client certificate the connection was made with (`[tls.client_auth]`), if any.
     pub client_certificate: Option<Arc<ClientIdentity>>,
+    /// HTTP/1: whether the head just read had bare LF line endings (see [`crate::head_lines`]).
+    pub head_lines: Option<Arc<HeadLines>>,
 }
 
 impl ConnectionInfo {
@@ -199,7 +202,13 @@ impl Proxy {
             true => self.route_for(&request).and_then(|route| route.max_body_bytes),
             false => None,
         };
-        let mut request = match self.limits.admit(request, body_limit) {
+        let bodiless = http_body::Body::is_end_stream(request.body());
+        if connection.head_lines.as_ref().is_some_and(|lines| lines.head_read(bodiless)) {
+            let error = LimitError::Framing("a line of the request head ends in a bare LF, not CRLF");
+            return Answer::of(self.refuse(&error, version, connection));
+        }
+        let head_lines = connection.head_lines.as_ref().filter(|_| !bodiless);
+        let mut request = match self.limits.admit(request, body_limit, head_lines) {
             Ok(request) => request,
             Err(error) => return Answer::of(self.refuse(&error, version, connection)),
         };
