@@ -2,15 +2,17 @@
 //! keeps the method and body). It serves nothing else and never proxies.
 //!
 //! Its connections count under `limits.max_connections` with the TLS listeners' (a flood of plain connections
-//! must not use up the descriptors HTTPS needs), and a request head (and the pause before it) must arrive within
-//! `timeouts.header_read`.
+//! must not use up the descriptors HTTPS needs), a request head (and the pause before it) must arrive within
+//! `timeouts.header_read`, and each request gets its access-log line (TLS version and cipher `-`).
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -20,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::connection_limit::ConnectionLimit;
 use crate::metrics::{ConnectionRefusal, Metrics};
 use crate::names;
@@ -39,12 +42,16 @@ pub struct RedirectListener {
     pub max_header_bytes: usize,
 }
 
+/// The access log in force (a reload replaces it), if any.
+pub type CurrentAccessLog = Arc<dyn Fn() -> Option<Arc<AccessLog>> + Send + Sync>;
+
 /// Serves redirects on `listener` until `shutdown`, each connection holding a place under `connections`.
 pub async fn serve(
     listener: TcpListener,
     settings: RedirectListener,
     connections: Arc<ConnectionLimit>,
     metrics: Arc<Metrics>,
+    access_log: CurrentAccessLog,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -69,7 +76,7 @@ pub async fn serve(
                     tracing::debug!(%peer, "redirect listener: connection refused: limits.max_connections reached");
                     continue;
                 };
-                (tcp, permit)
+                (tcp, permit, peer)
             }
             Err(error) => {
                 tracing::warn!(%error, "redirect listener: accept failed; backing off");
@@ -77,23 +84,31 @@ pub async fn serve(
                 continue;
             }
         };
-        let (mut tcp, permit) = tcp;
+        let (mut tcp, permit, peer) = tcp;
         let builder = Arc::clone(&builder);
         let shutdown = shutdown.clone();
+        let access_log = Arc::clone(&access_log);
         tracker.spawn(async move {
             let _permit = permit;
+            let mut client = peer;
             if proxy_protocol {
                 let header = tokio::time::timeout(header_read, crate::proxy_header::read(&mut tcp));
                 tokio::select! {
                     read = header => match read {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(source)) => client = source.unwrap_or(peer),
                         Ok(Err(error)) => return tracing::debug!(%error, "redirect listener: connection closed"),
                         Err(_) => return tracing::debug!("redirect listener: no PROXY protocol header in time"),
                     },
                     _ = shutdown.cancelled() => return,
                 }
             }
-            let service = service_fn(move |request| async move { Ok::<_, Infallible>(redirect(&request, https_port)) });
+            let service = service_fn(move |request: Request<Incoming>| {
+                let response = redirect(&request, https_port);
+                if let Some(log) = access_log() {
+                    log.log(&record(&request, &response, client));
+                }
+                async move { Ok::<_, Infallible>(response) }
+            });
             let connection = builder.serve_connection(TokioIo::new(tcp), service);
             tokio::select! {
                 _ = connection => {}
@@ -122,6 +137,27 @@ fn redirect(request: &Request<Incoming>, https_port: u16) -> Response<Full<Bytes
     let mut response = plain(StatusCode::PERMANENT_REDIRECT, "moved to https\n");
     response.headers_mut().insert(header::LOCATION, location);
     response
+}
+
+/// The access-log line of a redirect.
+fn record(request: &Request<Incoming>, response: &Response<Full<Bytes>>, client: SocketAddr) -> AccessRecord {
+    AccessRecord {
+        time: SystemTime::now(),
+        client,
+        sni: None,
+        host: request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default().to_owned(),
+        method: request.method().clone(),
+        path: request.uri().path().to_owned(),
+        version: request.version(),
+        status: response.status().as_u16(),
+        bytes: response.body().size_hint().exact().unwrap_or(0),
+        duration: Duration::ZERO,
+        upstream: None,
+        tls_version: "-",
+        cipher: "-",
+        request_id: None,
+        client_certificate: None,
+    }
 }
 
 fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -390,11 +390,15 @@ pub async fn start(config: Config) -> Result<RunningServer> {
             header_read: config.timeouts.header_read,
             max_header_bytes: config.limits.max_header_bytes,
         };
+        let current = Arc::clone(&shared);
+        let access_log: crate::redirect::CurrentAccessLog =
+            Arc::new(move || current.settings.load().proxy.access_log().cloned());
         tracker.spawn(crate::redirect::serve(
             socket,
             settings,
             Arc::clone(&shared.connections),
             Arc::clone(&metrics),
+            access_log,
             shutdown.clone(),
             tracker.clone(),
         ));

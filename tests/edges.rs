@@ -29,9 +29,13 @@ async fn plain_get(
 async fn plain_http_is_redirected_to_https_with_308() {
     let f = Fixture::new();
     f.serve("c-a", &["app.example.test"]);
-    let redirects =
-        "[[redirect]]\nbind = \"127.0.0.1:0\"\n\n[[redirect]]\nbind = \"127.0.0.1:0\"\nhttps_port = 8443\n\n[admin]";
-    let server = start_server(f.dir.path(), &f.config(HELLO).replace("[admin]", redirects)).await;
+    let log_path = f.dir.path().join("access.log");
+    let redirects = format!(
+        "[[redirect]]\nbind = \"127.0.0.1:0\"\n\n[[redirect]]\nbind = \"127.0.0.1:0\"\nhttps_port = 8443\n\n\
+         [access_log]\npath = {:?}\n\n[admin]",
+        log_path.display().to_string()
+    );
+    let server = start_server(f.dir.path(), &f.config(HELLO).replace("[admin]", &redirects)).await;
     let (standard, custom) = (server.redirect_addrs[0], server.redirect_addrs[1]);
 
     let response = plain_get(standard, Some("App.Example.Test:80"), "/a/b?q=1").await;
@@ -41,6 +45,15 @@ async fn plain_http_is_redirected_to_https_with_308() {
     assert_eq!(response.headers()["location"], "https://app.example.test:8443/");
     assert_eq!(plain_get(standard, None, "/").await.status(), StatusCode::BAD_REQUEST);
     assert_eq!(plain_get(standard, Some("bad host!"), "/").await.status(), StatusCode::BAD_REQUEST);
+
+    // Each got its access-log line, as requests over TLS do.
+    let lines = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(5), || lines().lines().count() == 4).await, "{}", lines());
+    let text = lines();
+    let first = text.lines().next().unwrap();
+    assert!(first.contains("\"GET /a/b HTTP/1.1\" 308 ") && first.contains("tls=-"), "{first}");
+    assert!(!first.contains("q=1"), "no query string: {first}");
+    assert_eq!(text.lines().filter(|l| l.contains(" 400 ")).count(), 2, "{text}");
 }
 
 /// Whether the server closes `tcp` within `wait` (EOF or a reset).

@@ -104,10 +104,10 @@ async fn server_names_changed_in_place_under_the_same_grant_apply() {
     let mut open = http1(open).await;
 
     let path = f.export.join("associations.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let narrower = text
+    let listed = std::fs::read_to_string(&path).unwrap();
+    let narrower = listed
         .replace("server_names = [\"d1.example.test\", \"d2.example.test\"]", "server_names = [\"d1.example.test\"]");
-    assert_ne!(narrower, text, "the association lists both names: {text}");
+    assert_ne!(narrower, listed, "the association lists both names: {listed}");
     let staged = f.export.join(".associations.toml.tmp");
     std::fs::write(&staged, narrower).unwrap();
     std::fs::rename(&staged, &path).unwrap();
@@ -121,7 +121,8 @@ async fn server_names_changed_in_place_under_the_same_grant_apply() {
     let admin = server.admin_addr.unwrap();
     assert_eq!(common::raw::metric(admin, "sealgate_grants{state=\"retired\"}").await, 0.0, "no grant ended");
     let response = open.send_request(get("d1.example.test", "/")).await.expect("the open connection goes on");
-    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(text(response).await.0, http::StatusCode::OK);
+    open.ready().await.unwrap();
     let response = open.send_request(get("d2.example.test", "/")).await.unwrap();
     assert_eq!(response.status(), http::StatusCode::MISDIRECTED_REQUEST, "the dropped name, over that connection");
 }

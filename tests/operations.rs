@@ -151,18 +151,21 @@ async fn sighup_and_a_changed_file_reload_and_a_bad_file_is_refused() {
     // A connection kept open across every reload below: never dropped, it gets each new configuration.
     let kept = connect(addr, "a.example.test", f.client(&[])).await.unwrap();
     let mut kept = http1(kept).await;
-    let mut kept_body = || {
-        let request = kept.send_request(get("a.example.test", "/"));
-        async move { text(request.await.expect("the open connection survives the reload")).await.1 }
-    };
-    assert_eq!(kept_body().await, "one");
+    async fn kept_body(
+        kept: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    ) -> String {
+        kept.ready().await.expect("the open connection survives the reload");
+        let response = kept.send_request(get("a.example.test", "/")).await;
+        text(response.expect("the open connection survives the reload")).await.1
+    }
+    assert_eq!(kept_body(&mut kept).await, "one");
 
     // A change of the file on disk is applied by itself. The listener keeps its (ephemeral) port because its
     // configured address is unchanged.
     write_config(&path, &config(respond("two")));
     daemon.wait_for("configuration reloaded");
     assert_eq!(body().await, "two");
-    assert_eq!(kept_body().await, "two");
+    assert_eq!(kept_body(&mut kept).await, "two");
 
     // A bad file is refused with its error; the running configuration stays.
     write_config(&path, &config(respond("three")).replace("[[route]]", "[[route]]\nbogus = 1"));
@@ -174,7 +177,7 @@ async fn sighup_and_a_changed_file_reload_and_a_bad_file_is_refused() {
     std::fs::write(&path, config(respond("four"))).unwrap();
     daemon.signal("HUP");
     assert!(eventually(APPLY_DEADLINE, || async { body().await == "four" }).await);
-    assert_eq!(kept_body().await, "four");
+    assert_eq!(kept_body(&mut kept).await, "four");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
