@@ -118,9 +118,12 @@ async fn http1_heads_trickled_byte_by_byte_are_cut_at_header_read_on_every_reque
     assert_eq!(timeouts, 3.0);
 }
 
-/// An upstream that answers every request slowly: the head after `step`, then half the body, then the rest
-/// after another `step`.
-async fn slow_upstream(step: Duration) -> SocketAddr {
+/// An upstream that reads each request's head, then hands the connection to `answer`.
+async fn upstream_answering<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -134,14 +137,35 @@ async fn slow_upstream(step: Duration) -> SocketAddr {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
-                tokio::time::sleep(step).await;
-                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nsl").await;
-                tokio::time::sleep(step).await;
-                let _ = tcp.write_all(b"ow").await;
+                answer(tcp).await;
             });
         }
     });
     addr
+}
+
+/// An upstream that answers every request slowly: the head after `step`, then half the body, then the rest
+/// after another `step`.
+async fn slow_upstream(step: Duration) -> SocketAddr {
+    upstream_answering(move |mut tcp| async move {
+        tokio::time::sleep(step).await;
+        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nsl").await;
+        tokio::time::sleep(step).await;
+        let _ = tcp.write_all(b"ow").await;
+    })
+    .await
+}
+
+/// An upstream that answers every request with a head promising 10 bytes, sends 4 of them and then nothing, its
+/// connection left open.
+async fn stalling_upstream() -> SocketAddr {
+    upstream_answering(|mut tcp| async move {
+        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf").await;
+        // Held open until sealgate closes it.
+        let mut buf = [0u8; 512];
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await
 }
 
 async fn h2_client(
@@ -192,31 +216,6 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
 
     let admin = server.admin_addr.unwrap();
     assert!(raw::metric(admin, "sealgate_connection_timeouts_total{timeout=\"Idle\"}").await >= 3.0);
-}
-
-/// An upstream that answers every request with a head promising 10 bytes, sends 4 of them and then nothing, its
-/// connection left open.
-async fn stalling_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while raw::find(&head, b"\r\n\r\n").is_none() {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf").await;
-                // Held open until sealgate closes it.
-                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

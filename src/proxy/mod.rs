@@ -460,21 +460,10 @@ fn record_of<B>(request: &Request<B>, connection: &ConnectionInfo, time: SystemT
 /// `-`, as nginx logs a request line it could not parse.
 pub fn refused_head_record(connection: &ConnectionInfo, status: u16) -> AccessRecord {
     AccessRecord {
-        time: SystemTime::now(),
-        client: connection.peer,
-        sni: connection.sni.clone(),
-        host: String::new(),
         method: http::Method::from_bytes(b"-").unwrap_or_default(),
         path: "-".to_owned(),
-        version: http::Version::HTTP_11,
         status,
-        bytes: 0,
-        duration: Duration::ZERO,
-        upstream: None,
-        tls_version: connection.tls_version,
-        cipher: connection.cipher,
-        request_id: None,
-        client_certificate: connection.client_certificate.clone(),
+        ..record_of(&Request::new(()), connection, SystemTime::now())
     }
 }
 
