@@ -234,6 +234,35 @@ async fn requests_go_upstream_over_one_http2_connection_with_trailers_both_ways(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_connection_no_request_takes_for_pool_idle_timeout_is_closed_and_made_again() {
+    let upstream = H2Upstream::start(None).await;
+    let f = Fixture::new();
+    f.serve("c-app", &["app.example.test"]);
+    let config = f
+        .config(&route(&upstream.url("http"), ""))
+        .replace("[admin]", "[proxy]\npool_idle_timeout = \"1s\"\n\n[admin]");
+    let server = start_server(f.dir.path(), &config).await;
+    let tls = connect(server.tls_addrs[0], "app.example.test", f.client(&[b"h2"])).await.unwrap();
+    let mut client = http2(tls).await;
+
+    // Taken every 100 ms for a second and a half: kept (a slow machine has 900 ms to spare between two).
+    for i in 0..15 {
+        assert_eq!(call(&mut client, &format!("/busy/{i}"), "x").await.0, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!((upstream.connections.load(Ordering::SeqCst), upstream.open_connections()), (1, 1));
+
+    // Then left alone: closed (from 1 s on), and made again for the next request.
+    assert!(
+        wait_until(Duration::from_secs(5), || upstream.open_connections() == 0).await,
+        "the idle connection is closed"
+    );
+    let (status, body, _) = call(&mut client, "/again", "y").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"echo: y"[..]));
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_http2_upstreams_are_verified_and_negotiate_h2() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
     let ca_key = KeyPair::generate().unwrap();

@@ -27,8 +27,9 @@
 //! **HTTP/2.** Requests multiplex on one connection per upstream, made by the first request that needs it
 //! (others wait for it under the upstream's lock rather than each opening one) and replaced once closed. A
 //! request is given back unsent by a connection that closed (or went away) before taking it, and is then sent
-//! on a new connection, once. There is no idle list: the connection stays open, PINGed, for as long as the
-//! route and the upstream keep it.
+//! on a new connection, once. There is no idle list: the connection stays open, PINGed, until no request has
+//! taken it for `pool_idle_timeout` (its own reaper task then lets it go: it closes once its streams have
+//! ended), or the route or the upstream closes it.
 //!
 //! Each route has its own pool, since each route has its own trust: two routes to the same upstream do not
 //! share connections.
@@ -287,8 +288,9 @@ impl Pool {
     /// made wait for it rather than each making their own.
     async fn multiplexed_sender(&self, upstream: &Upstream) -> Result<http2::SendRequest<UpstreamBody>, SendError> {
         let mut shared = upstream.multiplexed.lock().await;
-        if let Some(sender) = shared.as_ref().filter(|sender| !sender.is_closed()) {
-            return Ok(sender.clone());
+        if let Some(multiplexed) = shared.as_mut().filter(|m| !m.sender.is_closed()) {
+            multiplexed.last_used = Instant::now();
+            return Ok(multiplexed.sender.clone());
         }
         let timeout = self.shared.connect_timeout;
         let connecting = async {
@@ -314,9 +316,55 @@ impl Pool {
         };
         let sender =
             tokio::time::timeout(timeout, connecting).await.map_err(|_| SendError::ConnectTimeout(timeout))??;
-        *shared = Some(sender.clone());
+        let generation = shared.as_ref().map_or(0, |old| old.generation.wrapping_add(1));
+        *shared = Some(Multiplexed { sender: sender.clone(), last_used: Instant::now(), generation });
+        reap_multiplexed(&upstream.multiplexed, generation, self.shared.idle_timeout, &upstream.stop);
         Ok(sender)
     }
+}
+
+/// An HTTP/2 upstream's shared connection, and when a request last took it.
+#[derive(Debug)]
+struct Multiplexed {
+    sender: http2::SendRequest<UpstreamBody>,
+    last_used: Instant,
+    /// Tells this connection from the one before it, for its reaper.
+    generation: u64,
+}
+
+/// Starts the task that lets the shared HTTP/2 connection `generation` in `slot` go once no request has taken
+/// it for `timeout` (between `timeout` and 1.25 × `timeout`): hyper closes a connection whose handles are all
+/// dropped once its streams have ended. The task ends with that connection (closed or replaced) or the route.
+fn reap_multiplexed(
+    slot: &Arc<tokio::sync::Mutex<Option<Multiplexed>>>,
+    generation: u64,
+    timeout: Duration,
+    stop: &CancellationToken,
+) {
+    let slot = Arc::downgrade(slot);
+    let stop = stop.clone();
+    let tick = (timeout / 4).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let Some(slot) = slot.upgrade() else { return };
+            let mut shared = slot.lock().await;
+            match shared.as_ref() {
+                Some(multiplexed) if multiplexed.generation != generation || multiplexed.sender.is_closed() => return,
+                Some(multiplexed) if multiplexed.last_used.elapsed() >= timeout => {
+                    tracing::debug!(?timeout, "closing an idle HTTP/2 upstream connection");
+                    *shared = None;
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    });
 }
 
 /// Interval of the PINGs on an HTTP/2 upstream connection.
@@ -369,7 +417,7 @@ pub struct Upstream {
     security: Security,
     idle: Arc<IdleList>,
     /// The one connection of an HTTP/2 upstream, shared by its requests (unused for HTTP/1.1).
-    multiplexed: tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    multiplexed: Arc<tokio::sync::Mutex<Option<Multiplexed>>>,
     /// `http` or `https`, and the URL's authority: an HTTP/2 request's `:scheme`, and its `:authority` when
     /// the request has no `Host`.
     scheme: Scheme,
@@ -393,7 +441,7 @@ impl Upstream {
             port,
             security,
             idle: Arc::default(),
-            multiplexed: tokio::sync::Mutex::new(None),
+            multiplexed: Arc::default(),
             scheme: scheme.clone(),
             authority: authority.clone(),
             stop,
