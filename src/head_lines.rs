@@ -5,8 +5,7 @@
 //! smuggling. sealgate never forwards a head as received (hyper parses it and the upstream client writes it anew
 //! with CRLF), so nothing ambiguous reaches an upstream either way; but a client sending bare LFs is at best
 //! broken and at worst probing, and the edge should say so rather than guess: such a request gets 400 and its
-//! connection is closed, as nginx does with `ignore_invalid_headers`-style strictness and HAProxy in its strict
-//! mode.
+//! connection is closed. (nginx accepts bare LFs, as the RFC allows; sealgate takes the stricter reading.)
 //!
 //! hyper does not expose the bytes of a head, so the connection's TLS stream looks at what it hands hyper while
 //! a head is awaited, up to the empty line that ends the head: at the start of the connection, once a request
