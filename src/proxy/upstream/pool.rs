@@ -34,6 +34,7 @@
 //! Each route has its own pool, since each route has its own trust: two routes to the same upstream do not
 //! share connections.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -332,16 +333,42 @@ struct Multiplexed {
     generation: u64,
 }
 
-/// Starts the task that lets the shared HTTP/2 connection `generation` in `slot` go once no request has taken
-/// it for `timeout` (between `timeout` and 1.25 × `timeout`): hyper closes a connection whose handles are all
-/// dropped once its streams have ended. The task ends with that connection (closed or replaced) or the route.
+/// Lets the shared HTTP/2 connection `generation` in `slot` go once no request has taken it for `timeout`:
+/// hyper closes a connection whose handles are all dropped once its streams have ended. The reaper ends with
+/// that connection (closed or replaced) or the route.
 fn reap_multiplexed(
     slot: &Arc<tokio::sync::Mutex<Option<Multiplexed>>>,
     generation: u64,
     timeout: Duration,
     stop: &CancellationToken,
 ) {
-    let slot = Arc::downgrade(slot);
+    spawn_reaper(slot, timeout, stop, move |slot| async move {
+        let mut shared = slot.lock().await;
+        match shared.as_ref() {
+            Some(multiplexed) if multiplexed.generation != generation || multiplexed.sender.is_closed() => {
+                ControlFlow::Break(())
+            }
+            Some(multiplexed) if multiplexed.last_used.elapsed() >= timeout => {
+                tracing::debug!(?timeout, "closing an idle HTTP/2 upstream connection");
+                *shared = None;
+                ControlFlow::Break(())
+            }
+            Some(_) => ControlFlow::Continue(()),
+            None => ControlFlow::Break(()),
+        }
+    });
+}
+
+/// Spawns a task that sweeps `target` every quarter of `timeout` (at least every 100 ms), so that what a sweep
+/// lets go after `timeout` idle goes between `timeout` and 1.25 × `timeout` after its last use; until a sweep
+/// breaks, `target` is dropped, or `stop` (the route) is cancelled.
+fn spawn_reaper<T, F, Fut>(target: &Arc<T>, timeout: Duration, stop: &CancellationToken, mut sweep: F)
+where
+    T: Send + Sync + 'static,
+    F: FnMut(Arc<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ControlFlow<()>> + Send,
+{
+    let target = Arc::downgrade(target);
     let stop = stop.clone();
     let tick = (timeout / 4).max(Duration::from_millis(100));
     tokio::spawn(async move {
@@ -351,17 +378,9 @@ fn reap_multiplexed(
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {}
             }
-            let Some(slot) = slot.upgrade() else { return };
-            let mut shared = slot.lock().await;
-            match shared.as_ref() {
-                Some(multiplexed) if multiplexed.generation != generation || multiplexed.sender.is_closed() => return,
-                Some(multiplexed) if multiplexed.last_used.elapsed() >= timeout => {
-                    tracing::debug!(?timeout, "closing an idle HTTP/2 upstream connection");
-                    *shared = None;
-                    return;
-                }
-                Some(_) => {}
-                None => return,
+            let Some(target) = target.upgrade() else { return };
+            if sweep(target).await.is_break() {
+                return;
             }
         }
     });
@@ -532,21 +551,10 @@ impl IdleList {
         if self.reaping.swap(true, Ordering::Relaxed) {
             return;
         }
-        let list = Arc::downgrade(self);
-        let stop = stop.clone();
-        // Idle connections close between `timeout` and 1.25 × `timeout` after their last use.
-        let tick = (timeout / 4).max(Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(tick);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
-                let Some(list) = list.upgrade() else { return };
-                let now = Instant::now();
-                list.lock().retain(|idle| !idle.sender.is_closed() && now.duration_since(idle.since) < timeout);
-            }
+        spawn_reaper(self, timeout, stop, move |list| {
+            let now = Instant::now();
+            list.lock().retain(|idle| !idle.sender.is_closed() && now.duration_since(idle.since) < timeout);
+            std::future::ready(ControlFlow::Continue(()))
         });
     }
 }
