@@ -69,7 +69,7 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
+        let (mut tcp, permit, peer) = match accepted {
             Ok((tcp, peer)) => {
                 let Some(permit) = connections.try_acquire() else {
                     metrics.connection_refused(ConnectionRefusal::MaxConnections);
@@ -84,7 +84,6 @@ pub async fn serve(
                 continue;
             }
         };
-        let (mut tcp, permit, peer) = tcp;
         let builder = Arc::clone(&builder);
         let shutdown = shutdown.clone();
         let access_log = Arc::clone(&access_log);

@@ -689,7 +689,6 @@ async fn serve_connection(
         grant_ended: &grant_ended,
         activity: &activity,
         idle: settings.idle_timeout,
-        peer,
         info: &info,
     };
     if h2 {
@@ -893,7 +892,8 @@ type Http1Stream = Tracked<TokioIo<Box<TlsStream>>>;
 /// closes at once, as hyper closes idle connections when drained), or it stayed idle past `timeouts.idle` or,
 /// as hyper would have enforced, past `timeouts.header_read` since its last request.
 async fn wait_parked(io: &mut Http1Stream, watch: Watch<'_>, header_read: Duration) -> bool {
-    let Watch { shared, grant_ended, activity, idle, peer, .. } = watch;
+    let Watch { shared, grant_ended, activity, idle, info } = watch;
+    let peer = info.peer;
     let _parked = shared.metrics.connection_parked();
     // No request runs while parked, so both deadlines stay where the last request left them: one timer, for the
     // earlier (this wait is what an idle connection's task holds, and each timer takes its room in it).
@@ -934,8 +934,7 @@ struct Watch<'a> {
     activity: &'a Activity,
     /// `timeouts.idle` as it was when the connection was accepted.
     idle: Duration,
-    peer: SocketAddr,
-    /// The connection, for the access log of requests hyper refuses itself.
+    /// The connection: its peer for the logs, and for the access log of requests hyper refuses itself.
     info: &'a ConnectionInfo,
 }
 
@@ -960,7 +959,8 @@ async fn drive<C>(
 where
     C: Drain + Unpin,
 {
-    let Watch { shared, grant_ended, activity, idle, peer, info } = watch;
+    let Watch { shared, grant_ended, activity, idle, info } = watch;
+    let peer = info.peer;
     let mut after_request = parking.and_then(|p| p.after_request);
     let result = loop {
         // HTTP/1: a request head is due `timeouts.header_read` after the connection became idle (its start, or
