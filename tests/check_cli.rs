@@ -137,6 +137,15 @@ fn routes_for_names_no_served_certificate_covers_are_warned_of() {
     assert!(warnings[0].contains("route[2] (host app.exmaple.test)"), "{stderr}");
 }
 
+/// A self-signed CA certificate, PEM.
+fn ca_pem() -> String {
+    rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem()
+}
+
 #[test]
 fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
     let dir = TempDir::new().unwrap();
@@ -148,11 +157,7 @@ fn a_client_ca_that_cannot_be_used_exits_2_naming_it() {
     assert!(output.stdout.is_empty());
 
     // A usable CA: the report as without one.
-    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .self_signed(&rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    std::fs::write(dir.path().join("clients.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("clients.pem"), ca_pem()).unwrap();
     let output = check_with(&dir, "sealgate-vectors", client_auth);
     assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
 }
@@ -171,13 +176,10 @@ fn an_upstream_ca_that_cannot_be_read_exits_2_naming_the_route_and_file() {
 fn world_writable_ca_files_are_refused_naming_them() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new().unwrap();
-    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .self_signed(&rcgen::KeyPair::generate().unwrap())
-        .unwrap();
+    let ca = ca_pem();
     for name in ["clients.pem", "upstream-ca.pem"] {
         let path = dir.path().join(name);
-        std::fs::write(&path, ca.pem()).unwrap();
+        std::fs::write(&path, &ca).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     let extra = "[tls.client_auth]\nca = \"clients.pem\"\n\n\
