@@ -711,14 +711,8 @@ async fn serve_connection(
         io = parts.io.reuse(parts.read_buf);
         service = parts.service;
         park_after_request = Some(activity.completed());
-        if !io.has_read_ahead() {
-            if !wait_parked(&mut io, watch, settings.header_read_timeout).await {
-                return;
-            }
-            // The client sends again, after nothing left unread: a head.
-            if let Some(lines) = &activity.head_lines {
-                lines.await_head();
-            }
+        if !io.has_read_ahead() && !wait_parked(&mut io, watch, settings.header_read_timeout).await {
+            return;
         }
     }
     // An upgraded connection lives on as its tunnel, which closes itself when the grant ends or at the hard
