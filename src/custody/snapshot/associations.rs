@@ -87,6 +87,11 @@ impl AssociationsFile {
         let mut by_hash = foldhash::HashMap::with_capacity_and_hasher(spans.len(), Default::default());
         for (index, span) in spans.iter().enumerate() {
             let body = &text[span.clone()];
+            // A parser takes a byte order mark at the start of its input for one, which here is the middle of
+            // the file, where TOML does not allow it: the whole parse refuses it.
+            if body.starts_with('\u{feff}') {
+                return None;
+            }
             let hash = hasher.hash_one(body);
             let shared = earlier.and_then(|(file, tables)| {
                 let &i = tables.by_hash.get(&hash)?;
@@ -287,6 +292,15 @@ mod tests {
 
     fn plain(file: &AssociationsFile) -> Vec<AssociationEntry> {
         file.entries.iter().map(|e| (**e).clone()).collect()
+    }
+
+    #[test]
+    fn a_byte_order_mark_starting_a_table_body_is_refused_as_the_whole_parse_refuses_it() {
+        let text = rendered(3).replacen("[[association]]\n", "[[association]]\n\u{feff}# a byte order mark\n", 2);
+        assert!(Associations::parse(text.as_bytes()).is_err(), "TOML allows a BOM only at the start");
+        assert!(parsed(&text, None).is_err(), "{text}");
+        let leading = format!("\u{feff}{}", rendered(3));
+        assert_eq!(parsed(&leading, None).is_ok(), Associations::parse(leading.as_bytes()).is_ok());
     }
 
     #[test]
